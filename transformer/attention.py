@@ -1,0 +1,128 @@
+"""Multi-head attention over ``F.scaled_dot_product_attention``, and mask helpers.
+
+Mask convention everywhere: boolean, True = may attend (the one SDPA uses).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def padding_mask(tokens: Tensor, pad_id: int) -> Tensor:
+    """(B, S) ids -> (B, S) bool, True at real tokens."""
+    return tokens != pad_id
+
+
+def causal_mask(
+    n_queries: int, n_keys: int, device: torch.device | None = None
+) -> Tensor:
+    """(Tq, Tk) bool mask for the last ``n_queries`` positions of ``n_keys``.
+
+    Query i sits at absolute position n_keys - n_queries + i and may attend keys at or
+    before it (bottom-right aligned, which is what cached decoding needs; SDPA's
+    ``is_causal`` aligns top-left and is only right when Tq == Tk).
+    """
+    offset = n_keys - n_queries
+    q = torch.arange(n_queries, device=device)[:, None]
+    k = torch.arange(n_keys, device=device)[None, :]
+    return k <= q + offset
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    is_causal: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Plain-math attention softmax(q k^T / sqrt(d)) v, returning the weights too.
+
+    Args:
+        q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh).
+        mask: bool, broadcastable to (B, H, Tq, Tk), True = may attend.
+        is_causal: apply SDPA's top-left causal mask (Tq == Tk).
+
+    Returns:
+        output (B, H, Tq, Dh) and weights (B, H, Tq, Tk).
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+    if is_causal:
+        tq, tk = scores.shape[-2:]
+        scores = scores.masked_fill(
+            ~torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(), -math.inf
+        )
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    weights = scores.softmax(dim=-1)
+    return weights @ v, weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Shared parts of self- and cross-attention: head split/merge and the kernel.
+
+    Set ``record_weights = True`` to run the reference path and keep the attention
+    weights of the last call in ``self.weights`` (B, H, Tq, Tk), for plots.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.d_head = d_model // n_heads
+        self.dropout = dropout
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.record_weights = False
+        self.weights: Tensor | None = None
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, Dh)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        """q: (B, H, Tq, Dh), k/v: (B, H, Tk, Dh) -> (B, Tq, D)."""
+        if self.record_weights:
+            out, self.weights = reference_attention(q, k, v, mask, is_causal)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal,
+            )
+        b, _, t, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_head)  # (B, T, D)
+        return self.out_proj(out)
+
+
+class SelfAttention(MultiHeadAttention):
+    """Self-attention with one fused Q/K/V projection."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__(d_model, n_heads, dropout)
+        self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T, D) -> q, k, v each (B, H, T, Dh)."""
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+
+
+class CrossAttention(MultiHeadAttention):
+    """Encoder-decoder attention; keys/values are projected once per source."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__(d_model, n_heads, dropout)
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+
+    def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, S, D) -> k, v each (B, H, S, Dh)."""
+        k, v = self.kv_proj(memory).chunk(2, dim=-1)
+        return self.split_heads(k), self.split_heads(v)

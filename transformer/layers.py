@@ -1,0 +1,121 @@
+"""Position-wise feed-forward, encoder and decoder layers (post-norm or pre-norm)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transformer.attention import CrossAttention, SelfAttention, causal_mask
+from transformer.cache import LayerCache
+from transformer.config import ModelConfig
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = W2 act(W1 x + b1) + b2, applied at every position."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.activation = _ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class _Residual(nn.Module):
+    """Residual connection around a sublayer with dropout and LayerNorm.
+
+    Post-norm (paper): LayerNorm(x + Dropout(f(x))). Pre-norm: x + Dropout(f(LN(x))).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.norm_first = cfg.norm_first
+
+    def pre(self, x: Tensor) -> Tensor:
+        return self.norm(x) if self.norm_first else x
+
+    def post(self, x: Tensor, y: Tensor) -> Tensor:
+        out = x + self.dropout(y)
+        return out if self.norm_first else self.norm(out)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.ffn = FeedForward(cfg)
+        self.attn_res = _Residual(cfg)
+        self.ffn_res = _Residual(cfg)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x: (B, S, D); mask: (B, 1, 1, S) bool, True at real source tokens."""
+        h = self.attn_res.pre(x)
+        q, k, v = self.self_attn.project(h)
+        x = self.attn_res.post(x, self.self_attn.attend(q, k, v, mask, is_causal=False))
+        return self.ffn_res.post(x, self.ffn(self.ffn_res.pre(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.cross_attn = CrossAttention(
+            cfg.d_model, cfg.n_heads, cfg.attention_dropout
+        )
+        self.ffn = FeedForward(cfg)
+        self.self_res = _Residual(cfg)
+        self.cross_res = _Residual(cfg)
+        self.ffn_res = _Residual(cfg)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        """Run T new target positions.
+
+        Args:
+            x: (B, T, D) the new target positions.
+            memory: (B, S, D) encoder output (unused once ``cache`` holds cross K/V).
+            memory_mask: (B, 1, 1, S) bool, True at real source tokens.
+            cache: this layer's state; extended in place with the new K/V.
+        """
+        h = self.self_res.pre(x)
+        q, k, v = self.self_attn.project(h)  # (B, H, T, Dh)
+        if cache is None or cache.self_k is None:
+            # No past: SDPA's top-left causal mask is right (and allows flash kernels).
+            mask, is_causal = None, True
+        else:
+            k = torch.cat([cache.self_k, k], dim=2)  # (B, H, P + T, Dh)
+            v = torch.cat([cache.self_v, v], dim=2)
+            # One new query sees every key; several need a bottom-right causal mask.
+            t = q.size(2)
+            mask = None if t == 1 else causal_mask(t, k.size(2), x.device)
+            is_causal = False
+        if cache is not None:
+            cache.self_k, cache.self_v = k, v
+        if q.size(2) == 1:
+            is_causal = False  # a single query with no past attends to itself only
+        x = self.self_res.post(x, self.self_attn.attend(q, k, v, mask, is_causal))
+
+        h = self.cross_res.pre(x)
+        q = self.cross_attn.split_heads(self.cross_attn.q_proj(h))  # (B, H, T, Dh)
+        if cache is not None and cache.cross_k is not None:
+            k, v = cache.cross_k, cache.cross_v
+        else:
+            k, v = self.cross_attn.project_memory(memory)  # (B, H, S, Dh)
+            if cache is not None:
+                cache.cross_k, cache.cross_v = k, v
+        x = self.cross_res.post(
+            x, self.cross_attn.attend(q, k, v, memory_mask, is_causal=False)
+        )
+        return self.ffn_res.post(x, self.ffn(self.ffn_res.pre(x)))

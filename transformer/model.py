@@ -1,0 +1,163 @@
+"""The encoder-decoder Transformer: encode(), decode(..., cache) and forward()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transformer.attention import MultiHeadAttention, padding_mask
+from transformer.cache import KVCache
+from transformer.config import ModelConfig
+from transformer.embeddings import PositionalEncoding, TokenEmbedding
+from transformer.layers import DecoderLayer, EncoderLayer
+
+
+@dataclass
+class Memory:
+    """Encoder output: ``states`` (B, S, D) and ``mask`` (B, S), True at real tokens."""
+
+    states: Tensor
+    mask: Tensor
+
+    def index_select(self, index: Tensor) -> Memory:
+        return Memory(
+            self.states.index_select(0, index), self.mask.index_select(0, index)
+        )
+
+
+class Transformer(nn.Module):
+    """The Transformer of "Attention Is All You Need" for sequence-to-sequence tasks.
+
+    Args:
+        cfg: the architecture; vocabulary sizes must be set (> 0).
+
+    Shape:
+        src: (B, S) source ids padded with ``cfg.pad_id``.
+        tgt: (B, T) target ids, starting with <bos> for teacher forcing.
+        logits: (B, T, V_tgt).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        if cfg.src_vocab_size <= 0 or cfg.tgt_vocab_size <= 0:
+            raise ValueError(
+                "model.src_vocab_size and model.tgt_vocab_size must be set "
+                f"(got {cfg.src_vocab_size}, {cfg.tgt_vocab_size})"
+            )
+        self.cfg = cfg
+        self.tgt_embed = TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model, cfg.pad_id)
+        if cfg.tie_src_tgt_embeddings:
+            self.src_embed = self.tgt_embed
+        else:
+            self.src_embed = TokenEmbedding(cfg.src_vocab_size, cfg.d_model, cfg.pad_id)
+        learned = cfg.positional == "learned"
+        self.src_pos = PositionalEncoding(cfg.max_positions, cfg.d_model, learned)
+        self.tgt_pos = PositionalEncoding(cfg.max_positions, cfg.d_model, learned)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(
+            EncoderLayer(cfg) for _ in range(cfg.encoder_layers)
+        )
+        self.decoder = nn.ModuleList(
+            DecoderLayer(cfg) for _ in range(cfg.decoder_layers)
+        )
+        # pre-norm needs a final LayerNorm; post-norm outputs are already normalised
+        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else None
+        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else None
+        if cfg.tie_output_embeddings:
+            self.output_proj = None
+        else:
+            self.output_proj = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+            nn.init.normal_(self.output_proj.weight, std=cfg.d_model**-0.5)
+        self._init_linear_layers()
+
+    def _init_linear_layers(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module is not self.output_proj:
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def encode(self, src: Tensor) -> Memory:
+        """(B, S) source ids -> ``Memory`` with states (B, S, D)."""
+        self._check_ids(src, self.cfg.src_vocab_size, "source")
+        mask = padding_mask(src, self.cfg.pad_id)  # (B, S)
+        x = self.dropout(self.src_pos(self.src_embed(src)))
+        attn_mask = mask[:, None, None, :]  # (B, 1, 1, S)
+        for layer in self.encoder:
+            x = layer(x, attn_mask)
+        if self.encoder_norm is not None:
+            x = self.encoder_norm(x)
+        return Memory(x, mask)
+
+    def decode(
+        self, tgt: Tensor, memory: Memory, cache: KVCache | None = None
+    ) -> Tensor:
+        """Target ids -> next-token logits (B, T, V).
+
+        Without a cache, ``tgt`` is the whole prefix. With one, ``tgt`` holds only the
+        new positions; the cache supplies the past (and, after the first call, the
+        source mask and cross-attention K/V) and is extended in place.
+        """
+        self._check_ids(tgt, self.cfg.tgt_vocab_size, "target")
+        offset = 0
+        memory_mask = memory.mask
+        if cache is not None:
+            if not cache.layers:
+                cache.layers = KVCache.empty(len(self.decoder)).layers
+            if cache.memory_mask is None:
+                cache.memory_mask = memory.mask
+            memory_mask = cache.memory_mask
+            offset = cache.length
+        x = self.dropout(self.tgt_pos(self.tgt_embed(tgt), offset))
+        attn_mask = memory_mask[:, None, None, :]  # (B, 1, 1, S)
+        for i, layer in enumerate(self.decoder):
+            x = layer(
+                x, memory.states, attn_mask, None if cache is None else cache.layers[i]
+            )
+        if cache is not None:
+            cache.length += tgt.size(1)
+        if self.decoder_norm is not None:
+            x = self.decoder_norm(x)
+        return self.project(x)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Decoder states (B, T, D) -> logits (B, T, V)."""
+        if self.output_proj is None:
+            return F.linear(x, self.tgt_embed.weight)
+        return self.output_proj(x)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced training: all target positions in parallel, (B, T, V)."""
+        return self.decode(tgt_in, self.encode(src))
+
+    def new_cache(self) -> KVCache:
+        return KVCache.empty(len(self.decoder))
+
+    def record_attention(self, enabled: bool = True) -> None:
+        """Switch every attention module to the reference path that keeps weights."""
+        for module in self.modules():
+            if isinstance(module, MultiHeadAttention):
+                module.record_weights = enabled
+                module.weights = None
+
+    @staticmethod
+    def _check_ids(ids: Tensor, vocab_size: int, what: str) -> None:
+        if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(
+                f"{what} ids must be a (B, T) integer tensor, "
+                f"got {tuple(ids.shape)} {ids.dtype}"
+            )
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(
+                f"{what} ids must be in [0, {vocab_size}), "
+                f"got range [{int(ids.min())}, {int(ids.max())}]"
+            )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct trainable parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
