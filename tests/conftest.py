@@ -39,3 +39,29 @@ def multi30k_dir() -> Path:
     if not (MULTI30K / "train.de.gz").exists():
         pytest.skip(f"Multi30k not found at {MULTI30K} (the shared corpus is absent)")
     return MULTI30K
+
+
+def train_copy_model(steps: int, seed: int = 0, vocab: int = 14) -> Transformer:
+    """A small model trained for ``steps`` updates on the copy task (ids 4..vocab-1)."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(d_model=64, d_ff=128, max_positions=48, src_vocab_size=vocab,
+                      tgt_vocab_size=vocab)  # fmt: skip
+    model = Transformer(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
+    for _ in range(steps):
+        length = int(torch.randint(3, 9, (1,)))
+        body = torch.randint(4, vocab, (64, length))
+        src = torch.cat([body, torch.full((64, 1), 3)], 1)
+        tgt_in = torch.cat([torch.full((64, 1), 2), body], 1)
+        logits = model(src, tgt_in)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), src.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def half_trained() -> Transformer:
+    """Partly trained: outputs vary with the input and end at different lengths."""
+    return train_copy_model(120)

@@ -1,0 +1,178 @@
+"""Search: greedy, beam and sampling agree with their definitions."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model
+from transformer.config import BOS_ID, EOS_ID, DecodingConfig
+from transformer.search import (
+    decode_corpus,
+    filter_logits,
+    generate,
+    length_penalty,
+)
+
+SRC = torch.tensor([[5, 6, 7, 8, 9, 3], [10, 11, 3, 0, 0, 0], [12, 13, 4, 3, 0, 0]])
+
+
+def sharp_model(seed=0, **overrides):
+    """A random model with peaked output distributions, so outputs vary by input."""
+    model = tiny_model(seed=seed, **overrides)
+    with torch.no_grad():
+        model.tgt_embed.weight.mul_(8.0)
+    return model
+
+
+def tokens(results):
+    return [[h.tokens for h in hyps] for hyps in results]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_one_equals_greedy(seed, half_trained):
+    model = half_trained if seed == 0 else sharp_model(seed)
+    greedy = generate(model, SRC, DecodingConfig(strategy="greedy"))
+    cfg = DecodingConfig(strategy="beam", beam_size=1, length_penalty=0.0)
+    beam = generate(model, SRC, cfg)
+    assert tokens(greedy) == tokens(beam)
+    for g, b in zip(greedy, beam, strict=True):
+        assert abs(g[0].score - b[0].score) < 1e-4
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_cached_and_uncached_decoding_agree(strategy, half_trained):
+    model = half_trained
+    cfg = DecodingConfig(strategy=strategy, beam_size=4, nbest=3)
+    cached = generate(model, SRC, cfg, use_cache=True)
+    uncached = generate(model, SRC, cfg, use_cache=False)
+    assert tokens(cached) == tokens(uncached)
+
+
+def test_batch_results_equal_single_sentence_results(half_trained):
+    model = half_trained
+    cfg = DecodingConfig(strategy="beam", beam_size=3, nbest=2)
+    batched = generate(model, SRC, cfg)
+    for i in range(SRC.size(0)):
+        row = SRC[i : i + 1, : int((SRC[i] != 0).sum())]
+        assert tokens(generate(model, row, cfg)) == tokens(batched[i : i + 1])
+
+
+def sequence_logprob(model, src, seq):
+    tgt = torch.tensor([[BOS_ID, *seq]])
+    logp = torch.log_softmax(model(src, tgt)[0].float(), -1)
+    target = torch.tensor([*seq])
+    return logp.gather(1, target[:, None]).sum().item()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_large_beam_finds_exhaustive_optimum(alpha):
+    model = sharp_model(5, tgt_vocab_size=7, src_vocab_size=7)
+    src = torch.tensor([[4, 5, 6, 3]])
+    max_len = 3  # tokens including <eos>
+    cfg = DecodingConfig(strategy="beam", beam_size=16, length_penalty=alpha,
+                         max_len_a=0.0, max_len_b=max_len)  # fmt: skip
+    content = [1, 4, 5, 6]  # every token but pad, bos, eos
+    candidates = []
+    for n in range(max_len):
+        for body in itertools.product(content, repeat=n):
+            seq = [*body, EOS_ID]
+            score = sequence_logprob(model, src, seq) / length_penalty(len(seq), alpha)
+            candidates.append((score, list(body)))
+    best_score, best = max(candidates)
+    found = generate(model, src, cfg)[0][0]
+    assert found.tokens == best
+    assert abs(found.score - best_score) < 1e-4
+
+
+def test_nbest_is_sorted_and_distinct(half_trained):
+    model = half_trained
+    results = generate(
+        model, SRC, DecodingConfig(strategy="beam", beam_size=5, nbest=5)
+    )
+    for hyps in results:
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(h.tokens) for h in hyps}) == len(hyps) == 5
+
+
+def test_top_k_one_equals_greedy(half_trained):
+    model = half_trained
+    greedy = generate(model, SRC, DecodingConfig(strategy="greedy"))
+    sampled = generate(model, SRC, DecodingConfig(strategy="sample", top_k=1),
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert tokens(greedy) == tokens(sampled)
+
+
+def test_sampling_is_reproducible_with_a_seed(half_trained):
+    model = half_trained
+    cfg = DecodingConfig(strategy="sample", temperature=1.5)
+    runs = [
+        tokens(generate(model, SRC, cfg, generator=torch.Generator().manual_seed(s)))
+        for s in (11, 11, 12)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_top_p_never_samples_outside_the_nucleus():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 30) * 2
+    top_p = 0.6
+    filtered = filter_logits(logits, top_p=top_p)
+    probs = logits.softmax(-1)
+    for row in range(4):
+        order = probs[row].argsort(descending=True).tolist()
+        nucleus, mass = set(), 0.0
+        for token in order:  # the smallest prefix reaching top_p
+            nucleus.add(token)
+            mass += probs[row, token].item()
+            if mass >= top_p:
+                break
+        assert (
+            set(torch.isfinite(filtered[row]).nonzero().flatten().tolist()) == nucleus
+        )
+        draws = torch.multinomial(filtered[row].softmax(-1), 2000, replacement=True)
+        assert set(draws.tolist()) <= nucleus
+
+
+def test_top_k_keeps_k_tokens():
+    logits = torch.randn(3, 20)
+    kept = torch.isfinite(filter_logits(logits, top_k=5)).sum(-1)
+    assert kept.tolist() == [5, 5, 5]
+
+
+def test_length_limits_and_min_length(half_trained):
+    model = half_trained
+    cfg = DecodingConfig(strategy="greedy", max_len_a=0.0, max_len_b=4)
+    for hyps in generate(model, SRC, cfg):
+        assert len(hyps[0].tokens) <= 3  # 4 including <eos>
+    cfg = DecodingConfig(strategy="beam", beam_size=3, min_len=5, max_len_b=20)
+    for hyps in generate(model, SRC, cfg):
+        assert len(hyps[0].tokens) >= 5
+
+
+def test_each_sentence_stops_at_its_own_eos(half_trained):
+    model = half_trained
+    results = generate(model, SRC, DecodingConfig(strategy="greedy", max_len_b=30))
+    for hyps in results:
+        assert EOS_ID not in hyps[0].tokens
+        assert BOS_ID not in hyps[0].tokens
+
+
+def test_decode_corpus_keeps_input_order(half_trained):
+    model = half_trained
+    sources = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [4, 12]]
+    cfg = DecodingConfig(strategy="beam", beam_size=2, max_tokens=8)
+    got = decode_corpus(model, sources, cfg, torch.device("cpu"))
+    for src, hyps in zip(sources, got, strict=True):
+        single = generate(model, torch.tensor([[*src, EOS_ID]]), cfg)
+        assert hyps[0].tokens == single[0][0].tokens
+
+
+def test_length_penalty_formula():
+    assert length_penalty(1, 0.0) == 1.0
+    assert math.isclose(length_penalty(7, 0.6), (12 / 6) ** 0.6)

@@ -1,0 +1,303 @@
+"""Autoregressive search over the KV cache: greedy, beam search and sampling.
+
+Every sentence of a batch stops at its own <eos>; finished sentences are dropped
+from the batch (and from the cache) so that they stop costing compute.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from transformer.config import BOS_ID, EOS_ID, PAD_ID, DecodingConfig
+from transformer.model import Memory, Transformer
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # without <bos> / <eos>
+    score: float  # log-probability (beam: divided by the length penalty)
+
+
+class _Stepper:
+    """Feeds one new token per row and returns next-token log-probabilities.
+
+    With ``use_cache`` the decoder consumes only the new token; without, it re-runs
+    the whole prefix every step (the slow reference, for tests and benchmarks).
+    """
+
+    def __init__(self, model: Transformer, memory: Memory, use_cache: bool) -> None:
+        self.model, self.memory = model, memory
+        self.cache = model.new_cache() if use_cache else None
+        self.prefix: Tensor | None = None
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """tokens (n,) -> log-probabilities (n, V) in float32."""
+        if self.cache is not None:
+            logits = self.model.decode(tokens[:, None], self.memory, self.cache)
+        else:
+            new = tokens[:, None]
+            self.prefix = (
+                new if self.prefix is None else torch.cat([self.prefix, new], 1)
+            )
+            logits = self.model.decode(self.prefix, self.memory)
+        return torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+    def reorder(self, index: Tensor) -> None:
+        if self.cache is not None:
+            self.cache.reorder(index)  # holds cross K/V and the source mask
+        else:
+            self.prefix = self.prefix.index_select(0, index)
+            self.memory = self.memory.index_select(index)
+
+
+def max_lengths(src: Tensor, cfg: DecodingConfig, max_positions: int) -> Tensor:
+    """Per-sentence output budget a * |src| + b (tokens, <eos> included), (B,)."""
+    src_len = (src != PAD_ID).sum(1).float()
+    budget = (cfg.max_len_a * src_len + cfg.max_len_b).floor().long()
+    return budget.clamp(min=1, max=max_positions)
+
+
+def _constrain(logp: Tensor, step: int, limit: Tensor, min_len: int) -> Tensor:
+    """Ban <pad>/<bos>; ban <eos> before ``min_len``; force it at the length limit."""
+    logp[:, PAD_ID] = -math.inf
+    logp[:, BOS_ID] = -math.inf
+    if step < min_len:
+        logp[:, EOS_ID] = -math.inf
+    at_limit = step >= limit - 1  # (n,)
+    if bool(at_limit.any()):
+        eos = logp[at_limit, EOS_ID].clone()
+        logp[at_limit] = -math.inf
+        logp[at_limit, EOS_ID] = torch.where(torch.isfinite(eos), eos, 0.0)
+    return logp
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Keep the ``top_k`` largest logits and the smallest set of tokens whose
+    probability reaches ``top_p`` (the nucleus); the rest become -inf. (n, V)."""
+    logits = logits.clone()
+    if 0 < top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (n, 1)
+        logits[logits < kth] = -math.inf
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # mass of strictly better tokens
+        drop_sorted = mass_before >= top_p  # the first token is always kept
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits[drop] = -math.inf
+    return logits
+
+
+def _pick_greedy(logp: Tensor, generator: torch.Generator | None) -> Tensor:
+    return logp.argmax(-1)
+
+
+def _sampler(cfg: DecodingConfig) -> Callable[[Tensor, torch.Generator | None], Tensor]:
+    def pick(logp: Tensor, generator: torch.Generator | None) -> Tensor:
+        logits = filter_logits(logp / cfg.temperature, cfg.top_k, cfg.top_p)
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return pick
+
+
+@torch.no_grad()
+def _greedy_or_sample(
+    model: Transformer,
+    src: Tensor,
+    cfg: DecodingConfig,
+    pick: Callable[[Tensor, torch.Generator | None], Tensor],
+    use_cache: bool,
+    generator: torch.Generator | None,
+) -> list[list[Hypothesis]]:
+    batch = src.size(0)
+    limit = max_lengths(src, cfg, model.cfg.max_positions)
+    stepper = _Stepper(model, model.encode(src), use_cache)
+    alive = torch.arange(batch, device=src.device)  # original row of each live row
+    out = torch.full(
+        (batch, int(limit.max())), PAD_ID, dtype=torch.long, device=src.device
+    )
+    scores = torch.zeros(batch, device=src.device)
+    tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
+    for step in range(out.size(1)):
+        logp = _constrain(stepper.step(tokens), step, limit[alive], cfg.min_len)
+        tokens = pick(logp, generator)
+        out[alive, step] = tokens
+        scores[alive] += logp.gather(1, tokens[:, None]).squeeze(1)
+        done = tokens == EOS_ID
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            stepper.reorder(keep)
+            alive, tokens = alive[keep], tokens[keep]
+    results = []
+    for row, score in zip(out.tolist(), scores.tolist(), strict=True):
+        end = row.index(EOS_ID) if EOS_ID in row else len(row)
+        results.append([Hypothesis(row[:end], score)])
+    return results
+
+
+def length_penalty(length: int | Tensor, alpha: float):
+    """GNMT length penalty ((5 + |Y|) / 6) ^ alpha."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def beam_search(
+    model: Transformer,
+    src: Tensor,
+    cfg: DecodingConfig,
+    use_cache: bool = True,
+) -> list[list[Hypothesis]]:
+    """Batched beam search; returns ``cfg.nbest`` hypotheses per sentence, best first.
+
+    Scores are log-probabilities divided by the GNMT length penalty. A sentence stops
+    once it holds ``beam_size`` finished hypotheses, or once no live beam can beat
+    its n-th best finished one, or at its length limit.
+    """
+    k, alpha = cfg.beam_size, cfg.length_penalty
+    batch, device = src.size(0), src.device
+    limit_all = max_lengths(src, cfg, model.cfg.max_positions)
+    stepper = _Stepper(model, model.encode(src), use_cache)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    sent = torch.arange(batch, device=device)  # original sentence of each live one
+    beam_scores = torch.zeros(batch, k, device=device)
+    beam_scores[:, 1:] = -math.inf  # all beams start equal: expand only the first
+    beam_tokens = torch.zeros(batch, k, 0, dtype=torch.long, device=device)
+    tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
+    rows_per_sentence = 1  # the first step runs once per sentence, not once per beam
+    for step in range(int(limit_all.max())):
+        n = sent.numel()
+        limit = limit_all[sent].repeat_interleave(rows_per_sentence)
+        logp = _constrain(stepper.step(tokens), step, limit, cfg.min_len)
+        vocab = logp.size(-1)
+        if rows_per_sentence == 1:
+            logp = logp[:, None, :].expand(n, k, vocab)
+        cand = beam_scores[:, :, None] + logp.view(n, k, vocab)  # (n, K, V)
+        top_scores, top_index = cand.view(n, -1).topk(min(2 * k, k * vocab), dim=-1)
+        origin = top_index // vocab  # (n, 2K) beam each candidate extends
+        top_tokens = top_index % vocab
+        finite = torch.isfinite(top_scores)
+        is_eos = (top_tokens == EOS_ID) & finite
+        # finalize <eos> candidates ranked within the top K
+        eos_rows, eos_cols = (is_eos[:, :k]).nonzero(as_tuple=True)
+        if eos_rows.numel():
+            prefixes = beam_tokens[eos_rows, origin[eos_rows, eos_cols]].tolist()
+            raw = top_scores[eos_rows, eos_cols].tolist()
+            for r, prefix, score in zip(eos_rows.tolist(), prefixes, raw, strict=True):
+                norm = score / length_penalty(len(prefix) + 1, alpha)
+                finished[int(sent[r])].append((norm, prefix))
+        # the best K candidates that do not end here continue
+        rank = torch.where(is_eos | ~finite, math.inf, 0.0) + torch.arange(
+            top_scores.size(1), device=device
+        )
+        keep_cols = rank.argsort(dim=1)[:, :k]  # (n, K)
+        next_scores = top_scores.gather(1, keep_cols)
+        next_scores = torch.where(
+            rank.gather(1, keep_cols).isfinite(), next_scores, -math.inf
+        )
+        next_origin = origin.gather(1, keep_cols)
+        next_tokens = top_tokens.gather(1, keep_cols)
+        # which sentences are done
+        done = []
+        best_alive = next_scores.max(dim=1).values.tolist()
+        for r in range(n):
+            hyps = finished[int(sent[r])]
+            if len(hyps) >= k or best_alive[r] == -math.inf:
+                done.append(True)
+                continue
+            if len(hyps) >= cfg.nbest:
+                nth = sorted((h[0] for h in hyps), reverse=True)[cfg.nbest - 1]
+                bound = best_alive[r] / length_penalty(int(limit_all[sent[r]]), alpha)
+                if alpha <= 0:
+                    bound = best_alive[r]
+                done.append(nth >= bound)
+                continue
+            done.append(False)
+        live = torch.tensor([not d for d in done], device=device)
+        if not bool(live.any()):
+            break
+        live_rows = live.nonzero().squeeze(1)  # (n',)
+        # cache rows to keep: sentence r, beam origin b -> row r * rows + b
+        base = live_rows[:, None] * rows_per_sentence  # (n', 1)
+        if rows_per_sentence > 1:
+            src_rows = base + next_origin[live_rows]
+        else:
+            src_rows = base.expand(-1, k)  # one row per sentence becomes K beams
+        stepper.reorder(src_rows.reshape(-1))
+        beam_tokens = torch.cat(
+            [
+                beam_tokens[live_rows[:, None], next_origin[live_rows]],
+                next_tokens[live_rows, :, None],
+            ],
+            dim=2,
+        )
+        beam_scores = next_scores[live_rows]
+        tokens = next_tokens[live_rows].reshape(-1)
+        sent = sent[live_rows]
+        rows_per_sentence = k
+    results = []
+    for hyps in finished:
+        best = sorted(hyps, key=lambda h: h[0], reverse=True)[: cfg.nbest]
+        results.append([Hypothesis(tokens, score) for score, tokens in best])
+    return results
+
+
+def generate(
+    model: Transformer,
+    src: Tensor,
+    cfg: DecodingConfig,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[list[Hypothesis]]:
+    """Decode a (B, S) source batch with the strategy in ``cfg``."""
+    if cfg.strategy == "beam":
+        return beam_search(model, src, cfg, use_cache)
+    if cfg.strategy == "sample":
+        return _greedy_or_sample(model, src, cfg, _sampler(cfg), use_cache, generator)
+    return _greedy_or_sample(model, src, cfg, _pick_greedy, use_cache, generator)
+
+
+def decode_corpus(
+    model: Transformer,
+    sources: list[list[int]],
+    cfg: DecodingConfig,
+    device: torch.device,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> list[list[Hypothesis]]:
+    """Decode many sentences (pieces, no <eos>) in length-sorted batches.
+
+    Batches hold at most ``cfg.max_tokens`` source tokens (divided by the beam size
+    for beam search); results come back in the input order.
+    """
+    from tqdm import tqdm
+
+    from transformer.data import pad_sources, token_batches
+
+    lengths = [len(s) + 1 for s in sources]
+    budget = cfg.max_tokens // (cfg.beam_size if cfg.strategy == "beam" else 1)
+    batches = token_batches(lengths, lengths, max(budget, max(lengths, default=1)))
+    generator = None
+    if cfg.strategy == "sample":
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    results: list[list[Hypothesis] | None] = [None] * len(sources)
+    was_training = model.training
+    model.eval()
+    with tqdm(total=len(sources), disable=not progress, desc="decoding",
+              unit="sent") as bar:  # fmt: skip
+        for indices in batches:
+            src = pad_sources([sources[i] for i in indices]).to(device)
+            for i, hyps in zip(
+                indices, generate(model, src, cfg, use_cache, generator), strict=True
+            ):
+                results[i] = hyps
+            bar.update(len(indices))
+    model.train(was_training)
+    return results
