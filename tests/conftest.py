@@ -44,8 +44,13 @@ def multi30k_dir() -> Path:
 def train_copy_model(steps: int, seed: int = 0, vocab: int = 14) -> Transformer:
     """A small model trained for ``steps`` updates on the copy task (ids 4..vocab-1)."""
     torch.manual_seed(seed)
-    cfg = tiny_config(d_model=64, d_ff=128, max_positions=48, src_vocab_size=vocab,
-                      tgt_vocab_size=vocab)  # fmt: skip
+    cfg = tiny_config(
+        d_model=64,
+        d_ff=128,
+        max_positions=48,
+        src_vocab_size=vocab,
+        tgt_vocab_size=vocab,
+    )
     model = Transformer(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
     for _ in range(steps):

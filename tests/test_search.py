@@ -73,8 +73,13 @@ def test_large_beam_finds_exhaustive_optimum(alpha):
     model = sharp_model(5, tgt_vocab_size=7, src_vocab_size=7)
     src = torch.tensor([[4, 5, 6, 3]])
     max_len = 3  # tokens including <eos>
-    cfg = DecodingConfig(strategy="beam", beam_size=16, length_penalty=alpha,
-                         max_len_a=0.0, max_len_b=max_len)  # fmt: skip
+    cfg = DecodingConfig(
+        strategy="beam",
+        beam_size=16,
+        length_penalty=alpha,
+        max_len_a=0.0,
+        max_len_b=max_len,
+    )
     content = [1, 4, 5, 6]  # every token but pad, bos, eos
     candidates = []
     for n in range(max_len):
@@ -102,8 +107,12 @@ def test_nbest_is_sorted_and_distinct(half_trained):
 def test_top_k_one_equals_greedy(half_trained):
     model = half_trained
     greedy = generate(model, SRC, DecodingConfig(strategy="greedy"))
-    sampled = generate(model, SRC, DecodingConfig(strategy="sample", top_k=1),
-                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    sampled = generate(
+        model,
+        SRC,
+        DecodingConfig(strategy="sample", top_k=1),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert tokens(greedy) == tokens(sampled)
 
 

@@ -279,8 +279,17 @@ def tokenize_pairs(
 def _cache_key(cfg: DataConfig, split: str, tokenizer: Tokenizer, train: bool) -> str:
     digest = hashlib.sha256()
     digest.update(tokenizer.hash().encode())
-    settings = (split, train, cfg.format, cfg.src_lang, cfg.tgt_lang, cfg.max_length,
-                cfg.max_length_ratio, cfg.src_field, cfg.tgt_field)  # fmt: skip
+    settings = (
+        split,
+        train,
+        cfg.format,
+        cfg.src_lang,
+        cfg.tgt_lang,
+        cfg.max_length,
+        cfg.max_length_ratio,
+        cfg.src_field,
+        cfg.tgt_field,
+    )
     digest.update(repr(settings).encode())
     for path in split_files(cfg, split):
         st = path.stat()
@@ -346,8 +355,14 @@ def load_corpus(
     if cache_file is not None:
         src, src_len = _flatten(corpus.src)
         tgt, tgt_len = _flatten(corpus.tgt)
-        state = dict(src=src, src_len=src_len, tgt=tgt, tgt_len=tgt_len,
-                     refs=corpus.refs, srcs=corpus.srcs)  # fmt: skip
+        state = dict(
+            src=src,
+            src_len=src_len,
+            tgt=tgt,
+            tgt_len=tgt_len,
+            refs=corpus.refs,
+            srcs=corpus.srcs,
+        )
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
         torch.save(state, tmp)
@@ -420,7 +435,7 @@ def token_batches(
             max(src_lengths[i], tgt_lengths[i]),
             src_lengths[i],
             tiebreak[i] if tiebreak else i,
-        ),  # fmt: skip
+        ),
     )
     batches: list[list[int]] = []
     current: list[int] = []

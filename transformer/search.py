@@ -290,8 +290,9 @@ def decode_corpus(
     results: list[list[Hypothesis] | None] = [None] * len(sources)
     was_training = model.training
     model.eval()
-    with tqdm(total=len(sources), disable=not progress, desc="decoding",
-              unit="sent") as bar:  # fmt: skip
+    with tqdm(
+        total=len(sources), disable=not progress, desc="decoding", unit="sent"
+    ) as bar:
         for indices in batches:
             src = pad_sources([sources[i] for i in indices]).to(device)
             for i, hyps in zip(

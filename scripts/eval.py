@@ -1,0 +1,8 @@
+"""Thin wrapper: same as `transformer-eval`."""
+
+import sys
+
+from transformer.cli import eval_main
+
+if __name__ == "__main__":
+    sys.exit(eval_main())

@@ -1,0 +1,156 @@
+"""Self-describing checkpoints, written atomically and read with weights_only=True."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transformer.config import Config, ConfigError, ModelConfig, config_from_dict
+from transformer.model import Transformer
+from transformer.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not fit the configuration."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename.
+
+    A kill at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random state a training step can touch, in weights_only-safe types."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint safely (no code can run) and check that it is one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint of this toolkit ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+    missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
+    if not isinstance(ckpt, dict) or missing:
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this toolkit (no {missing})"
+        )
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
+    try:
+        return config_from_dict(ckpt["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: stored config is invalid: {e}") from e
+
+
+def check_compatible(saved: ModelConfig, wanted: ModelConfig, path: str | Path) -> None:
+    """Name every architecture field on which a checkpoint differs from the config."""
+    diffs = [
+        f"model.{name}: checkpoint {getattr(saved, name)!r}, config {value!r}"
+        for name, value in vars(wanted).items()
+        if getattr(saved, name) != value
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"{path} was trained with another architecture:\n  " + "\n  ".join(diffs)
+        )
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Transformer, Config, Tokenizer, dict]:
+    """A ready-to-use model (eval mode), its config and tokenizer, from a checkpoint."""
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, path)
+    model = Transformer(cfg.model)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: weights do not fit the stored config: {e}"
+        ) from e
+    tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
+    return model.to(device).eval(), cfg, tokenizer, ckpt
+
+
+def average_checkpoints(paths: list[str | Path], output: str | Path) -> Path:
+    """Average the weights of several checkpoints of one run into a new checkpoint."""
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    first = load_checkpoint(paths[0])
+    total = {k: v.double().clone() for k, v in first["model"].items()}
+    for path in paths[1:]:
+        state = load_checkpoint(path)["model"]
+        if state.keys() != total.keys() or any(
+            state[k].shape != total[k].shape for k in total
+        ):
+            raise CheckpointError(f"{path}: weights differ in shape from {paths[0]}")
+        for k in total:
+            total[k] += state[k].double()
+    averaged = {
+        k: (v / len(paths)).to(first["model"][k].dtype) for k, v in total.items()
+    }
+    out = {
+        "format": FORMAT_VERSION,
+        "model": averaged,
+        "config": first["config"],
+        "tokenizer": first["tokenizer"],
+        "step": first.get("step", 0),
+        "averaged_from": [str(p) for p in paths],
+    }
+    atomic_save(out, output)
+    return Path(output)

@@ -1,0 +1,403 @@
+"""Command-line entry points: train, eval, translate and average."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from transformer.checkpoint import CheckpointError, average_checkpoints, load_model
+from transformer.config import ConfigError, DecodingConfig, load_config, parse_overrides
+from transformer.data import DataError, read_lines, read_pairs
+from transformer.tokenizer import TokenizerError
+
+log = logging.getLogger("transformer")
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _run(main, argv) -> int:
+    try:
+        return main(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# --- train ---
+
+
+def _train(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="transformer-train",
+        description="Train a Transformer on a parallel corpus.",
+    )
+    parser.add_argument("--config", required=True, help="experiment YAML file")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue from <run_dir>/last.pt (default: training.resume)",
+    )
+    resume.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="start afresh even if <run_dir>/last.pt exists",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, e.g. training.max_steps=1000",
+    )
+    args = parser.parse_args(argv)
+    _setup_logging()
+    from transformer.training import train
+
+    cfg = load_config(args.config, args.overrides)
+    best = train(cfg, args.resume)
+    print(best)
+    return 0
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    return _run(_train, argv)
+
+
+# --- shared decoding options ---
+
+
+def _add_decoding_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a .pt checkpoint")
+    parser.add_argument("--beam", type=int, help="beam size (beam search)")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding")
+    parser.add_argument("--sample", action="store_true", help="sample instead")
+    parser.add_argument("--top-k", type=int, help="sample from the k best tokens")
+    parser.add_argument("--top-p", type=float, help="sample from the nucleus p")
+    parser.add_argument("--temperature", type=float, help="sampling temperature")
+    parser.add_argument("--seed", type=int, help="sampling seed")
+    parser.add_argument("--length-penalty", type=float, help="GNMT alpha")
+    parser.add_argument("--nbest", type=int, help="hypotheses per sentence")
+    parser.add_argument("--batch-tokens", type=int, help="source tokens per batch")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the prefix")
+    parser.add_argument(
+        "decoding",
+        nargs="*",
+        metavar="decoding.key=value",
+        default=[],
+        help="other decoding overrides",
+    )
+
+
+def _decoding_config(args, base: DecodingConfig) -> DecodingConfig:
+    from transformer.config import _build
+
+    values = vars(base).copy()
+    for key, value in parse_overrides(args.decoding):
+        values[key.removeprefix("decoding.")] = value
+    if args.sample:
+        values["strategy"] = "sample"
+    elif args.greedy:
+        values["strategy"] = "greedy"
+    elif args.beam:
+        values["strategy"] = "beam" if args.beam > 1 else "greedy"
+    mapping = {
+        "beam": "beam_size",
+        "top_k": "top_k",
+        "top_p": "top_p",
+        "temperature": "temperature",
+        "seed": "seed",
+        "nbest": "nbest",
+        "length_penalty": "length_penalty",
+        "batch_tokens": "max_tokens",
+    }
+    for arg, key in mapping.items():
+        if getattr(args, arg) is not None:
+            values[key] = getattr(args, arg)
+    if values["strategy"] == "beam":
+        values["beam_size"] = max(values["beam_size"], values["nbest"])
+    cfg = _build(DecodingConfig, values, "decoding")
+    cfg.validate()
+    return cfg
+
+
+def _device(name: str) -> torch.device:
+    from transformer.training import resolve_device
+
+    return resolve_device(name)
+
+
+# --- eval ---
+
+
+def _eval(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="transformer-eval",
+        description="Translate a test set with a checkpoint; score it with sacreBLEU.",
+    )
+    _add_decoding_args(parser)
+    parser.add_argument(
+        "--split", help="a split of the checkpoint's corpus (default: data.test_split)"
+    )
+    parser.add_argument("--src", help="source file (with --ref) instead of a split")
+    parser.add_argument("--ref", help="reference file")
+    parser.add_argument("--data-dir", help="override data.dir of the checkpoint")
+    parser.add_argument(
+        "--output", help="hypothesis file (default: next to checkpoint)"
+    )
+    parser.add_argument("--report", help="JSON report (default: <output>.json)")
+    parser.add_argument("--ter", action="store_true", help="also compute TER")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    from transformer.evaluation import reference_warnings, score_corpus, translate
+
+    device = _device(args.device)
+    model, cfg, tokenizer, ckpt = load_model(args.checkpoint, device)
+    dcfg = _decoding_config(args, cfg.decoding)
+    if args.src or args.ref:
+        if not (args.src and args.ref):
+            raise ConfigError("--src and --ref go together")
+        from transformer.data import read_text_pairs
+
+        pairs = list(read_text_pairs(Path(args.src), Path(args.ref)))
+        name = Path(args.src).name
+    else:
+        if args.data_dir:
+            cfg.data.dir = args.data_dir
+        split = args.split or cfg.data.test_split
+        if not split:
+            raise ConfigError("no --split given and the config has no data.test_split")
+        pairs = list(read_pairs(cfg.data, split, cfg.training.seed))
+        name = split
+    sources, references = [s for s, _ in pairs], [t for _, t in pairs]
+    for warning in reference_warnings(references):
+        log.warning(warning)
+    start = time.perf_counter()
+    results = translate(
+        model,
+        tokenizer,
+        sources,
+        dcfg,
+        device,
+        use_cache=not args.no_cache,
+        progress=True,
+    )
+    seconds = time.perf_counter() - start
+    hyps = [r[0].text for r in results]
+    scores = score_corpus(hyps, references, ter=args.ter)
+    output = Path(args.output or Path(args.checkpoint).with_suffix(f".{name}.hyp"))
+    output.write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "step": ckpt.get("step"),
+        "data": name,
+        "sentences": len(hyps),
+        "decoding": vars(dcfg),
+        "scores": scores,
+        "seconds": seconds,
+        "sentences_per_s": len(hyps) / seconds,
+        "device": str(device),
+        "hypotheses": str(output),
+    }
+    report_path = Path(args.report or output.with_suffix(output.suffix + ".json"))
+    report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"BLEU {scores['bleu']:.2f}  {scores['bleu_signature']}")
+    print(f"chrF {scores['chrf']:.2f}  {scores['chrf_signature']}")
+    if "ter" in scores:
+        print(f"TER  {scores['ter']:.2f}  {scores['ter_signature']}")
+    print(f"hypotheses: {output}\nreport: {report_path}")
+    return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    return _run(_eval, argv)
+
+
+# --- translate ---
+
+
+def _input_lines(args) -> list[str] | None:
+    """Sentences from arguments or a file; None means: stream standard input."""
+    if args.sentences:
+        return args.sentences
+    if args.input:
+        if args.replace_invalid:
+            return (
+                Path(args.input)
+                .read_text(encoding="utf-8", errors="replace")
+                .splitlines()
+            )
+        return list(read_lines(Path(args.input)))
+    return None
+
+
+def _stdin_lines(replace_invalid: bool):
+    """Decode standard input line by line, naming the line of invalid UTF-8."""
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        try:
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            if not replace_invalid:
+                raise DataError(
+                    f"<stdin>:{number}: not valid UTF-8 (byte {raw[e.start]:#04x} "
+                    f"at column {e.start + 1}); pass --replace-invalid to replace them"
+                ) from None
+            log.warning("<stdin>:%d: invalid UTF-8 replaced", number)
+            yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+
+
+def _translate(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="transformer-translate",
+        description="Translate sentences (arguments, --input file or standard input).",
+    )
+    _add_decoding_args(parser)
+    parser.add_argument(
+        "--sentence",
+        "-s",
+        dest="sentences",
+        action="append",
+        help="a sentence to translate (repeatable)",
+    )
+    parser.add_argument("--input", "-i", help="file with one sentence a line")
+    parser.add_argument(
+        "--batch-lines",
+        type=int,
+        default=64,
+        help="lines per batch when streaming standard input",
+    )
+    parser.add_argument(
+        "--replace-invalid",
+        action="store_true",
+        help="replace invalid UTF-8 with U+FFFD instead of failing",
+    )
+    parser.add_argument(
+        "--attention",
+        metavar="PATH.png",
+        help="plot the cross-attention of the first sentence",
+    )
+    parser.add_argument("--layer", type=int, default=-1, help="decoder layer to plot")
+    parser.add_argument("--head", type=int, help="head to plot (default: the mean)")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    from transformer.evaluation import translate
+
+    device = _device(args.device)
+    model, cfg, tokenizer, _ = load_model(args.checkpoint, device)
+    dcfg = _decoding_config(args, cfg.decoding)
+    use_cache = not args.no_cache
+
+    def emit(lines: list[str]) -> None:
+        todo = [i for i, line in enumerate(lines) if line.strip()]
+        done = translate(
+            model,
+            tokenizer,
+            [lines[i] for i in todo],
+            dcfg,
+            device,
+            use_cache=use_cache,
+        )
+        results = dict(zip(todo, done, strict=True))
+        for i in range(len(lines)):
+            hyps = results.get(i)
+            if not hyps:
+                print("")  # an empty line gives an empty line
+            elif dcfg.nbest > 1:
+                for h in hyps:
+                    print(f"{i}\t{h.score:.4f}\t{h.text}")
+            else:
+                print(hyps[0].text)
+        sys.stdout.flush()
+
+    lines = _input_lines(args)
+    if lines is not None:
+        emit(lines)
+    elif sys.stdin.isatty():
+        print("Type a sentence and press Enter (Ctrl-D to quit).", file=sys.stderr)
+        for line in _stdin_lines(args.replace_invalid):
+            emit([line])
+    else:
+        batch: list[str] = []
+        for line in _stdin_lines(args.replace_invalid):
+            batch.append(line)
+            if len(batch) >= args.batch_lines:
+                emit(batch)
+                batch = []
+        if batch:
+            emit(batch)
+    if args.attention:
+        first = (lines or [""])[0] if lines else None
+        if not first:
+            raise ConfigError("--attention needs a sentence (-s) or --input file")
+        from transformer.plots import plot_attention
+
+        path = plot_attention(
+            model,
+            tokenizer,
+            first,
+            dcfg,
+            device,
+            args.attention,
+            layer=args.layer,
+            head=args.head,
+        )
+        print(f"attention plot: {path}", file=sys.stderr)
+    return 0
+
+
+def translate_main(argv: list[str] | None = None) -> int:
+    return _run(_translate, argv)
+
+
+# --- average ---
+
+
+def _average(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="transformer-average",
+        description="Average the weights of the last N step checkpoints of a run.",
+    )
+    parser.add_argument("--run-dir", help="folder with step_<N>.pt checkpoints")
+    parser.add_argument("--last", type=int, default=5, help="how many (default 5)")
+    parser.add_argument("--inputs", nargs="*", help="explicit checkpoint files")
+    parser.add_argument("--output", required=True, help="the averaged checkpoint")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    if args.inputs:
+        paths = [Path(p) for p in args.inputs]
+    elif args.run_dir:
+        steps = sorted(
+            Path(args.run_dir).glob("step_*.pt"),
+            key=lambda p: int(p.stem.split("_")[1]),
+        )
+        paths = steps[-args.last :]
+    else:
+        raise ConfigError("give --run-dir or --inputs")
+    if not paths:
+        raise CheckpointError(f"no step_*.pt checkpoints in {args.run_dir}")
+    out = average_checkpoints(paths, args.output)
+    print(f"averaged {len(paths)} checkpoints into {out}")
+    return 0
+
+
+def average_main(argv: list[str] | None = None) -> int:
+    return _run(_average, argv)
