@@ -172,13 +172,6 @@ class DataConfig:
         return self.format in ("copy", "reverse")
 
     def validate(self, prefix: str = "data") -> None:
-        if self.format in ("text", "tsv", "jsonl"):
-            _check(
-                bool(self.dir),
-                f"{prefix}.dir",
-                self.dir,
-                f"format '{self.format}' needs a directory (pass data.dir=PATH)",
-            )
         if self.format == "hub":
             _check(bool(self.hub_name), f"{prefix}.hub_name", self.hub_name, "needed")
         _check(

@@ -171,7 +171,11 @@ def toy_pairs(cfg: DataConfig, split: str, seed: int) -> list[tuple[str, str]]:
 
 def split_files(cfg: DataConfig, split: str) -> list[Path]:
     """The local files behind a split (raises if any is missing)."""
-    directory = Path(cfg.dir or ".")
+    if not cfg.dir:
+        raise DataError(
+            f"data.dir: format '{cfg.format}' needs a directory (pass data.dir=PATH)"
+        )
+    directory = Path(cfg.dir)
     if not directory.is_dir():
         raise DataError(f"data directory not found: {directory}")
     if cfg.format == "text":

@@ -1,0 +1,136 @@
+"""Config loading: strict keys, types, ranges, overrides and the shipped files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from transformer.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    save_config,
+)
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_valid():
+    Config().validate()
+
+
+def test_unknown_key_names_path_and_suggests():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"training": {"lr_warmup": 100}})
+    assert str(e.value) == (
+        "training.lr_warmup: unknown key; did you mean training.warmup_steps?"
+    )
+
+
+def test_unknown_key_close_spelling():
+    with pytest.raises(ConfigError, match=r"model\.d_modle: .*model\.d_model\?"):
+        config_from_dict({"model": {"d_modle": 128}})
+
+
+def test_unknown_section():
+    with pytest.raises(
+        ConfigError, match=r"^trainig: unknown key; did you mean training"
+    ):
+        config_from_dict({"trainig": {}})
+
+
+@pytest.mark.parametrize(
+    "tree, message",
+    [
+        (
+            {"model": {"d_model": "big"}},
+            r"model\.d_model: expected an integer \(got 'big'\)",
+        ),
+        (
+            {"model": {"norm_first": "yes"}},
+            r"model\.norm_first: expected true or false",
+        ),
+        ({"training": {"lr": "fast"}}, r"training\.lr: expected a number"),
+        ({"model": {"activation": "tanh"}}, r"model\.activation: must be one of"),
+        ({"training": {"betas": [0.9]}}, r"training\.betas: expected a list of 2"),
+        ({"data": {"tokenizer": 5}}, r"data\.tokenizer: expected a mapping"),
+        ({"model": {"n_heads": 3}}, r"model\.d_model: must be divisible by"),
+        ({"training": {"label_smoothing": 1.5}}, r"training\.label_smoothing: .*1\.5"),
+        ({"decoding": {"top_p": 0.0}}, r"decoding\.top_p"),
+        ({"decoding": {"nbest": 6, "beam_size": 5}}, r"decoding\.nbest"),
+        ({"data": {"max_tokens": 0}}, r"data\.max_tokens: must be positive"),
+    ],
+)
+def test_bad_values_name_key_and_value(tree, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(tree)
+
+
+def test_overrides_are_yaml_and_validated():
+    cfg = config_from_dict(
+        {"data": {"dir": "d"}},
+        [
+            "training.max_steps=7",
+            "training.betas=[0.8, 0.9]",
+            "model.norm_first=true",
+            "data.tokenizer.model_type=bpe",
+            "data.test_split=null",
+        ],
+    )
+    assert cfg.training.max_steps == 7
+    assert cfg.training.betas == (0.8, 0.9)
+    assert cfg.model.norm_first is True
+    assert cfg.data.tokenizer.model_type == "bpe"
+    assert cfg.data.test_split is None
+    with pytest.raises(ConfigError, match=r"training\.max_steps: expected an integer"):
+        config_from_dict({"data": {"dir": "d"}}, ["training.max_steps=many"])
+    with pytest.raises(ConfigError, match=r"training\.warmpu: unknown key"):
+        config_from_dict({"data": {"dir": "d"}}, ["training.warmpu=5"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        parse_overrides(["training.max_steps"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_overrides(["training.betas=[0.9"])
+
+
+def test_load_config_errors_name_the_file(tmp_path):
+    missing = tmp_path / "none.yaml"
+    with pytest.raises(ConfigError, match="none.yaml: cannot read config"):
+        load_config(missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("model:\n  dropout: 2\n")
+    with pytest.raises(ConfigError, match=r"wrong.yaml: model\.dropout"):
+        load_config(wrong)
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = config_from_dict(
+        {"data": {"dir": "d"}}, ["model.d_model=128", "model.n_heads=4"]
+    )
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.training.run_dir.startswith("checkpoints/")
+
+
+def test_shipped_config_files_exist():
+    names = {p.name for p in CONFIGS}
+    assert {
+        "multi30k_de_en.yaml",
+        "multi30k_en_de.yaml",
+        "transformer_base.yaml",
+        "toy_copy.yaml",
+    } <= names

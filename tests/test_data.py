@@ -1,0 +1,329 @@
+"""Corpus reading, errors, filtering, caching, batching, streaming and tokenizers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+
+from transformer.config import BOS_ID, EOS_ID, PAD_ID, DataConfig, TokenizerConfig
+from transformer.data import (
+    BatchIterator,
+    DataError,
+    StreamingBatchIterator,
+    load_corpus,
+    read_hub_pairs,
+    read_pairs,
+    token_batches,
+)
+from transformer.tokenizer import Tokenizer, TokenizerError, train_sentencepiece
+
+SRC = [f"das ist satz nummer {i} mit {'vielen ' * (i % 7)}wörtern" for i in range(300)]
+TGT = [f"this is sentence number {i} with {'many ' * (i % 7)}words" for i in range(300)]
+
+
+def write(path, lines, gz=False):
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(TokenizerConfig(vocab_size=120), SRC, TGT)
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    write(tmp_path / "train.de", SRC)
+    write(tmp_path / "train.en.gz", TGT, gz=True)
+    write(tmp_path / "val.de", SRC[:20])
+    write(tmp_path / "val.en", TGT[:20])
+    return tmp_path
+
+
+def cfg_for(directory, **kw) -> DataConfig:
+    return DataConfig(dir=str(directory), cache_dir=str(directory / "cache"), **kw)
+
+
+# --- reading and its errors ---
+
+
+def test_text_pairs_plain_and_gz(corpus_dir):
+    pairs = list(read_pairs(cfg_for(corpus_dir), "train"))
+    assert pairs == list(zip(SRC, TGT, strict=True))
+
+
+def test_mismatched_line_counts_name_both_files(corpus_dir):
+    write(corpus_dir / "val.en", TGT[:19])
+    with pytest.raises(DataError) as e:
+        list(read_pairs(cfg_for(corpus_dir), "val"))
+    message = str(e.value)
+    assert "val.de has 20 lines" in message and "val.en has 19" in message
+
+
+def test_invalid_utf8_names_file_and_line(corpus_dir):
+    (corpus_dir / "val.de").write_bytes(
+        b"gut\nauch gut\nkaputt \xff hier\n" + b"x\n" * 17
+    )
+    with pytest.raises(DataError, match=r"val\.de:3: not valid UTF-8 \(byte 0xff"):
+        list(read_pairs(cfg_for(corpus_dir), "val"))
+
+
+def test_missing_split_and_directory(corpus_dir, tmp_path):
+    with pytest.raises(DataError, match=r"missing data file: expected .*test\.de"):
+        list(read_pairs(cfg_for(corpus_dir), "test"))
+    with pytest.raises(DataError, match="data directory not found"):
+        list(read_pairs(cfg_for(tmp_path / "nowhere"), "train"))
+    with pytest.raises(DataError, match=r"data\.dir: format 'text' needs a directory"):
+        list(read_pairs(DataConfig(), "train"))
+
+
+def test_tsv_pairs_and_bad_field_count(tmp_path):
+    write(tmp_path / "train.tsv", ["ein\tone", "zwei\ttwo"])
+    assert list(read_pairs(cfg_for(tmp_path, format="tsv"), "train")) == [
+        ("ein", "one"),
+        ("zwei", "two"),
+    ]
+    write(tmp_path / "val.tsv.gz", ["ein\tone", "kaputt"], gz=True)
+    with pytest.raises(DataError, match=r"val\.tsv\.gz:2: expected 2 tab-separated"):
+        list(read_pairs(cfg_for(tmp_path, format="tsv"), "val"))
+
+
+def test_jsonl_pairs_fields_and_errors(tmp_path):
+    rows = [
+        {"translation": {"de": "ein", "en": "one"}},
+        {"translation": {"de": "zwei", "en": "two"}},
+    ]
+    write(tmp_path / "train.jsonl", [json.dumps(r) for r in rows])
+    cfg = cfg_for(tmp_path, format="jsonl")
+    assert list(read_pairs(cfg, "train")) == [("ein", "one"), ("zwei", "two")]
+    write(tmp_path / "flat.jsonl", [json.dumps({"src": "a", "tgt": "b"})])
+    flat = cfg_for(tmp_path, format="jsonl", src_field="src", tgt_field="tgt")
+    assert list(read_pairs(flat, "flat")) == [("a", "b")]
+    write(tmp_path / "val.jsonl", [json.dumps(rows[0]), "{broken"])
+    with pytest.raises(DataError, match=r"val\.jsonl:2: not valid JSON"):
+        list(read_pairs(cfg, "val"))
+    write(tmp_path / "test.jsonl", [json.dumps({"de": "x"})])
+    with pytest.raises(DataError, match=r"test\.jsonl:1: no field 'en'"):
+        list(read_pairs(cfg, "test"))
+
+
+def test_hub_rows_through_datasets(monkeypatch):
+    import datasets
+
+    calls = {}
+
+    def fake_load(name, config, split, streaming):
+        calls.update(name=name, config=config, split=split, streaming=streaming)
+        return iter([{"translation": {"de": "hallo", "en": "hello"}}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    cfg = DataConfig(format="hub", hub_name="wmt14", hub_config="de-en", streaming=True)
+    assert list(read_hub_pairs(cfg, "train")) == [("hallo", "hello")]
+    assert calls == dict(name="wmt14", config="de-en", split="train", streaming=True)
+
+
+def test_synthetic_tasks_are_deterministic():
+    copy = DataConfig(format="copy", toy_train_size=50)
+    reverse = DataConfig(format="reverse", toy_train_size=50)
+    a = list(read_pairs(copy, "train", seed=3))
+    assert a == list(read_pairs(copy, "train", seed=3))
+    assert all(s == t for s, t in a)
+    assert all(s.split()[::-1] == t.split() for s, t in read_pairs(reverse, "train", 3))
+
+
+# --- tokenization ---
+
+
+def test_tokenizer_round_trip_and_special_ids(tokenizer):
+    sentence = "das ist satz nummer 7 mit vielen wörtern"
+    ids = tokenizer.encode_src([sentence])[0]
+    assert min(ids) > EOS_ID
+    assert tokenizer.decode_tgt(tokenizer.encode_tgt([TGT[5]])[0]) == TGT[5]
+    assert tokenizer.src.decode(ids) == sentence
+    assert (tokenizer.src.pad_id(), tokenizer.src.unk_id()) == (0, 1)
+    assert (tokenizer.src.bos_id(), tokenizer.src.eos_id()) == (2, 3)
+    # decoding stops at <eos> and drops <bos>/<pad>
+    ids = tokenizer.encode_tgt(["this is"])[0]
+    assert tokenizer.decode_tgt([BOS_ID, *ids, EOS_ID, 50, PAD_ID]) == "this is"
+
+
+def test_tokenizer_state_and_files_round_trip(tokenizer, tmp_path):
+    again = Tokenizer.from_state_dict(tokenizer.state_dict())
+    assert again.encode_src(SRC[:3]) == tokenizer.encode_src(SRC[:3])
+    (path,) = tokenizer.save(tmp_path)
+    loaded = Tokenizer.from_files(TokenizerConfig(model=str(path)))
+    assert loaded.hash() == tokenizer.hash()
+
+
+def test_separate_tokenizers():
+    cfg = TokenizerConfig(joint=False, vocab_size=100)
+    tok = Tokenizer.train(cfg, SRC, TGT)
+    assert not tok.joint
+    assert tok.tgt.decode(tok.encode_tgt([TGT[1]])[0]) == TGT[1]
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="nothing.model: cannot read"):
+        Tokenizer.from_files(TokenizerConfig(model=str(tmp_path / "nothing.model")))
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(TokenizerError, match="not a SentencePiece model"):
+        Tokenizer.from_files(TokenizerConfig(model=str(junk)))
+    import io
+
+    import sentencepiece as spm
+
+    other = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SRC), model_writer=other, vocab_size=40, minloglevel=2
+    )  # default ids
+    with pytest.raises(TokenizerError, match="pad=0 unk=1 bos=2 eos=3"):
+        Tokenizer(other.getvalue())
+
+
+def test_train_sentencepiece_small_corpus_gets_fewer_pieces():
+    proto = train_sentencepiece(
+        ["a b c", "c b a"] * 10, TokenizerConfig(vocab_size=500)
+    )
+    assert Tokenizer(proto).src_vocab_size < 500
+
+
+# --- filtering, caching ---
+
+
+def test_filtering_counts_empty_long_and_unbalanced(tmp_path, tokenizer, caplog):
+    src = ["ein satz", "   ", "kurz", "lang " * 60, "gut so"]
+    tgt = [
+        "a sentence",
+        "empty source",
+        "this is much much much much longer than it",
+        "long",
+        "fine",
+    ]
+    write(tmp_path / "train.de", src)
+    write(tmp_path / "train.en", tgt)
+    cfg = cfg_for(tmp_path, max_length=40, max_length_ratio=3.0)
+    with caplog.at_level("INFO"):
+        corpus = load_corpus(cfg, "train", tokenizer, train=True)
+    assert len(corpus) == 2
+    assert "kept 2 pairs, dropped 3 (empty 1, over max_length 1, length ratio 1)" in (
+        caplog.text
+    )
+    # evaluation splits keep every pair, with raw references
+    valid = load_corpus(cfg, "train", tokenizer, train=False)
+    assert len(valid) == 5 and valid.refs == tgt
+
+
+def test_tokenized_corpus_is_cached(corpus_dir, tokenizer, monkeypatch):
+    cfg = cfg_for(corpus_dir)
+    first = load_corpus(cfg, "train", tokenizer, train=True)
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("re-tokenized despite the cache")
+
+    monkeypatch.setattr(tokenizer, "encode_src", no_tokenizing)
+    second = load_corpus(cfg, "train", tokenizer, train=True)
+    assert second.src == first.src and second.tgt == first.tgt
+    # a changed file invalidates the cache
+    write(corpus_dir / "train.de", SRC[::-1])
+    with pytest.raises(AssertionError, match="re-tokenized"):
+        load_corpus(cfg, "train", tokenizer, train=True)
+
+
+# --- batches ---
+
+
+def test_token_budget_and_coverage():
+    torch.manual_seed(0)
+    src = torch.randint(1, 40, (500,)).tolist()
+    tgt = torch.randint(1, 40, (500,)).tolist()
+    batches = token_batches(src, tgt, max_tokens=200, seed=1)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    for b in batches:
+        width = max(max(src[i], tgt[i]) for i in b)
+        assert len(b) * width <= 200 or len(b) == 1
+
+
+def test_batches_deterministic_per_seed_and_epoch(corpus_dir, tokenizer):
+    corpus = load_corpus(cfg_for(corpus_dir), "train", tokenizer, train=True)
+    a = BatchIterator(corpus, 300, seed=5)
+    b = BatchIterator(corpus, 300, seed=5)
+    assert a.batch_indices(0) == b.batch_indices(0)
+    assert a.batch_indices(0) != a.batch_indices(1)
+    assert a.batch_indices(0) != BatchIterator(corpus, 300, seed=6).batch_indices(0)
+
+
+def test_resume_position(corpus_dir, tokenizer):
+    corpus = load_corpus(cfg_for(corpus_dir), "train", tokenizer, train=True)
+    it = BatchIterator(corpus, 300, seed=5)
+    full = list(it.epoch(2))
+    resumed = list(it.epoch(2, start=3))
+    assert len(resumed) == len(full) - 3
+    for x, y in zip(full[3:], resumed, strict=True):
+        assert torch.equal(x.src, y.src) and torch.equal(x.tgt_out, y.tgt_out)
+
+
+def test_batch_layout(corpus_dir, tokenizer):
+    corpus = load_corpus(cfg_for(corpus_dir), "train", tokenizer, train=True)
+    batch = next(BatchIterator(corpus, 300, seed=0).epoch(0))
+    assert (batch.tgt_in[:, 0] == BOS_ID).all()
+    assert torch.equal(
+        batch.tgt_in[:, 1:],
+        batch.tgt_out[:, :-1].masked_fill(batch.tgt_out[:, :-1] == EOS_ID, PAD_ID),
+    )
+    assert (batch.tgt_out == EOS_ID).sum() == batch.src.size(0)
+    assert (batch.src == EOS_ID).sum() == batch.src.size(0)
+    assert batch.n_tokens == int((batch.tgt_out != PAD_ID).sum())
+
+
+def test_sharding_gives_equal_disjoint_shares(corpus_dir, tokenizer):
+    corpus = load_corpus(cfg_for(corpus_dir), "train", tokenizer, train=True)
+    shards = [
+        BatchIterator(corpus, 300, seed=1, rank=r, world=2).batch_indices(0)
+        for r in range(2)
+    ]
+    assert len(shards[0]) == len(shards[1])
+    seen = [i for shard in shards for b in shard for i in b]
+    assert len(seen) == len(set(seen))
+
+
+def test_streaming_from_a_local_file(corpus_dir, tokenizer):
+    cfg = cfg_for(corpus_dir, streaming=True, stream_buffer=64, max_tokens=300)
+    stream = StreamingBatchIterator(cfg, tokenizer, seed=2)
+    batches = list(stream.epoch(0))
+    seen = sorted(tuple(row[row != PAD_ID].tolist()) for b in batches for row in b.src)
+    corpus = load_corpus(cfg_for(corpus_dir), "train", tokenizer, train=True)
+    expected = sorted(tuple([*s, EOS_ID]) for s in corpus.src)
+    assert seen == expected
+    resumed = list(stream.epoch(0, start=4))
+    assert len(resumed) == len(batches) - 4
+    assert torch.equal(resumed[0].src, batches[4].src)
+
+
+# --- the real corpus ---
+
+
+def test_multi30k_loads_and_batches_efficiently(multi30k_dir, tmp_path):
+    cfg = DataConfig(
+        src_lang="de", tgt_lang="en", dir=str(multi30k_dir), cache_dir=str(tmp_path)
+    )
+    pairs = list(read_pairs(cfg, "train"))
+    assert len(pairs) == 29000
+    tok = Tokenizer.train(
+        TokenizerConfig(vocab_size=8000), [s for s, _ in pairs], [t for _, t in pairs]
+    )
+    corpus = load_corpus(cfg, "train", tok, train=True)
+    assert len(corpus) > 28900
+    it = BatchIterator(corpus, 4096, seed=1)
+    assert it.efficiency(0) >= 0.9
+    batch = next(it.epoch(0))
+    assert batch.src.numel() <= 4096 and batch.tgt_out.numel() <= 4096
+    assert len(list(read_pairs(cfg, "test_2016_flickr"))) == 1000
