@@ -97,12 +97,16 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
         raise CheckpointError(f"{path}: stored config is invalid: {e}") from e
 
 
+# may change between a checkpoint and a resumed or fine-tuned run
+_NOT_ARCHITECTURE = {"dropout", "attention_dropout"}
+
+
 def check_compatible(saved: ModelConfig, wanted: ModelConfig, path: str | Path) -> None:
     """Name every architecture field on which a checkpoint differs from the config."""
     diffs = [
         f"model.{name}: checkpoint {getattr(saved, name)!r}, config {value!r}"
         for name, value in vars(wanted).items()
-        if getattr(saved, name) != value
+        if getattr(saved, name) != value and name not in _NOT_ARCHITECTURE
     ]
     if diffs:
         raise CheckpointError(

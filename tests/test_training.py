@@ -1,0 +1,387 @@
+"""Training: loss, schedule, accumulation, checkpoints, exact resume, signals, DDP."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformer.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    average_checkpoints,
+    load_checkpoint,
+    load_model,
+)
+from transformer.config import load_config
+from transformer.data import collate
+from transformer.tokenizer import Tokenizer
+from transformer.training import (
+    Trainer,
+    TrainingError,
+    label_smoothed_loss,
+    lr_factor,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "configs" / "toy_copy.yaml"
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer(tmp_path_factory) -> str:
+    """One SentencePiece model for all tiny runs, so that runs are comparable."""
+    from transformer.config import DataConfig, TokenizerConfig
+    from transformer.data import read_pairs
+
+    pairs = list(read_pairs(DataConfig(format="copy", toy_train_size=300), "train"))
+    tok = Tokenizer.train(TokenizerConfig(vocab_size=40), [s for s, _ in pairs], [])
+    (path,) = tok.save(tmp_path_factory.mktemp("spm"))
+    return str(path)
+
+
+SMALL = [
+    "data.toy_train_size=300",
+    "data.toy_valid_size=20",
+    "data.max_tokens=256",
+    "model.d_model=32",
+    "model.d_ff=64",
+    "model.dropout=0.1",
+    "training.valid_bleu=false",
+    "training.best_metric=loss",
+    "training.log_every=1",
+    "training.validate_every=1000",
+    "training.threads=1",
+]
+
+
+def tiny(run_dir, tokenizer, *extra):
+    return load_config(
+        TOY,
+        [
+            f"training.run_dir={run_dir}",
+            f"data.tokenizer.model={tokenizer}",
+            f"data.cache_dir={Path(run_dir).parent / 'cache'}",
+            *SMALL,
+            *extra,
+        ],
+    )
+
+
+def test_label_smoothing_matches_formula():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7, dtype=torch.float64)
+    target = torch.tensor([[4, 5, 0], [6, 0, 0]])  # 0 = pad
+    eps = 0.1
+    expected = 0.0
+    for b in range(2):
+        for t in range(3):
+            if target[b, t] == 0:
+                continue
+            logp = torch.log_softmax(logits[b, t], -1)
+            smooth = torch.full((7,), eps / 7, dtype=torch.float64)
+            smooth[target[b, t]] += 1 - eps
+            expected -= (smooth * logp).sum().item()
+    got = label_smoothed_loss(logits, target, eps).item()
+    assert math.isclose(got, expected, rel_tol=1e-6)
+
+
+def test_noam_and_inverse_sqrt_schedules():
+    cfg = load_config(
+        TOY,
+        [
+            "training.schedule=noam",
+            "training.lr=2.0",
+            "training.warmup_steps=100",
+            "model.d_model=64",
+        ],
+    )
+    for step in (1, 50, 100, 400):
+        expected = 2.0 * 64**-0.5 * min(step**-0.5, step * 100**-1.5)
+        assert math.isclose(lr_factor(step, cfg), expected)
+    cfg = load_config(
+        TOY,
+        [
+            "training.schedule=inverse_sqrt",
+            "training.lr=0.001",
+            "training.warmup_steps=100",
+        ],
+    )
+    assert math.isclose(lr_factor(50, cfg), 0.0005)
+    assert math.isclose(lr_factor(100, cfg), 0.001)
+    assert math.isclose(lr_factor(400, cfg), 0.0005)
+
+
+def test_accumulation_equals_one_large_batch(tmp_path, toy_tokenizer):
+    trainer = Trainer(tiny(tmp_path / "run", toy_tokenizer, "model.dropout=0.0"))
+    corpus = trainer.train_data.corpus
+    first, second = list(range(0, 12)), list(range(40, 47))
+
+    def batch(ids):
+        return collate([corpus.src[i] for i in ids], [corpus.tgt[i] for i in ids])
+
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    loss_two, tokens_two = trainer.train_step([batch(first), batch(second)])
+    grads_two = [p.grad.clone() for p in trainer.model.parameters()]
+    trainer.model.load_state_dict(initial)
+    loss_one, tokens_one = trainer.train_step([batch(first + second)])
+    grads_one = [p.grad.clone() for p in trainer.model.parameters()]
+    assert tokens_one == tokens_two
+    assert math.isclose(loss_one, loss_two, rel_tol=1e-5)
+    for a, b in zip(grads_one, grads_two, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_resume_is_bit_identical(tmp_path, toy_tokenizer):
+    straight = Trainer(
+        tiny(
+            tmp_path / "a",
+            toy_tokenizer,
+            "training.max_steps=8",
+            "training.validate_every=3",
+        )
+    )
+    straight.train()
+    first = Trainer(
+        tiny(
+            tmp_path / "b",
+            toy_tokenizer,
+            "training.max_steps=5",
+            "training.validate_every=3",
+        )
+    )
+    first.train()
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 5
+    resumed = Trainer(
+        tiny(
+            tmp_path / "b",
+            toy_tokenizer,
+            "training.max_steps=8",
+            "training.validate_every=3",
+        ),
+        resume=True,
+    )
+    assert resumed.step == 5
+    resumed.train()
+    for (name, a), b in zip(
+        straight.model.state_dict().items(),
+        resumed.model.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), name
+    # and not trivially: the run actually changed the weights
+    fresh = Trainer(tiny(tmp_path / "c", toy_tokenizer, "training.max_steps=1"))
+    assert not torch.equal(fresh.model.tgt_embed.weight, resumed.model.tgt_embed.weight)
+
+
+def test_sigterm_saves_last_and_resume_continues(tmp_path, toy_tokenizer):
+    run = tmp_path / "run"
+    args = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        "--config",
+        str(TOY),
+        f"training.run_dir={run}",
+        f"data.tokenizer.model={toy_tokenizer}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *SMALL,
+        "training.max_steps=100000",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    step = load_checkpoint(run / "last.pt")["step"]
+    assert step >= 3
+    assert not list(run.glob(".*.tmp"))
+    trainer = Trainer(tiny(run, toy_tokenizer, f"training.max_steps={step + 2}"))
+    assert trainer.step == step
+    trainer.train()
+    assert load_checkpoint(run / "last.pt")["step"] == step + 2
+
+
+def test_non_finite_losses_skip_then_stop(tmp_path, toy_tokenizer, monkeypatch, caplog):
+    run = tmp_path / "run"
+    Trainer(tiny(run, toy_tokenizer, "training.max_steps=2")).train()
+    good = load_checkpoint(run / "last.pt")["model"]
+    trainer = Trainer(
+        tiny(run, toy_tokenizer, "training.max_steps=10", "training.max_nonfinite=3")
+    )
+
+    def nan_loss(batch):
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(trainer, "_forward_loss", nan_loss)
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+        trainer.train()
+    assert "non-finite loss at step 3: update skipped" in caplog.text
+    after = load_checkpoint(run / "last.pt")
+    assert after["step"] == 2
+    for k, v in good.items():
+        assert torch.equal(after["model"][k], v)
+
+
+def test_atomic_save_never_leaves_a_broken_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"x": torch.ones(3)}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"x": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoints_cannot_run_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "tokenizer": Payload()}, path)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_incompatible_config_is_a_clear_error(tmp_path, toy_tokenizer):
+    run = tmp_path / "run"
+    Trainer(tiny(run, toy_tokenizer, "training.max_steps=1")).train()
+    with pytest.raises(
+        CheckpointError, match=r"model\.d_model: checkpoint 32, config 64"
+    ):
+        Trainer(tiny(run, toy_tokenizer, "model.d_model=64"), resume=True)
+
+
+def test_checkpoint_describes_itself(tmp_path, toy_tokenizer):
+    run = tmp_path / "run"
+    Trainer(tiny(run, toy_tokenizer, "training.max_steps=2")).train()
+    ckpt = load_checkpoint(run / "last.pt")
+    for key in (
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "rng",
+        "step",
+        "epoch",
+        "batch_in_epoch",
+        "best_score",
+        "config",
+        "tokenizer",
+    ):
+        assert key in ckpt, key
+    model, cfg, tokenizer, _ = load_model(run / "last.pt")
+    assert (
+        cfg.model.d_model == 32 and tokenizer.src_vocab_size == cfg.model.src_vocab_size
+    )
+    assert (run / "config.yaml").exists() and (run / "metrics.jsonl").exists()
+    assert (run / "curves.png").stat().st_size > 1000
+
+
+def test_average_checkpoints(tmp_path, toy_tokenizer):
+    run = tmp_path / "run"
+    Trainer(
+        tiny(run, toy_tokenizer, "training.max_steps=4", "training.save_every=2")
+    ).train()
+    paths = [run / "step_2.pt", run / "step_4.pt"]
+    out = average_checkpoints(paths, tmp_path / "avg.pt")
+    a, b = (load_checkpoint(p)["model"] for p in paths)
+    avg = load_checkpoint(out)["model"]
+    for k in avg:
+        torch.testing.assert_close(avg[k], (a[k] + b[k]) / 2)
+
+
+def test_toy_copy_config_learns(tmp_path):
+    cfg = load_config(
+        TOY,
+        [
+            f"training.run_dir={tmp_path / 'toy'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "training.max_steps=300",
+            "training.validate_every=300",
+        ],
+    )
+    best = train(cfg)
+    ckpt = load_checkpoint(best)
+    assert ckpt["best_score"] >= 0.95  # validation token accuracy
+    rows = (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()
+    assert '"bleu"' in rows[-1]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_process_gloo_matches_single_process(tmp_path, toy_tokenizer):
+    common = [
+        f"data.tokenizer.model={toy_tokenizer}",
+        f"data.cache_dir={tmp_path / 'c'}",
+        "data.toy_train_size=300",
+        "data.toy_valid_size=20",
+        "data.max_tokens=256",
+        "model.d_model=32",
+        "model.d_ff=64",
+        "model.dropout=0.0",
+        "training.valid_bleu=false",
+        "training.best_metric=loss",
+        "training.max_steps=3",
+        "training.device=cpu",
+        "training.threads=1",
+    ]
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(ROOT / "tests" / "ddp_worker.py"),
+            str(TOY),
+            str(out),
+            f"training.run_dir={tmp_path / 'ddp'}",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(out / "rank0.pt", weights_only=True)
+    rank1 = torch.load(out / "rank1.pt", weights_only=True)
+    single = Trainer(
+        load_config(
+            TOY,
+            [f"training.run_dir={tmp_path / 'one'}", "training.accumulate=2", *common],
+        )
+    )
+    single.train()
+    for name, weight in single.model.state_dict().items():
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], weight, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(
+        rank0["tgt_embed.weight"],
+        Trainer(
+            load_config(TOY, [f"training.run_dir={tmp_path / 'fresh'}", *common])
+        ).model.tgt_embed.weight,
+    )
