@@ -253,7 +253,7 @@ class Trainer:
 
         self.train_data = self._train_batches()
         self.valid = load_corpus(
-            cfg.data, cfg.data.valid_split, self.tokenizer, train=False
+            cfg.data, cfg.data.valid_split, self.tokenizer, train=False, seed=t.seed
         )
         if ckpt is not None:
             self._restore(ckpt)

@@ -1,0 +1,273 @@
+"""Speed benchmarks: training throughput and decoding speed, written as JSON.
+
+Training (the reference small model of ../shared/bench/joeynmt_peer.sh: d_model 256,
+3+3 layers, 4 heads, d_ff 1024, pre-norm, 8k joint SentencePiece, 4,096-token
+batches, Multi30k de->en), reported like the peer script: the median target tokens
+per second over windows of 25 updates, the first window skipped:
+
+    python scripts/benchmark.py train --peer --precision fp32 bf16
+
+With --peer it first runs ../shared/bench/joeynmt_peer.sh with the same number of
+updates, so that the ratio against JoeyNMT 2.3.0 is measured in one sitting. Each
+precision runs in its own process, so that each peak RSS is its own.
+
+Decoding of Multi30k test_2016_flickr with a trained checkpoint: sentences per
+second for greedy with and without the KV cache and for beam 5, in one run:
+
+    python scripts/benchmark.py decode --checkpoint checkpoints/multi30k_de_en/best.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from transformer.config import DecodingConfig, load_config  # noqa: E402
+
+WINDOW = 25  # updates per throughput window, as in the peer script
+PEER = ROOT.parent / "shared" / "bench" / "joeynmt_peer.sh"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def bench_train(args) -> dict:
+    from transformer.training import Trainer
+
+    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="bench-train-"))
+    overrides = [
+        f"data.dir={args.data_dir}",
+        f"training.run_dir={run_dir}",
+        f"training.precision={args.precision}",
+        f"training.device={args.device}",
+        f"data.max_tokens={args.max_tokens}",
+        # the peer's reference model and optimiser settings
+        "model.d_model=256",
+        "model.n_heads=4",
+        "model.encoder_layers=3",
+        "model.decoder_layers=3",
+        "model.d_ff=1024",
+        "model.norm_first=true",
+        "model.dropout=0.1",
+        "model.attention_dropout=0.1",
+        "data.tokenizer.vocab_size=8000",
+        "data.tokenizer.model_type=unigram",
+        "training.schedule=inverse_sqrt",
+        "training.lr=0.0007",
+        "training.warmup_steps=1000",
+        "training.label_smoothing=0.1",
+        "training.clip_grad_norm=1.0",
+        "training.resume=never",
+        "training.tensorboard=false",
+        *args.overrides,
+    ]
+    if args.threads:
+        overrides.append(f"training.threads={args.threads}")
+    cfg = load_config(ROOT / "configs" / "multi30k_de_en.yaml", overrides)
+    trainer = Trainer(cfg, resume=False)
+    trainer.model.train()
+    windows, tokens, steps = [], 0, 0
+    batches = trainer._batches()
+    pending = []
+    start = time.perf_counter()
+    while steps < args.updates:
+        _, _, batch = next(batches)
+        pending.append(batch)
+        if len(pending) < cfg.training.accumulate:
+            continue
+        result = trainer.train_step(pending)
+        pending = []
+        steps += 1
+        tokens += result[1] if result else 0
+        if steps % WINDOW == 0:
+            now = time.perf_counter()
+            windows.append(tokens / (now - start))
+            tokens, start = 0, now
+    measured = windows[1:] if len(windows) > 1 else windows
+    return {
+        "benchmark": "train",
+        "model": "d256 3+3 4h ff1024 pre-norm, 8k joint unigram, Multi30k de-en",
+        "precision": args.precision,
+        "device": str(trainer.device),
+        "max_tokens": args.max_tokens,
+        "updates": args.updates,
+        "target_tokens_per_s_median": statistics.median(measured),
+        "target_tokens_per_s_windows": measured,
+        "padding_efficiency": trainer.train_data.efficiency(0),
+        "peak_rss_mib": peak_rss_mib(),
+        "cuda_max_allocated_mib": (
+            torch.cuda.max_memory_allocated() / 2**20
+            if torch.cuda.is_available()
+            else None
+        ),
+        "machine": machine(),
+    }
+
+
+def run_peer(updates: int) -> dict:
+    """JoeyNMT 2.3.0 on the same model, data and batch size (its own script)."""
+    logging.info("running %s %d (JoeyNMT 2.3.0)", PEER, updates)
+    out = subprocess.run(
+        ["bash", str(PEER), str(updates)], capture_output=True, text=True, check=False
+    )
+    found = re.search(r"tokens/s \(median of (\d+) windows.*?\): (\d+)", out.stdout)
+    if out.returncode != 0 or not found:
+        raise SystemExit(f"{PEER}: failed\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return {
+        "name": "joeynmt-2.3.0",
+        "command": f"bash {PEER.relative_to(ROOT.parent)} {updates}",
+        "windows": int(found.group(1)),
+        "target_tokens_per_s_median": float(found.group(2)),
+    }
+
+
+def bench_train_all(args) -> dict:
+    """The peer (when asked) then each precision in a fresh process."""
+    result = {
+        "benchmark": "train",
+        "peer": run_peer(args.updates) if args.peer else None,
+    }
+    runs = {}
+    for precision in args.precision:
+        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            cmd = [sys.executable, __file__, "train", "--single", "--output", tmp.name]
+            cmd += ["--precision", precision, "--updates", str(args.updates)]
+            cmd += ["--data-dir", args.data_dir, "--max-tokens", str(args.max_tokens)]
+            cmd += ["--device", args.device, "--threads", str(args.threads)]
+            if args.run_dir:
+                cmd += ["--run-dir", args.run_dir]
+            subprocess.run([*cmd, *args.overrides], check=True)
+            runs[precision] = json.loads(Path(tmp.name).read_text())
+    result["runs"] = runs
+    if result["peer"]:
+        peer = result["peer"]["target_tokens_per_s_median"]
+        result["ratio_over_peer"] = {
+            p: r["target_tokens_per_s_median"] / peer for p, r in runs.items()
+        }
+    return result
+
+
+def bench_decode(args) -> dict:
+    from transformer.checkpoint import load_model
+    from transformer.data import read_pairs
+    from transformer.evaluation import score_corpus, translate
+
+    device = torch.device(args.device if args.device != "auto" else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, cfg, tokenizer, _ = load_model(args.checkpoint, device)
+    if args.data_dir:
+        cfg.data.dir = args.data_dir
+    pairs = list(read_pairs(cfg.data, args.split))[: args.limit or None]
+    sources = [s for s, _ in pairs]
+    refs = [t for _, t in pairs]
+    runs = {
+        "greedy_cached": (DecodingConfig(strategy="greedy"), True),
+        "greedy_uncached": (DecodingConfig(strategy="greedy"), False),
+        "beam5_cached": (
+            DecodingConfig(strategy="beam", beam_size=5, length_penalty=1.0),
+            True,
+        ),
+    }
+    results = {}
+    for name, (dcfg, use_cache) in runs.items():
+        dcfg.max_len_a, dcfg.max_len_b = cfg.decoding.max_len_a, cfg.decoding.max_len_b
+        translate(model, tokenizer, sources[:16], dcfg, device, use_cache)  # warm-up
+        start = time.perf_counter()
+        out = translate(model, tokenizer, sources, dcfg, device, use_cache)
+        seconds = time.perf_counter() - start
+        hyps = [h[0].text for h in out]
+        results[name] = {
+            "seconds": seconds,
+            "sentences_per_s": len(sources) / seconds,
+            "bleu": score_corpus(hyps, refs)["bleu"],
+            "peak_rss_mib": peak_rss_mib(),
+        }
+        logging.info("%s: %.1f sentences/s", name, len(sources) / seconds)
+    greedy = results["greedy_cached"]["seconds"]
+    return {
+        "benchmark": "decode",
+        "checkpoint": str(args.checkpoint),
+        "split": args.split,
+        "sentences": len(sources),
+        "device": str(device),
+        "runs": results,
+        "cached_speedup_over_uncached": results["greedy_uncached"]["seconds"] / greedy,
+        "beam5_time_over_greedy": results["beam5_cached"]["seconds"] / greedy,
+        "machine": machine(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    train = sub.add_parser("train", help="training throughput")
+    train.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/multi30k"))
+    train.add_argument("--updates", type=int, default=100)
+    train.add_argument("--max-tokens", type=int, default=4096)
+    train.add_argument(
+        "--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"]
+    )
+    train.add_argument("--peer", action="store_true", help="run JoeyNMT's first")
+    train.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    train.add_argument("--run-dir", help="where the tokenizer and cache go")
+    train.add_argument("overrides", nargs="*", help="extra config overrides")
+    decode = sub.add_parser("decode", help="decoding speed")
+    decode.add_argument("--checkpoint", required=True)
+    decode.add_argument("--data-dir", help="override the checkpoint's data.dir")
+    decode.add_argument("--split", default="test_2016_flickr")
+    decode.add_argument("--limit", type=int, default=0, help="first N sentences only")
+    for p in (train, decode):
+        p.add_argument("--device", default="auto")
+        p.add_argument("--threads", type=int, default=0)
+        p.add_argument("--output", help="JSON file (default: benchmarks/<what>.json)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.what == "decode":
+        result = bench_decode(args)
+    elif args.single:
+        args.precision = args.precision[0]
+        result = bench_train(args)
+    else:
+        result = bench_train_all(args)
+    result["command"] = " ".join(["python", "scripts/benchmark.py", *sys.argv[1:]])
+    result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    output = Path(args.output or ROOT / "benchmarks" / f"{args.what}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(
+        json.dumps(
+            {k: v for k, v in result.items() if not isinstance(v, list)}, indent=2
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The command-line tools on a toy checkpoint: translate, eval and average."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transformer.cli import average_main, eval_main, train_main, translate_main
+from transformer.config import load_config
+from transformer.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    """A copy-task model trained for a few hundred steps."""
+    run = tmp_path_factory.mktemp("toy") / "run"
+    cfg = load_config(
+        ROOT / "configs" / "toy_copy.yaml",
+        [
+            f"training.run_dir={run}",
+            f"data.cache_dir={run.parent / 'cache'}",
+            "training.max_steps=500",
+            "training.validate_every=250",
+            "training.save_every=250",
+            "training.best_metric=bleu",
+        ],
+    )
+    train(cfg)
+    return run
+
+
+def translate_cli(args, stdin: bytes = b""):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "translate.py"), *args],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def test_stdin_is_streamed_in_order_with_empty_lines(toy_run):
+    lines = ["a b c", "", "d e f g", "h i j k l", "", "m n o"]
+    result = translate_cli(
+        ["--checkpoint", str(toy_run / "best.pt"), "--batch-lines", "2"],
+        ("\n".join(lines) + "\n").encode(),
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode().split("\n")[:-1]
+    assert len(out) == len(lines)
+    for src, hyp in zip(lines, out, strict=True):
+        if not src:
+            assert hyp == ""
+        else:
+            assert hyp.split() == src.split()
+
+
+def test_sentences_nbest_and_sampling(toy_run, capsys):
+    ckpt = str(toy_run / "best.pt")
+    assert (
+        translate_main(
+            ["--checkpoint", ckpt, "-s", "a b c", "--beam", "4", "--nbest", "3"]
+        )
+        == 0
+    )
+    rows = capsys.readouterr().out.strip().split("\n")
+    assert len(rows) == 3
+    scores = [float(r.split("\t")[1]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert rows[0].split("\t")[2] == "a b c"
+    for _ in range(2):
+        assert (
+            translate_main(
+                [
+                    "--checkpoint",
+                    ckpt,
+                    "-s",
+                    "a b c d",
+                    "--sample",
+                    "--top-p",
+                    "0.9",
+                    "--seed",
+                    "3",
+                ]
+            )
+            == 0
+        )
+    first, second = capsys.readouterr().out.strip().split("\n")
+    assert first == second
+
+
+def test_invalid_utf8_is_reported_or_replaced(toy_run):
+    data = b"a b\n\xff c\n"
+    result = translate_cli(["--checkpoint", str(toy_run / "best.pt")], data)
+    assert result.returncode == 2
+    assert b"<stdin>:2: not valid UTF-8" in result.stderr
+    assert b"Traceback" not in result.stderr
+    result = translate_cli(
+        ["--checkpoint", str(toy_run / "best.pt"), "--replace-invalid"], data
+    )
+    assert result.returncode == 0
+    assert len(result.stdout.decode().splitlines()) == 2
+
+
+def test_input_longer_than_positions_warns(toy_run, caplog, capsys):
+    long = " ".join(["a"] * 200)  # the toy model has 64 positions
+    assert translate_main(["--checkpoint", str(toy_run / "best.pt"), "-s", long]) == 0
+    assert "longer than the model's 64 positions were truncated" in caplog.text
+    assert capsys.readouterr().out.strip()
+
+
+def test_attention_plot(toy_run, tmp_path):
+    png = tmp_path / "att.png"
+    assert (
+        translate_main(
+            [
+                "--checkpoint",
+                str(toy_run / "best.pt"),
+                "-s",
+                "a b c d",
+                "--attention",
+                str(png),
+                "--head",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_reproduces_validation_bleu(toy_run, tmp_path, capsys):
+    rows = [json.loads(r) for r in (toy_run / "metrics.jsonl").read_text().splitlines()]
+    best = max((r for r in rows if r["type"] == "valid"), key=lambda r: r["bleu"])
+    report = tmp_path / "report.json"
+    assert (
+        eval_main(
+            [
+                "--checkpoint",
+                str(toy_run / "best.pt"),
+                "--split",
+                "val",
+                "--greedy",
+                "--report",
+                str(report),
+                "--output",
+                str(tmp_path / "hyp.txt"),
+            ]
+        )
+        == 0
+    )
+    scores = json.loads(report.read_text())["scores"]
+    assert scores["bleu"] == pytest.approx(best["bleu"], abs=1e-6)
+    assert scores["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    # valid_hyps.txt holds the last validation: compare when that one was the best
+    if best is rows[-1] or best["step"] == max(r["step"] for r in rows):
+        hyps = (tmp_path / "hyp.txt").read_text().splitlines()
+        assert hyps == (toy_run / "valid_hyps.txt").read_text().splitlines()
+
+
+def test_eval_on_file_pair(toy_run, tmp_path, capsys):
+    (tmp_path / "src.txt").write_text("a b c\nd e f g\n")
+    (tmp_path / "ref.txt").write_text("a b c\nd e f g\n")
+    assert (
+        eval_main(
+            [
+                "--checkpoint",
+                str(toy_run / "best.pt"),
+                "--src",
+                str(tmp_path / "src.txt"),
+                "--ref",
+                str(tmp_path / "ref.txt"),
+                "--beam",
+                "3",
+                "--ter",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "BLEU 100.00" in out and "TER" in out
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    assert eval_main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt: checkpoint not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  lr_warmup: 3\n")
+    assert train_main(["--config", str(bad)]) == 2
+    assert "did you mean training.warmup_steps?" in capsys.readouterr().err
+
+
+def test_average_cli(toy_run, tmp_path, capsys):
+    out = tmp_path / "avg.pt"
+    assert (
+        average_main(["--run-dir", str(toy_run), "--last", "2", "--output", str(out)])
+        == 0
+    )
+    assert "averaged 2 checkpoints" in capsys.readouterr().out
+    assert translate_main(["--checkpoint", str(out), "-s", "a b c"]) == 0
