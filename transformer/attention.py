@@ -84,9 +84,22 @@ class MultiHeadAttention(nn.Module):
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
     ) -> Tensor:
-        """q: (B, H, Tq, Dh), k/v: (B, H, Tk, Dh) -> (B, Tq, D)."""
+        """q: (B, H, Tq, Dh), k/v: (B, H, Tk, Dh) -> (B, Tq, D).
+
+        k/v (and mask) may hold B / g rows, each shared by g consecutive query rows
+        (the beams of one sentence): the g queries then attend together, and the
+        keys/values are read once instead of g times.
+        """
+        b, h, t, d = q.shape
+        group = b // k.size(0)
+        if group > 1:  # (B, H, T, Dh) -> (B / g, H, g * T, Dh)
+            q = q.view(-1, group, h, t, d).transpose(1, 2).reshape(-1, h, group * t, d)
         if self.record_weights:
-            out, self.weights = reference_attention(q, k, v, mask, is_causal)
+            out, weights = reference_attention(q, k, v, mask, is_causal)
+            if group > 1:
+                weights = weights.view(-1, h, group, t, weights.size(-1))
+                weights = weights.transpose(1, 2).reshape(b, h, t, -1)
+            self.weights = weights
         else:
             out = F.scaled_dot_product_attention(
                 q,
@@ -96,7 +109,8 @@ class MultiHeadAttention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0,
                 is_causal=is_causal,
             )
-        b, _, t, _ = out.shape
+        if group > 1:
+            out = out.view(-1, h, group, t, d).transpose(1, 2).reshape(b, h, t, d)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_head)  # (B, T, D)
         return self.out_proj(out)
 

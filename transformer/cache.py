@@ -34,12 +34,26 @@ class KVCache:
     def empty(cls, n_layers: int) -> KVCache:
         return cls(layers=[LayerCache() for _ in range(n_layers)])
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (B',) in that order: beams, or dropping rows."""
+    def reorder(
+        self, index: Tensor, sources: Tensor | None = None, keep_sources: bool = False
+    ) -> None:
+        """Keep target rows ``index`` (B',) in that order: beams, or dropping rows.
+
+        By default the cross-attention keys/values and the source mask follow the
+        same rows. With ``sources`` (N',) they keep those source rows instead, each
+        shared by B' / N' consecutive target rows (the beams of one sentence; see
+        ``MultiHeadAttention.attend``); ``keep_sources`` leaves them as they are.
+        """
+        self._select(("self_k", "self_v"), index)
+        if not keep_sources:
+            self._select(("cross_k", "cross_v"), index if sources is None else sources)
+            if self.memory_mask is not None:
+                rows = index if sources is None else sources
+                self.memory_mask = self.memory_mask.index_select(0, rows)
+
+    def _select(self, names: tuple[str, ...], index: Tensor) -> None:
         for layer in self.layers:
-            for name in ("self_k", "self_v", "cross_k", "cross_v"):
+            for name in names:
                 t = getattr(layer, name)
                 if t is not None:
                     setattr(layer, name, t.index_select(0, index))
-        if self.memory_mask is not None:
-            self.memory_mask = self.memory_mask.index_select(0, index)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, DecodingConfig
@@ -35,8 +36,8 @@ class _Stepper:
         self.cache = model.new_cache() if use_cache else None
         self.prefix: Tensor | None = None
 
-    def step(self, tokens: Tensor) -> Tensor:
-        """tokens (n,) -> log-probabilities (n, V) in float32."""
+    def logits(self, tokens: Tensor) -> Tensor:
+        """tokens (n,) -> next-token logits (n, V) in float32."""
         if self.cache is not None:
             logits = self.model.decode(tokens[:, None], self.memory, self.cache)
         else:
@@ -45,12 +46,20 @@ class _Stepper:
                 new if self.prefix is None else torch.cat([self.prefix, new], 1)
             )
             logits = self.model.decode(self.prefix, self.memory)
-        return torch.log_softmax(logits[:, -1].float(), dim=-1)
+        return logits[:, -1].float()
 
-    def reorder(self, index: Tensor) -> None:
+    def step(self, tokens: Tensor) -> Tensor:
+        """tokens (n,) -> log-probabilities (n, V) in float32."""
+        return torch.log_softmax(self.logits(tokens), dim=-1)
+
+    def reorder(
+        self, index: Tensor, sources: Tensor | None = None, keep_sources: bool = False
+    ) -> None:
+        """Keep rows ``index``; the source side as in ``KVCache.reorder``."""
         if self.cache is not None:
-            self.cache.reorder(index)  # holds cross K/V and the source mask
+            self.cache.reorder(index, sources, keep_sources)
         else:
+            # the slow reference path keeps one memory row per target row
             self.prefix = self.prefix.index_select(0, index)
             self.memory = self.memory.index_select(index)
 
@@ -148,6 +157,26 @@ def length_penalty(length: int | Tensor, alpha: float):
     return ((5.0 + length) / 6.0) ** alpha
 
 
+def _sentence_done(
+    hyps: list[tuple[float, list[int]]],
+    best_alive: float,
+    limit: int,
+    k: int,
+    nbest: int,
+    alpha: float,
+) -> bool:
+    """A sentence is done with ``k`` finished hypotheses, with no live beam left, or
+    when no live beam can beat its ``nbest``-th finished one even at full length
+    (live scores only fall; the length penalty only grows up to ``limit``)."""
+    if len(hyps) >= k or best_alive == -math.inf:
+        return True
+    if len(hyps) < nbest:
+        return False
+    nth = sorted((h[0] for h in hyps), reverse=True)[nbest - 1]
+    bound = best_alive / length_penalty(limit, alpha) if alpha > 0 else best_alive
+    return nth >= bound
+
+
 @torch.no_grad()
 def beam_search(
     model: Transformer,
@@ -164,6 +193,7 @@ def beam_search(
     k, alpha = cfg.beam_size, cfg.length_penalty
     batch, device = src.size(0), src.device
     limit_all = max_lengths(src, cfg, model.cfg.max_positions)
+    limits = limit_all.tolist()
     stepper = _Stepper(model, model.encode(src), use_cache)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
     sent = torch.arange(batch, device=device)  # original sentence of each live one
@@ -176,13 +206,18 @@ def beam_search(
         n = sent.numel()
         limit = limit_all[sent].repeat_interleave(rows_per_sentence)
         logp = _constrain(stepper.step(tokens), step, limit, cfg.min_len)
-        vocab = logp.size(-1)
-        if rows_per_sentence == 1:
-            logp = logp[:, None, :].expand(n, k, vocab)
-        cand = beam_scores[:, :, None] + logp.view(n, k, vocab)  # (n, K, V)
-        top_scores, top_index = cand.view(n, -1).topk(min(2 * k, k * vocab), dim=-1)
-        origin = top_index // vocab  # (n, 2K) beam each candidate extends
-        top_tokens = top_index % vocab
+        # a sentence's best 2K candidates are among the best 2K of each of its rows
+        width = min(2 * k, logp.size(-1))
+        row_scores, row_tokens = logp.topk(width, dim=-1)  # (n * rows, W)
+        rows = rows_per_sentence
+        cand = beam_scores[:, :rows, None] + row_scores.view(n, rows, width)
+        cand, row_tokens = cand.view(n, -1), row_tokens.view(n, -1)
+        if cand.size(1) < 2 * k:  # tiny vocabularies: pad with impossible candidates
+            cand = F.pad(cand, (0, 2 * k - cand.size(1)), value=-math.inf)
+            row_tokens = F.pad(row_tokens, (0, 2 * k - row_tokens.size(1)))
+        top_scores, pos = cand.topk(2 * k, dim=-1)
+        origin = (pos // width).clamp(max=rows - 1)  # (n, 2K) beam extended
+        top_tokens = row_tokens.gather(1, pos)
         finite = torch.isfinite(top_scores)
         is_eos = (top_tokens == EOS_ID) & finite
         # finalize <eos> candidates ranked within the top K
@@ -205,32 +240,25 @@ def beam_search(
         next_origin = origin.gather(1, keep_cols)
         next_tokens = top_tokens.gather(1, keep_cols)
         # which sentences are done
-        done = []
         best_alive = next_scores.max(dim=1).values.tolist()
-        for r in range(n):
-            hyps = finished[int(sent[r])]
-            if len(hyps) >= k or best_alive[r] == -math.inf:
-                done.append(True)
-                continue
-            if len(hyps) >= cfg.nbest:
-                nth = sorted((h[0] for h in hyps), reverse=True)[cfg.nbest - 1]
-                bound = best_alive[r] / length_penalty(int(limit_all[sent[r]]), alpha)
-                if alpha <= 0:
-                    bound = best_alive[r]
-                done.append(nth >= bound)
-                continue
-            done.append(False)
-        live = torch.tensor([not d for d in done], device=device)
-        if not bool(live.any()):
+        live_list = [
+            not _sentence_done(
+                finished[s], best_alive[r], limits[s], k, cfg.nbest, alpha
+            )
+            for r, s in enumerate(sent.tolist())
+        ]
+        if not any(live_list):
             break
-        live_rows = live.nonzero().squeeze(1)  # (n',)
+        all_live = all(live_list)
+        live_rows = torch.tensor(live_list, device=device).nonzero().squeeze(1)
         # cache rows to keep: sentence r, beam origin b -> row r * rows + b
         base = live_rows[:, None] * rows_per_sentence  # (n', 1)
         if rows_per_sentence > 1:
             src_rows = base + next_origin[live_rows]
         else:
             src_rows = base.expand(-1, k)  # one row per sentence becomes K beams
-        stepper.reorder(src_rows.reshape(-1))
+        # the cached cross K/V keep one row per sentence, shared by its beams
+        stepper.reorder(src_rows.reshape(-1), live_rows, keep_sources=all_live)
         beam_tokens = torch.cat(
             [
                 beam_tokens[live_rows[:, None], next_origin[live_rows]],
