@@ -221,6 +221,7 @@ def _eval(argv: list[str] | None) -> int:
     report_path = Path(args.report or output.with_suffix(output.suffix + ".json"))
     report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"BLEU {scores['bleu']:.2f}  {scores['bleu_signature']}")
+    print(f"BLEU {scores['bleu_lc']:.2f}  {scores['bleu_lc_signature']} (lowercased)")
     print(f"chrF {scores['chrf']:.2f}  {scores['chrf_signature']}")
     if "ter" in scores:
         print(f"TER  {scores['ter']:.2f}  {scores['ter_signature']}")
