@@ -120,14 +120,32 @@ def test_hub_rows_through_datasets(monkeypatch):
 
     calls = {}
 
-    def fake_load(name, config, split, streaming):
+    def fake_load(name, config, split, streaming, **extra):
         calls.update(name=name, config=config, split=split, streaming=streaming)
+        calls.update(extra)
         return iter([{"translation": {"de": "hallo", "en": "hello"}}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     cfg = DataConfig(format="hub", hub_name="wmt14", hub_config="de-en", streaming=True)
     assert list(read_hub_pairs(cfg, "train")) == [("hallo", "hello")]
     assert calls == dict(name="wmt14", config="de-en", split="train", streaming=True)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_local_jsonl_through_datasets_builder(tmp_path, monkeypatch, streaming):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    rows = [
+        {"translation": {"de": f"satz {i}", "en": f"sentence {i}"}} for i in range(3)
+    ]
+    write(tmp_path / "train.jsonl", [json.dumps(r) for r in rows])
+    cfg = DataConfig(
+        format="hub", hub_name="json", dir=str(tmp_path), streaming=streaming
+    )
+    assert list(read_pairs(cfg, "train")) == [
+        (f"satz {i}", f"sentence {i}") for i in range(3)
+    ]
+    with pytest.raises(DataError, match=r"val\.\*: no file for split"):
+        list(read_pairs(cfg, "val"))
 
 
 def test_synthetic_tasks_are_deterministic():

@@ -2,7 +2,8 @@
 
 Local files (plain text pairs, TSV, JSONL; gzipped or not) are read line by line by
 our own readers, which check alignment and UTF-8 and name the file and line of any
-fault. Hub corpora go through Hugging Face ``datasets`` (streamed when asked).
+fault. Hub corpora, and local files given to one of its generic builders (json,
+csv, parquet), go through Hugging Face ``datasets`` (streamed when asked).
 Synthetic copy / reverse tasks need no files at all.
 """
 
@@ -139,11 +140,20 @@ def read_jsonl_pairs(path: Path, cfg: DataConfig) -> Iterator[tuple[str, str]]:
 
 
 def read_hub_pairs(cfg: DataConfig, split: str) -> Iterator[tuple[str, str]]:
+    """Rows of a ``datasets`` corpus: a hub name, or with ``data.dir`` one of its
+    generic builders (``json``, ``csv``, ``parquet``, ``text``) over the local files
+    ``{dir}/{split}.*``."""
     import datasets
 
+    extra = {}
+    if cfg.dir:
+        files = sorted(str(f) for f in Path(cfg.dir).glob(f"{split}.*"))
+        if not files:
+            raise DataError(f"{Path(cfg.dir) / (split + '.*')}: no file for split")
+        extra["data_files"] = {split: files}
     try:
         rows = datasets.load_dataset(
-            cfg.hub_name, cfg.hub_config, split=split, streaming=cfg.streaming
+            cfg.hub_name, cfg.hub_config, split=split, streaming=cfg.streaming, **extra
         )
     except Exception as e:  # datasets raises many types; say which corpus failed
         raise DataError(
