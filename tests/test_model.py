@@ -145,6 +145,22 @@ def test_reorder_then_step_equals_recompute():
     assert cache.layers[0].cross_k.size(0) == 4
 
 
+def test_two_reorders_without_a_step_compose():
+    model = tiny_model()
+    src = random_batch([8, 3, 6])
+    tgt = random_batch([5, 5, 5], seed=6)
+    memory = model.encode(src)
+    cache = model.new_cache()
+    model.decode(tgt[:, :4], memory, cache)
+    first, second = torch.tensor([2, 0, 1, 1]), torch.tensor([3, 0])
+    cache.reorder(first)
+    cache.reorder(second)  # pending self-attention reorders are composed
+    index = first[second]
+    stepped = model.decode(tgt[index, 4:5], memory, cache)
+    expected = model(src[index], tgt[index])[:, 4:5]
+    assert (stepped - expected).abs().max().item() < 1e-4
+
+
 def test_base_parameter_count_matches_closed_form():
     d, ff, v, n = 512, 2048, 37000, 6
     cfg = ModelConfig(src_vocab_size=v, tgt_vocab_size=v, d_model=d, n_heads=8, d_ff=ff)

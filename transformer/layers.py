@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -95,14 +94,13 @@ class DecoderLayer(nn.Module):
             # No past: SDPA's top-left causal mask is right (and allows flash kernels).
             mask, is_causal = None, True
         else:
-            k = torch.cat([cache.self_k, k], dim=2)  # (B, H, P + T, Dh)
-            v = torch.cat([cache.self_v, v], dim=2)
             # One new query sees every key; several need a bottom-right causal mask.
             t = q.size(2)
-            mask = None if t == 1 else causal_mask(t, k.size(2), x.device)
+            past = cache.self_k.size(2)
+            mask = None if t == 1 else causal_mask(t, past + t, x.device)
             is_causal = False
         if cache is not None:
-            cache.self_k, cache.self_v = k, v
+            k, v = cache.extend(k, v)  # (B, H, P + T, Dh)
         if q.size(2) == 1:
             is_causal = False  # a single query with no past attends to itself only
         x = self.self_res.post(x, self.self_attn.attend(q, k, v, mask, is_causal))
