@@ -15,6 +15,10 @@ Decoding of Multi30k test_2016_flickr with a trained checkpoint: sentences per
 second for greedy with and without the KV cache and for beam 5, in one run:
 
     python scripts/benchmark.py decode --checkpoint checkpoints/multi30k_de_en/best.pt
+
+With --precision fp32 bf16 the same run also times the model cast to bf16
+(decoding.precision: bf16) and reports its speed-up; peak RSS is the process peak
+so far, so a bf16 run's figure includes the float32 runs before it.
 """
 
 from __future__ import annotations
@@ -174,7 +178,7 @@ def bench_train_all(args) -> dict:
 
 
 def bench_decode(args) -> dict:
-    from transformer.checkpoint import load_model
+    from transformer.checkpoint import load_model, set_precision
     from transformer.data import read_pairs
     from transformer.evaluation import score_corpus, translate
 
@@ -196,32 +200,54 @@ def bench_decode(args) -> dict:
         ),
     }
     results = {}
-    for name, (dcfg, use_cache) in runs.items():
-        dcfg.max_len_a, dcfg.max_len_b = cfg.decoding.max_len_a, cfg.decoding.max_len_b
-        translate(model, tokenizer, sources[:16], dcfg, device, use_cache)  # warm-up
-        start = time.perf_counter()
-        out = translate(model, tokenizer, sources, dcfg, device, use_cache)
-        seconds = time.perf_counter() - start
-        hyps = [h[0].text for h in out]
-        results[name] = {
-            "seconds": seconds,
-            "sentences_per_s": len(sources) / seconds,
-            "bleu": score_corpus(hyps, refs)["bleu"],
-            "peak_rss_mib": peak_rss_mib(),
-        }
-        logging.info("%s: %.1f sentences/s", name, len(sources) / seconds)
-    greedy = results["greedy_cached"]["seconds"]
-    return {
+    for precision in sorted(set(args.precision), key=["fp32", "bf16"].index):
+        set_precision(model, precision)  # fp32 runs first, on the loaded weights
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        for name, (dcfg, use_cache) in runs.items():
+            if suffix and not use_cache:
+                continue  # the uncached reference is timed once, in float32
+            dcfg.max_len_a, dcfg.max_len_b = (
+                cfg.decoding.max_len_a,
+                cfg.decoding.max_len_b,
+            )
+            translate(model, tokenizer, sources[:16], dcfg, device, use_cache)
+            start = time.perf_counter()
+            out = translate(model, tokenizer, sources, dcfg, device, use_cache)
+            seconds = time.perf_counter() - start
+            hyps = [h[0].text for h in out]
+            results[name + suffix] = {
+                "seconds": seconds,
+                "sentences_per_s": len(sources) / seconds,
+                "bleu": score_corpus(hyps, refs)["bleu"],
+                "peak_rss_mib": peak_rss_mib(),
+            }
+            logging.info("%s: %.1f sentences/s", name + suffix, len(sources) / seconds)
+    result = {
         "benchmark": "decode",
         "checkpoint": str(args.checkpoint),
         "split": args.split,
         "sentences": len(sources),
         "device": str(device),
         "runs": results,
-        "cached_speedup_over_uncached": results["greedy_uncached"]["seconds"] / greedy,
-        "beam5_time_over_greedy": results["beam5_cached"]["seconds"] / greedy,
-        "machine": machine(),
     }
+    if "greedy_cached" in results:
+        greedy = results["greedy_cached"]["seconds"]
+        result["cached_speedup_over_uncached"] = (
+            results["greedy_uncached"]["seconds"] / greedy
+        )
+        result["beam5_time_over_greedy"] = results["beam5_cached"]["seconds"] / greedy
+    if "greedy_cached_bf16" in results:
+        greedy = results["greedy_cached_bf16"]["seconds"]
+        result["bf16_beam5_time_over_greedy"] = (
+            results["beam5_cached_bf16"]["seconds"] / greedy
+        )
+        if "greedy_cached" in results:
+            result["bf16_speedup_over_fp32"] = {
+                name: results[name]["seconds"] / results[f"{name}_bf16"]["seconds"]
+                for name in ("greedy_cached", "beam5_cached")
+            }
+    result["machine"] = machine()
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument("--data-dir", help="override the checkpoint's data.dir")
     decode.add_argument("--split", default="test_2016_flickr")
     decode.add_argument("--limit", type=int, default=0, help="first N sentences only")
+    decode.add_argument(
+        "--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"]
+    )
     for p in (train, decode):
         p.add_argument("--device", default="auto")
         p.add_argument("--threads", type=int, default=0)

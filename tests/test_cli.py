@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from transformer.checkpoint import load_model, set_precision
 from transformer.cli import average_main, eval_main, train_main, translate_main
 from transformer.config import load_config
+from transformer.evaluation import translate
 from transformer.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +164,25 @@ def test_eval_reproduces_validation_bleu(toy_run, tmp_path, capsys):
     if best is rows[-1] or best["step"] == max(r["step"] for r in rows):
         hyps = (tmp_path / "hyp.txt").read_text().splitlines()
         assert hyps == (toy_run / "valid_hyps.txt").read_text().splitlines()
+
+
+def test_eval_in_bf16_matches_float32(toy_run, tmp_path, capsys):
+    reports = {}
+    for precision in ("fp32", "bf16"):
+        report = tmp_path / f"{precision}.json"
+        args = ["--checkpoint", str(toy_run / "best.pt"), "--split", "val"]
+        args += ["--beam", "3", "--precision", precision, "--report", str(report)]
+        assert eval_main([*args, "--output", str(tmp_path / f"{precision}.txt")]) == 0
+        reports[precision] = json.loads(report.read_text())
+    assert reports["bf16"]["decoding"]["precision"] == "bf16"
+    fp32, bf16 = (reports[p]["scores"]["bleu"] for p in ("fp32", "bf16"))
+    assert fp32 > 90 and bf16 == pytest.approx(fp32, abs=1.0)
+    # the cast itself: bf16 weights, float32 scores out of the search
+    model, cfg, tokenizer, _ = load_model(toy_run / "best.pt")
+    set_precision(model, "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    out = translate(model, tokenizer, ["a b c d"], cfg.decoding, torch.device("cpu"))
+    assert out[0][0].text.split() == ["a", "b", "c", "d"]
 
 
 def test_eval_on_file_pair(toy_run, tmp_path, capsys):

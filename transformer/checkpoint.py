@@ -131,6 +131,15 @@ def load_model(
     return model.to(device).eval(), cfg, tokenizer, ckpt
 
 
+def set_precision(model: Transformer, precision: str) -> Transformer:
+    """Cast a loaded model for decoding (``decoding.precision``): bf16 weights and
+    activations use the bf16 matmuls of AVX-512 CPUs and GPUs; the search still
+    ranks float32 log-probabilities."""
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    return model
+
+
 def average_checkpoints(paths: list[str | Path], output: str | Path) -> Path:
     """Average the weights of several checkpoints of one run into a new checkpoint."""
     if not paths:

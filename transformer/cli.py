@@ -11,7 +11,12 @@ from pathlib import Path
 
 import torch
 
-from transformer.checkpoint import CheckpointError, average_checkpoints, load_model
+from transformer.checkpoint import (
+    CheckpointError,
+    average_checkpoints,
+    load_model,
+    set_precision,
+)
 from transformer.config import ConfigError, DecodingConfig, load_config, parse_overrides
 from transformer.data import DataError, read_lines, read_pairs
 from transformer.tokenizer import TokenizerError
@@ -100,6 +105,9 @@ def _add_decoding_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--no-cache", action="store_true", help="recompute the prefix")
     parser.add_argument(
+        "--precision", choices=["fp32", "bf16"], help="weights and activations"
+    )
+    parser.add_argument(
         "decoding",
         nargs="*",
         metavar="decoding.key=value",
@@ -129,6 +137,7 @@ def _decoding_config(args, base: DecodingConfig) -> DecodingConfig:
         "nbest": "nbest",
         "length_penalty": "length_penalty",
         "batch_tokens": "max_tokens",
+        "precision": "precision",
     }
     for arg, key in mapping.items():
         if getattr(args, arg) is not None:
@@ -173,6 +182,7 @@ def _eval(argv: list[str] | None) -> int:
     device = _device(args.device)
     model, cfg, tokenizer, ckpt = load_model(args.checkpoint, device)
     dcfg = _decoding_config(args, cfg.decoding)
+    set_precision(model, dcfg.precision)
     if args.src or args.ref:
         if not (args.src and args.ref):
             raise ConfigError("--src and --ref go together")
@@ -305,6 +315,7 @@ def _translate(argv: list[str] | None) -> int:
     device = _device(args.device)
     model, cfg, tokenizer, _ = load_model(args.checkpoint, device)
     dcfg = _decoding_config(args, cfg.decoding)
+    set_precision(model, dcfg.precision)
     use_cache = not args.no_cache
 
     def emit(lines: list[str]) -> None:

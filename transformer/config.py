@@ -304,6 +304,9 @@ class DecodingConfig:
     top_p: float = 1.0  # 1.0 = off
     max_tokens: int = 8192  # source tokens per decoding batch
     seed: int = 0  # for sampling
+    # weights and activations of transformer-eval / -translate; bf16 about halves
+    # CPU decoding time (AVX-512 bf16) and on CUDA; log-probabilities stay float32
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def validate(self, prefix: str = "decoding") -> None:
         _check(self.beam_size >= 1, f"{prefix}.beam_size", self.beam_size, ">= 1")
