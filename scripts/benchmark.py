@@ -191,11 +191,13 @@ def bench_decode(args) -> dict:
     pairs = list(read_pairs(cfg.data, args.split))[: args.limit or None]
     sources = [s for s, _ in pairs]
     refs = [t for _, t in pairs]
+    lengths = {"max_len_a": cfg.decoding.max_len_a, "max_len_b": cfg.decoding.max_len_b}
+    greedy_cfg = DecodingConfig(strategy="greedy", **lengths)
     runs = {
-        "greedy_cached": (DecodingConfig(strategy="greedy"), True),
-        "greedy_uncached": (DecodingConfig(strategy="greedy"), False),
+        "greedy_cached": (greedy_cfg, True),
+        "greedy_uncached": (greedy_cfg, False),
         "beam5_cached": (
-            DecodingConfig(strategy="beam", beam_size=5, length_penalty=1.0),
+            DecodingConfig(strategy="beam", beam_size=5, length_penalty=1.0, **lengths),
             True,
         ),
     }
@@ -206,10 +208,6 @@ def bench_decode(args) -> dict:
         for name, (dcfg, use_cache) in runs.items():
             if suffix and not use_cache:
                 continue  # the uncached reference is timed once, in float32
-            dcfg.max_len_a, dcfg.max_len_b = (
-                cfg.decoding.max_len_a,
-                cfg.decoding.max_len_b,
-            )
             translate(model, tokenizer, sources[:16], dcfg, device, use_cache)
             start = time.perf_counter()
             out = translate(model, tokenizer, sources, dcfg, device, use_cache)

@@ -36,8 +36,8 @@ class _Stepper:
         self.cache = model.new_cache() if use_cache else None
         self.prefix: Tensor | None = None
 
-    def logits(self, tokens: Tensor) -> Tensor:
-        """tokens (n,) -> next-token logits (n, V) in float32."""
+    def step(self, tokens: Tensor) -> Tensor:
+        """tokens (n,) -> log-probabilities (n, V) in float32."""
         if self.cache is not None:
             logits = self.model.decode(tokens[:, None], self.memory, self.cache)
         else:
@@ -46,11 +46,7 @@ class _Stepper:
                 new if self.prefix is None else torch.cat([self.prefix, new], 1)
             )
             logits = self.model.decode(self.prefix, self.memory)
-        return logits[:, -1].float()
-
-    def step(self, tokens: Tensor) -> Tensor:
-        """tokens (n,) -> log-probabilities (n, V) in float32."""
-        return torch.log_softmax(self.logits(tokens), dim=-1)
+        return torch.log_softmax(logits[:, -1].float(), dim=-1)
 
     def reorder(
         self, index: Tensor, sources: Tensor | None = None, keep_sources: bool = False
