@@ -177,6 +177,21 @@ def bench_train_all(args) -> dict:
     return result
 
 
+def decode_gflop(decode) -> float:
+    """Model FLOPs of one call of ``decode()``: matrix products and attention, GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def attention(q, k, v, *args, **kwargs) -> int:  # shapes (B, H, T, Dh)
+        b, h, tq, d = q
+        return 2 * 2 * b * h * tq * k[2] * d  # q k^T and weights @ v
+
+    # the CPU flash-attention kernel has no formula in torch's table
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    with FlopCounterMode(display=False, custom_mapping={cpu_sdpa: attention}) as count:
+        decode()
+    return count.get_total_flops() / 1e9
+
+
 def bench_decode(args) -> dict:
     from transformer.checkpoint import load_model, set_precision
     from transformer.data import read_pairs
@@ -219,6 +234,12 @@ def bench_decode(args) -> dict:
                 "bleu": score_corpus(hyps, refs)["bleu"],
                 "peak_rss_mib": peak_rss_mib(),
             }
+            if not suffix:  # counted once, outside the timing (the count is slow)
+                results[name]["model_gflop"] = decode_gflop(
+                    lambda c=dcfg, u=use_cache: translate(
+                        model, tokenizer, sources, c, device, u
+                    )
+                )
             logging.info("%s: %.1f sentences/s", name + suffix, len(sources) / seconds)
     result = {
         "benchmark": "decode",
@@ -234,6 +255,10 @@ def bench_decode(args) -> dict:
             results["greedy_uncached"]["seconds"] / greedy
         )
         result["beam5_time_over_greedy"] = results["beam5_cached"]["seconds"] / greedy
+        result["beam5_model_flops_over_greedy"] = (
+            results["beam5_cached"]["model_gflop"]
+            / results["greedy_cached"]["model_gflop"]
+        )
     if "greedy_cached_bf16" in results:
         greedy = results["greedy_cached_bf16"]["seconds"]
         result["bf16_beam5_time_over_greedy"] = (
