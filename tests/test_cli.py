@@ -225,3 +225,10 @@ def test_average_cli(toy_run, tmp_path, capsys):
     )
     assert "averaged 2 checkpoints" in capsys.readouterr().out
     assert translate_main(["--checkpoint", str(out), "-s", "a b c"]) == 0
+    # the eval report says what went into the average; its step is the latest one
+    report = tmp_path / "avg.json"
+    args = ["--checkpoint", str(out), "--split", "val", "--greedy"]
+    assert eval_main([*args, "--report", str(report)]) == 0
+    report = json.loads(report.read_text())
+    steps = sorted(int(p.stem.split("_")[1]) for p in toy_run.glob("step_*.pt"))
+    assert report["averaged_steps"] == steps[-2:] and report["step"] == steps[-1]

@@ -308,9 +308,11 @@ def test_average_checkpoints(tmp_path, toy_tokenizer):
     paths = [run / "step_2.pt", run / "step_4.pt"]
     out = average_checkpoints(paths, tmp_path / "avg.pt")
     a, b = (load_checkpoint(p)["model"] for p in paths)
-    avg = load_checkpoint(out)["model"]
+    averaged = load_checkpoint(out)
+    avg = averaged["model"]
     for k in avg:
         torch.testing.assert_close(avg[k], (a[k] + b[k]) / 2)
+    assert averaged["step"] == 4 and averaged["averaged_steps"] == [2, 4]
 
 
 def test_toy_copy_config_learns(tmp_path):

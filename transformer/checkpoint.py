@@ -146,8 +146,11 @@ def average_checkpoints(paths: list[str | Path], output: str | Path) -> Path:
         raise CheckpointError("no checkpoints to average")
     first = load_checkpoint(paths[0])
     total = {k: v.double().clone() for k, v in first["model"].items()}
+    steps = [first.get("step", 0)]
     for path in paths[1:]:
-        state = load_checkpoint(path)["model"]
+        ckpt = load_checkpoint(path)
+        state = ckpt["model"]
+        steps.append(ckpt.get("step", 0))
         if state.keys() != total.keys() or any(
             state[k].shape != total[k].shape for k in total
         ):
@@ -162,8 +165,9 @@ def average_checkpoints(paths: list[str | Path], output: str | Path) -> Path:
         "model": averaged,
         "config": first["config"],
         "tokenizer": first["tokenizer"],
-        "step": first.get("step", 0),
+        "step": max(steps),  # the latest update that went into the average
         "averaged_from": [str(p) for p in paths],
+        "averaged_steps": steps,
     }
     atomic_save(out, output)
     return Path(output)

@@ -219,6 +219,7 @@ def _eval(argv: list[str] | None) -> int:
     report = {
         "checkpoint": str(args.checkpoint),
         "step": ckpt.get("step"),
+        **{k: ckpt[k] for k in ("averaged_from", "averaged_steps") if k in ckpt},
         "data": name,
         "sentences": len(hyps),
         "decoding": vars(dcfg),
