@@ -304,7 +304,7 @@ class DecodingConfig:
     top_p: float = 1.0  # 1.0 = off
     max_tokens: int = 8192  # source tokens per decoding batch
     seed: int = 0  # for sampling
-    # weights and activations of transformer-eval / -translate; bf16 decodes 1.3-1.5x
+    # weights and activations of transformer-eval / -translate; bf16 decodes 1.15-1.5x
     # faster on AVX-512-bf16 CPUs (benchmarks/decode.json); scores stay float32
     precision: Literal["fp32", "bf16"] = "fp32"
 
