@@ -21,7 +21,7 @@ from transformer.checkpoint import (
     load_checkpoint,
     load_model,
 )
-from transformer.config import load_config
+from transformer.config import ConfigError, load_config
 from transformer.data import collate
 from transformer.tokenizer import Tokenizer
 from transformer.training import (
@@ -118,6 +118,23 @@ def test_noam_and_inverse_sqrt_schedules():
     assert math.isclose(lr_factor(50, cfg), 0.0005)
     assert math.isclose(lr_factor(100, cfg), 0.001)
     assert math.isclose(lr_factor(400, cfg), 0.0005)
+
+
+def test_cooldown_decays_linearly_to_the_last_update():
+    base = ["training.schedule=inverse_sqrt", "training.lr=0.001"]
+    base += ["training.warmup_steps=100", "training.max_steps=1000"]
+    plain = load_config(TOY, base)
+    cool = load_config(TOY, [*base, "training.cooldown_steps=400"])
+    # untouched up to max_steps - cooldown: a run resumed there with the cool-down
+    # switched on follows the schedule of one started with it
+    for step in (1, 50, 100, 400, 600):
+        assert lr_factor(step, cool) == lr_factor(step, plain)
+    for step in (601, 700, 800, 1000):
+        expected = 0.001 * math.sqrt(100 / step) * (1000 - step + 1) / 400
+        assert math.isclose(lr_factor(step, cool), expected)
+    assert lr_factor(1001, cool) == 0.0
+    with pytest.raises(ConfigError, match="training.cooldown_steps"):
+        load_config(TOY, [*base, "training.cooldown_steps=1001"])
 
 
 def test_accumulation_equals_one_large_batch(tmp_path, toy_tokenizer):

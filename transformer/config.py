@@ -223,6 +223,7 @@ class TrainingConfig:
     schedule: Literal["noam", "inverse_sqrt", "constant"] = "noam"
     lr: float = 1.0  # noam: scale factor; inverse_sqrt/constant: peak learning rate
     warmup_steps: int = 4000
+    cooldown_steps: int = 0  # last updates before max_steps: rate falls linearly to 0
     label_smoothing: float = 0.1
     clip_grad_norm: float = 0.0  # 0 = no clipping
     accumulate: int = 1  # batches per update
@@ -258,6 +259,7 @@ class TrainingConfig:
             _check(value >= 1, f"{prefix}.{name}", value, "must be at least 1")
         for name in (
             "warmup_steps",
+            "cooldown_steps",
             "max_epochs",
             "save_every",
             "keep_last",
@@ -271,6 +273,12 @@ class TrainingConfig:
             f"{prefix}.warmup_steps",
             self.warmup_steps,
             "the noam schedule needs warmup_steps > 0",
+        )
+        _check(
+            self.cooldown_steps <= self.max_steps,
+            f"{prefix}.cooldown_steps",
+            self.cooldown_steps,
+            f"must not exceed training.max_steps ({self.max_steps})",
         )
         _check(
             all(0.0 <= b < 1.0 for b in self.betas),

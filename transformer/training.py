@@ -72,21 +72,32 @@ def label_smoothed_loss(
 
 
 def lr_factor(step: int, cfg: Config) -> float:
-    """Learning rate at update ``step`` (1-based)."""
+    """Learning rate at update ``step`` (1-based).
+
+    With ``cooldown_steps`` = C, updates past ``max_steps - C`` scale the schedule's
+    rate linearly down to 1 / C at ``max_steps`` (warmup-stable-decay style). Earlier
+    updates are unchanged, so a run resumed at ``max_steps - C`` with the cool-down
+    switched on follows the same schedule as one started with it.
+    """
     t = cfg.training
     step = max(step, 1)
     if t.schedule == "noam":
         # lr = factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
-        return (
+        rate = (
             t.lr
             * cfg.model.d_model**-0.5
             * min(step**-0.5, step * t.warmup_steps**-1.5)
         )
-    if t.schedule == "inverse_sqrt":
+    elif t.schedule == "inverse_sqrt":
         if t.warmup_steps and step < t.warmup_steps:
-            return t.lr * step / t.warmup_steps
-        return t.lr * math.sqrt(max(t.warmup_steps, 1) / step)
-    return t.lr
+            rate = t.lr * step / t.warmup_steps
+        else:
+            rate = t.lr * math.sqrt(max(t.warmup_steps, 1) / step)
+    else:
+        rate = t.lr
+    if t.cooldown_steps:
+        rate *= min(1.0, max(t.max_steps - step + 1, 0) / t.cooldown_steps)
+    return rate
 
 
 def resolve_device(name: str) -> torch.device:
