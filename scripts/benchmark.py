@@ -108,7 +108,7 @@ def bench_train(args) -> dict:
         result = trainer.train_step(pending)
         pending = []
         steps += 1
-        tokens += result[1] if result else 0
+        tokens += 0 if result.skipped else result.tokens
         if steps % WINDOW == 0:
             now = time.perf_counter()
             windows.append(tokens / (now - start))

@@ -7,10 +7,53 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer.config import ModelConfig
+from transformer.config import ModelConfig, load_config
 from transformer.model import Transformer
+from transformer.tokenizer import Tokenizer
 
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "configs" / "toy_copy.yaml"
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer(tmp_path_factory) -> str:
+    """One SentencePiece model for all tiny runs, so that runs are comparable."""
+    from transformer.config import DataConfig, TokenizerConfig
+    from transformer.data import read_pairs
+
+    pairs = list(read_pairs(DataConfig(format="copy", toy_train_size=300), "train"))
+    tok = Tokenizer.train(TokenizerConfig(vocab_size=40), [s for s, _ in pairs], [])
+    (path,) = tok.save(tmp_path_factory.mktemp("spm"))
+    return str(path)
+
+
+SMALL = [
+    "data.toy_train_size=300",
+    "data.toy_valid_size=20",
+    "data.max_tokens=256",
+    "model.d_model=32",
+    "model.d_ff=64",
+    "model.dropout=0.1",
+    "training.valid_bleu=false",
+    "training.best_metric=loss",
+    "training.log_every=1",
+    "training.validate_every=1000",
+    "training.threads=1",
+]
+
+
+def tiny(run_dir, tokenizer, *extra):
+    return load_config(
+        TOY,
+        [
+            f"training.run_dir={run_dir}",
+            f"data.tokenizer.model={tokenizer}",
+            f"data.cache_dir={Path(run_dir).parent / 'cache'}",
+            *SMALL,
+            *extra,
+        ],
+    )
 
 
 def tiny_config(**overrides) -> ModelConfig:

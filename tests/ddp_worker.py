@@ -1,17 +1,39 @@
-"""Run under torchrun by test_training: train a few steps, save this rank's weights."""
+"""Run under torchrun by the tests: train, then save this rank's weights and step.
 
+The worker first writes its pid to ``OUT/pid<rank>`` (so a test can signal one
+rank). ``FAULT_INF_GRAD=RANK:STEP`` makes rank RANK's gradient of one weight
+infinite once, in update STEP.
+"""
+
+import os
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from transformer.config import load_config
 from transformer.training import Trainer
 
 if __name__ == "__main__":
     config, out, *overrides = sys.argv[1:]
-    trainer = Trainer(load_config(config, overrides), resume=False)
+    out = Path(out)
+    rank = int(os.environ["RANK"])
+    (out / f"pid{rank}").write_text(str(os.getpid()))
+    trainer = Trainer(load_config(config, overrides))
+    fault = os.environ.get("FAULT_INF_GRAD")
+    if fault:
+        bad_rank, bad_step = map(int, fault.split(":"))
+        fired = []
+
+        def infinite(grad: torch.Tensor) -> torch.Tensor:
+            if trainer.state.step + 1 == bad_step and not fired:
+                fired.append(True)
+                return torch.full_like(grad, float("inf"))
+            return grad
+
+        if rank == bad_rank:
+            trainer.model.decoder[0].ffn.fc1.weight.register_hook(infinite)
     trainer.train()
-    torch.save(trainer.model.state_dict(), Path(out) / f"rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    state = {"model": trainer.model.state_dict(), "step": trainer.state.step}
+    torch.save(state, out / f"rank{rank}.pt")
+    trainer.dist.close()

@@ -15,7 +15,8 @@ from transformer.config import Config, ConfigError, ModelConfig, config_from_dic
 from transformer.model import Transformer
 from transformer.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+# 2: training.lr is the peak rate for every schedule (1: noam's lr was a factor)
+FORMAT_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -46,8 +47,9 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         os.close(dir_fd)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every random state a training step can touch, in weights_only-safe types."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every random state a training step of this process can touch, in
+    weights_only-safe types; on CUDA, the generator of this process's ``device``."""
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state()
     state = {
@@ -55,19 +57,29 @@ def rng_state() -> dict[str, Any]:
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if device is not None and device.type == "cuda" and isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def non_finite_weights(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding a NaN or an infinity."""
+    return [
+        name
+        for name, value in state_dict.items()
+        if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -91,10 +103,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
+    """The resolved config stored in a checkpoint, in today's meaning of its keys."""
     try:
-        return config_from_dict(ckpt["config"])
+        cfg = config_from_dict(ckpt["config"], across_sections=False)
     except ConfigError as e:
         raise CheckpointError(f"{path}: stored config is invalid: {e}") from e
+    t = cfg.training
+    if ckpt.get("format", 1) < 2 and t.schedule == "noam":
+        # format 1 stored noam's lr as a factor of d_model^-0.5 * warmup^-0.5
+        t.lr *= cfg.model.d_model**-0.5 * max(t.warmup_steps, 1) ** -0.5
+    return cfg
 
 
 # may change between a checkpoint and a resumed or fine-tuned run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,33 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-4`` is a number (YAML 1.2), not a string.
+
+    PyYAML follows YAML 1.1, whose floats need a dot (``1.0e-4``); users write
+    ``lr: 1e-4`` and expect a number.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML as configs and overrides are read (``1e-4`` is a float)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -220,8 +248,11 @@ class TrainingConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
     weight_decay: float = 0.0
+    # noam: the paper's d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), rescaled
+    # so that it peaks at lr (at step warmup_steps); inverse_sqrt: linear warm-up to
+    # lr, then lr * sqrt(warmup / step) (the same curve); constant: lr throughout
     schedule: Literal["noam", "inverse_sqrt", "constant"] = "noam"
-    lr: float = 1.0  # noam: scale factor; inverse_sqrt/constant: peak learning rate
+    lr: float = 7e-4  # the peak learning rate, for every schedule
     warmup_steps: int = 4000
     cooldown_steps: int = 0  # last updates before max_steps: rate falls linearly to 0
     label_smoothing: float = 0.1
@@ -229,15 +260,23 @@ class TrainingConfig:
     accumulate: int = 1  # batches per update
     max_steps: int = 100_000
     max_epochs: int = 0  # 0 = no limit
-    log_every: int = 50
+    log_every: int = 50  # steps between metrics.jsonl rows
+    log_seconds: float = 30.0  # seconds between progress lines when not on a terminal
     validate_every: int = 1000
     save_every: int = 0  # step checkpoints; 0 = only at validation
     keep_last: int = 5  # step checkpoints kept
     best_metric: Literal["bleu", "chrf", "loss", "accuracy"] = "bleu"
     patience: int = 0  # validations without improvement before stopping; 0 = never
     valid_bleu: bool = True  # greedy-decode the validation set for BLEU / chrF
-    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    max_nonfinite: int = 5  # consecutive skipped (non-finite) updates before stopping
     resume: Literal["auto", "never"] = "auto"
+    # when resuming after a change to what the data position depends on (batching
+    # keys, world size, the training corpus): refuse, or restart at the next epoch
+    on_data_change: Literal["error", "next_epoch"] = "error"
+    dist_timeout: float = 1800.0  # seconds a collective may wait (process group)
+    # seconds other ranks wait for rank 0's one-off work (tokenizer, corpus cache,
+    # validation decoding), on a separate group so that it never races dist_timeout
+    prepare_timeout: float = 86400.0
     tensorboard: bool = True  # used when installed
 
     def validate(self, prefix: str = "training") -> None:
@@ -286,6 +325,9 @@ class TrainingConfig:
             self.betas,
             "must be in [0, 1)",
         )
+        for name in ("dist_timeout", "prepare_timeout", "log_seconds"):
+            value = getattr(self, name)
+            _check(value > 0, f"{prefix}.{name}", value, "must be positive")
         _check(
             self.device == "auto"
             or self.device == "cpu"
@@ -353,6 +395,31 @@ class Config:
         self.model.validate()
         self.training.validate()
         self.decoding.validate()
+        self._check_across_sections()
+
+    def _check_across_sections(self) -> None:
+        """Settings that are fine alone but fail together, found at load time."""
+        d, m, t = self.data, self.model, self.training
+        _check(
+            d.max_length < m.max_positions,
+            "data.max_length",
+            d.max_length,
+            f"must be below model.max_positions={m.max_positions} "
+            "(a sequence also holds <bos> or <eos>)",
+        )
+        _check(
+            t.valid_bleu or t.best_metric not in ("bleu", "chrf"),
+            "training.best_metric",
+            t.best_metric,
+            "needs training.valid_bleu: true (or choose loss / accuracy)",
+        )
+        _check(
+            d.tokenizer.joint or not m.tie_src_tgt_embeddings,
+            "model.tie_src_tgt_embeddings",
+            True,
+            "needs a joint tokenizer (data.tokenizer.joint: true); "
+            "set it to false for separate vocabularies",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -412,6 +479,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true or false (got {value!r})")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 25e3 written for 25000
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer (got {value!r})")
         return value
@@ -426,21 +495,32 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
+def _suggest(key: str, names: list[str]) -> str | None:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    if close:
+        return close[0]
+    words = set(key.split("_"))  # match on words too: 'lr_warmup' ~ 'warmup_steps'
+    return next((n for n in names if words & set(n.split("_"))), None)
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
+    unknown = []
+    for key in values:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            if not close:
-                # match on words too: 'lr_warmup' ~ 'warmup_steps'
-                words = set(str(key).split("_"))
-                close = [n for n in names if words & set(n.split("_"))][:1]
-            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?"
-            raise ConfigError(f"{dotted}: unknown key{hint if close else ''}")
-        kwargs[key] = _coerce(hints[key], value, dotted)
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            close = _suggest(str(key), names)
+            where = f"{prefix}.{close}" if prefix and close else close
+            unknown.append(
+                f"{dotted}: unknown key" + (f"; did you mean {where}?" if close else "")
+            )
+    if unknown:
+        raise ConfigError("\n".join(unknown))
+    kwargs = {
+        key: _coerce(hints[key], value, f"{prefix}.{key}" if prefix else str(key))
+        for key, value in values.items()
+    }
     return cls(**kwargs)
 
 
@@ -465,20 +545,30 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = read_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
         parsed.append((key.strip(), value))
     return parsed
 
 
-def config_from_dict(tree: dict[str, Any], overrides: list[str] = ()) -> Config:
-    """Build and validate a ``Config`` from a nested dict plus overrides."""
+def config_from_dict(
+    tree: dict[str, Any], overrides: list[str] = (), across_sections: bool = True
+) -> Config:
+    """Build and validate a ``Config`` from a nested dict plus overrides.
+
+    ``across_sections=False`` skips the checks between sections, for the stored
+    config of a trained model, which stays usable when such a check is added.
+    """
     tree = _deep_copy(tree or {})
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree, "")
-    cfg.validate()
+    if across_sections:
+        cfg.validate()
+    else:
+        for section in (cfg.data, cfg.model, cfg.training, cfg.decoding):
+            section.validate()
     return cfg
 
 
@@ -498,7 +588,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from e
     try:
-        tree = yaml.safe_load(text)
+        tree = read_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if tree is not None and not isinstance(tree, dict):

@@ -49,18 +49,26 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def read_lines(path: Path) -> Iterator[str]:
-    """Yield the lines of a (gzipped) UTF-8 file without line ends, checking UTF-8."""
+def read_lines(path: Path, replace_invalid: bool = False) -> Iterator[str]:
+    """Yield the lines of a (gzipped) UTF-8 file without line ends, checking UTF-8.
+
+    Lines end at ``\\n`` only: other Unicode separators (U+2028, form feed, ...)
+    stay inside their line, so that one line in is one line out. Invalid UTF-8 is
+    an error naming the line, or, with ``replace_invalid``, replaced by U+FFFD.
+    """
     try:
         with _open_binary(path) as f:
             for number, raw in enumerate(f, start=1):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(
-                        f"{path}:{number}: not valid UTF-8 "
-                        f"(byte {raw[e.start]:#04x} at column {e.start + 1})"
-                    ) from None
+                    if not replace_invalid:
+                        raise DataError(
+                            f"{path}:{number}: not valid UTF-8 "
+                            f"(byte {raw[e.start]:#04x} at column {e.start + 1})"
+                        ) from None
+                    log.warning("%s:%d: invalid UTF-8 replaced", path, number)
+                    line = raw.decode("utf-8", errors="replace")
                 yield line.rstrip("\r\n")
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read: {e}") from e
@@ -196,6 +204,18 @@ def split_files(cfg: DataConfig, split: str) -> list[Path]:
     return [_find(directory, f"{split}.{cfg.format}")]
 
 
+def split_origin(cfg: DataConfig, split: str) -> str:
+    """Where a split is read from, for messages: its files, or the hub corpus."""
+    if cfg.synthetic:
+        return f"the synthetic {cfg.format} task ({split})"
+    if cfg.format == "hub":
+        return f"hub dataset {cfg.hub_name!r} (split {split!r})"
+    try:
+        return ", ".join(str(p) for p in split_files(cfg, split))
+    except DataError:
+        return f"{cfg.dir}/{split}.*"
+
+
 def read_pairs(cfg: DataConfig, split: str, seed: int = 0) -> Iterator[tuple[str, str]]:
     """Stream the (source, target) strings of a split, whatever the format."""
     if cfg.synthetic:
@@ -233,6 +253,23 @@ class FilterStats:
             self.bad_ratio,
         )
 
+    def nothing_kept(self, cfg: DataConfig, split: str) -> DataError:
+        """The error for a split whose every pair was filtered out."""
+        seen = self.kept + self.empty + self.too_long + self.bad_ratio
+        removed = [
+            (self.empty, "empty on a side"),
+            (self.too_long, f"longer than data.max_length={cfg.max_length} pieces"),
+            (
+                self.bad_ratio,
+                f"length ratio over data.max_length_ratio={cfg.max_length_ratio}",
+            ),
+        ]
+        why = ", ".join(f"{n} {what}" for n, what in removed if n)
+        return DataError(
+            f"{split_origin(cfg, split)}: all {seen} pairs were removed by the "
+            f"filters ({why})"
+        )
+
 
 class ParallelCorpus:
     """Token ids of a split, pieces only (no <bos>/<eos>), plus the raw references."""
@@ -248,6 +285,18 @@ class ParallelCorpus:
         self.src, self.tgt = src, tgt
         self.refs = refs or []
         self.srcs = srcs or []
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        """A hash of the token ids of both sides: equal iff the batches can be."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for seqs in (self.src, self.tgt):
+                flat, lengths = _flatten(seqs)
+                digest.update(lengths.numpy().tobytes())
+                digest.update(flat.numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     def __len__(self) -> int:
         return len(self.src)
@@ -359,13 +408,13 @@ def load_corpus(
                 log.warning("ignoring unreadable cache %s: %s", cache_file, e)
     pairs = list(read_pairs(cfg, split, seed))
     if not pairs:
-        raise DataError(f"split '{split}' is empty")
+        raise DataError(f"{split_origin(cfg, split)}: the {split!r} split is empty")
     stats = FilterStats()
     corpus = tokenize_pairs(pairs, tokenizer, cfg, train, stats)
     if train:
         stats.log(split)
     if not len(corpus):
-        raise DataError(f"split '{split}': every pair was filtered out")
+        raise stats.nothing_kept(cfg, split)
     if cache_file is not None:
         src, src_len = _flatten(corpus.src)
         tgt, tgt_len = _flatten(corpus.tgt)
@@ -527,6 +576,9 @@ class BatchIterator:
                 [self.corpus.tgt[i] for i in indices],
             )
 
+    def fingerprint(self) -> str:
+        return self.corpus.fingerprint()
+
     def efficiency(self, epoch: int = 0) -> float:
         return padding_efficiency(
             self.batch_indices(epoch), self._src_len, self._tgt_len
@@ -581,3 +633,20 @@ class StreamingBatchIterator:
                     )
                 number += 1
         stats.log(f"{self.cfg.train_split} (streamed, epoch {epoch})")
+        if not stats.kept:
+            raise stats.nothing_kept(self.cfg, self.cfg.train_split)
+
+    def fingerprint(self) -> str:
+        """Changes with the files (size, time), the tokenizer or the filters."""
+        digest = hashlib.sha256(self.tokenizer.hash().encode())
+        if self.cfg.format in ("text", "tsv", "jsonl"):
+            digest.update(
+                _cache_key(
+                    self.cfg, self.cfg.train_split, self.tokenizer, True
+                ).encode()
+            )
+        else:
+            settings = (self.cfg.format, self.cfg.hub_name, self.cfg.hub_config)
+            settings += (self.cfg.max_length, self.cfg.max_length_ratio)
+            digest.update(repr(settings).encode())
+        return digest.hexdigest()[:16]

@@ -1,7 +1,8 @@
-"""Cross-attention plots for a translated sentence."""
+"""Plots: cross-attention for a translated sentence, training curves of a run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -68,3 +69,46 @@ def plot_attention(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_metrics(run_dir: Path) -> Path | None:
+    """Training and validation loss, and validation BLEU, over steps, as a PNG."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [
+        json.loads(line)
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line
+    ]
+    train = [r for r in rows if r["type"] == "train"]
+    valid = [r for r in rows if r["type"] == "valid"]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(
+        [r["step"] for r in train], [r["loss"] for r in train], label="train (smoothed)"
+    )
+    if valid:
+        left.plot(
+            [r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="valid"
+        )
+    left.set_xlabel("step")
+    left.set_ylabel("loss per token")
+    left.legend()
+    if valid and "bleu" in valid[0]:
+        right.plot(
+            [r["step"] for r in valid], [r["bleu"] for r in valid], "o-", color="C2"
+        )
+        right.set_ylabel("validation BLEU")
+    right.set_xlabel("step")
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

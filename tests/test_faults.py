@@ -1,0 +1,365 @@
+"""Faults that must never cost a run or a checkpoint: non-finite updates, signals
+(also on one of two ranks), changed settings on resume, over-long sentences."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TOY, tiny
+from transformer.checkpoint import CheckpointError, load_checkpoint
+from transformer.training import Trainer, TrainingError
+
+needs_torchrun = pytest.mark.skipif(
+    shutil.which("torchrun") is None, reason="torchrun not on PATH"
+)
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values())
+
+
+def checkpoints_on_disk(run: Path) -> list[Path]:
+    return sorted(run.glob("*.pt"))
+
+
+def test_infinite_gradient_skips_the_update(tmp_path, toy_tokenizer, caplog):
+    # no clipping configured: the gradient norm must be computed all the same
+    cfg = tiny(tmp_path / "run", toy_tokenizer, "training.max_steps=6")
+    assert cfg.training.clip_grad_norm == 0
+    trainer = Trainer(cfg)
+    weight = trainer.model.decoder[0].ffn.fc1.weight
+    fired = []
+
+    def infinite(grad):
+        if trainer.state.step == 2 and not fired:  # in update 3
+            fired.append(True)
+            return torch.full_like(grad, float("inf"))
+        return grad
+
+    weight.register_hook(infinite)
+    trainer.train()
+    assert fired
+    assert "non-finite gradient at step 3: update skipped" in caplog.text
+    assert trainer.state.step == 6
+    assert trainer.state.batch_in_epoch == 7  # the bad batch was consumed, not redone
+    assert all_finite(trainer.model.state_dict())
+    assert all_finite(load_checkpoint(tmp_path / "run" / "last.pt")["model"])
+
+
+def test_non_finite_losses_stop_the_run_with_finite_checkpoints(
+    tmp_path, toy_tokenizer, monkeypatch, caplog
+):
+    run = tmp_path / "run"
+    Trainer(tiny(run, toy_tokenizer, "training.max_steps=2")).train()
+    good = load_checkpoint(run / "last.pt")["model"]
+    trainer = Trainer(
+        tiny(run, toy_tokenizer, "training.max_steps=10", "training.max_nonfinite=3")
+    )
+    monkeypatch.setattr(
+        trainer,
+        "_forward_loss",
+        lambda b: torch.tensor(float("nan"), requires_grad=True),
+    )
+    with pytest.raises(TrainingError) as e:
+        trainer.train()
+    assert "3 non-finite updates in a row after step 2" in str(e.value)
+    assert f"{run / 'last.pt'} (step 2)" in str(e.value)
+    assert "non-finite loss at step 3: update skipped" in caplog.text
+    after = load_checkpoint(run / "last.pt")
+    assert after["step"] == 2
+    for k, v in good.items():
+        assert torch.equal(after["model"][k], v)
+
+
+def test_non_finite_weights_are_never_written(tmp_path, toy_tokenizer, monkeypatch):
+    run = tmp_path / "run"
+    trainer = Trainer(
+        tiny(
+            run,
+            toy_tokenizer,
+            "training.max_steps=10",
+            "training.max_nonfinite=2",
+            "training.save_every=2",
+        )
+    )
+    real_step = trainer.optimizer.step
+
+    def poisoning_step(*args, **kwargs):  # an update that itself breaks a weight
+        out = real_step(*args, **kwargs)
+        if trainer.state.step == 2:
+            with torch.no_grad():
+                trainer.model.decoder[0].ffn.fc1.weight[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.optimizer, "step", poisoning_step)
+    with pytest.raises(TrainingError) as e:
+        trainer.train()
+    assert f"{run / 'step_2.pt'} (step 2)" in str(e.value)
+    assert [p.name for p in checkpoints_on_disk(run)] == ["step_2.pt"]
+    for path in checkpoints_on_disk(run):
+        assert all_finite(load_checkpoint(path)["model"]), path
+
+
+def test_second_ctrl_c_during_the_save_lets_it_finish(
+    tmp_path, toy_tokenizer, monkeypatch
+):
+    from transformer.training import checkpointing
+
+    run = tmp_path / "run"
+    trainer = Trainer(tiny(run, toy_tokenizer, "training.max_steps=1000"))
+    real_train_step, real_save = trainer.train_step, checkpointing.atomic_save
+
+    def train_step(*args, **kwargs):
+        result = real_train_step(*args, **kwargs)
+        if trainer.state.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # first Ctrl-C: stop after a step
+        return result
+
+    def save(state, path):
+        os.kill(os.getpid(), signal.SIGINT)  # second Ctrl-C, in the middle of it
+        time.sleep(0.05)
+        real_save(state, path)
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    monkeypatch.setattr(checkpointing, "atomic_save", save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["step"] == 4  # the update in flight was finished, then saved whole
+    assert not list(run.glob(".*.tmp"))
+    resumed = Trainer(tiny(run, toy_tokenizer, "training.max_steps=5"))
+    assert resumed.state.step == 4
+
+
+def test_resume_refuses_changed_batching_and_can_move_to_next_epoch(
+    tmp_path, toy_tokenizer, caplog
+):
+    run = tmp_path / "run"
+    Trainer(tiny(run, toy_tokenizer, "training.max_steps=3")).train()
+    with pytest.raises(CheckpointError, match=r"data\.max_tokens 256 -> 300"):
+        Trainer(tiny(run, toy_tokenizer, "training.max_steps=5", "data.max_tokens=300"))
+    with pytest.raises(CheckpointError, match=r"training\.accumulate 1 -> 2"):
+        Trainer(
+            tiny(run, toy_tokenizer, "training.max_steps=5", "training.accumulate=2")
+        )
+    moved = Trainer(
+        tiny(
+            run,
+            toy_tokenizer,
+            "training.max_steps=5",
+            "data.max_tokens=300",
+            "training.on_data_change=next_epoch",
+        )
+    )
+    assert (moved.state.step, moved.state.epoch, moved.state.batch_in_epoch) == (
+        3,
+        1,
+        0,
+    )
+    assert "restarts at the beginning of epoch 1" in caplog.text
+
+
+def test_resume_refuses_a_changed_corpus(tmp_path, toy_tokenizer):
+    run = tmp_path / "run"
+    Trainer(tiny(run, toy_tokenizer, "training.max_steps=2")).train()
+    with pytest.raises(CheckpointError, match="training corpus"):
+        Trainer(tiny(run, toy_tokenizer, "data.toy_train_size=299"))
+
+
+def test_over_long_validation_sentences_are_truncated(tmp_path, toy_tokenizer, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    short = "a b c d\ne f g\n" * 20
+    (data / "train.src").write_text(short)
+    (data / "train.tgt").write_text(short)
+    long = " ".join("abcdefghij"[i % 10] for i in range(150))  # > 64 positions
+    (data / "val.src").write_text(f"a b c\n{long}\n")
+    (data / "val.tgt").write_text(f"a b c\n{long}\n")
+    cfg = tiny(
+        tmp_path / "run",
+        toy_tokenizer,
+        "data.format=text",
+        f"data.dir={data}",
+        "data.src_lang=src",
+        "data.tgt_lang=tgt",
+        "training.max_steps=2",
+        "training.validate_every=2",
+        "training.valid_bleu=true",
+        "training.best_metric=bleu",
+    )
+    assert cfg.model.max_positions == 64
+    Trainer(cfg).train()
+    assert "1 sentence pair(s) longer than model.max_positions - 1 = 63" in caplog.text
+    assert (
+        "bleu"
+        in load_checkpoint(tmp_path / "run" / "best.pt")["config"]["training"][
+            "best_metric"
+        ]
+    )
+
+
+# --- two ranks (gloo) ---
+
+
+def torchrun(tmp_path, out: Path, run: Path, *extra, env=None, wait=True):
+    common = [
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.toy_train_size=300",
+        "data.toy_valid_size=20",
+        "data.max_tokens=256",
+        "model.d_model=32",
+        "model.d_ff=64",
+        "model.dropout=0.1",
+        "training.valid_bleu=false",
+        "training.best_metric=loss",
+        "training.log_every=1",
+        "training.device=cpu",
+        "training.threads=1",
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    args = [
+        "torchrun",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(TOY),
+        str(out),
+        f"training.run_dir={run}",
+        *common,
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(
+            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    for name, weight in a.items():
+        assert torch.equal(weight, b[name]), name
+
+
+@needs_torchrun
+def test_infinite_gradient_on_one_rank_skips_on_both(tmp_path, toy_tokenizer):
+    run = tmp_path / "run"
+    ranks = torchrun(
+        tmp_path,
+        tmp_path / "out",
+        run,
+        f"data.tokenizer.model={toy_tokenizer}",
+        "training.max_steps=5",
+        env={"FAULT_INF_GRAD": "1:3"},
+    )
+    assert ranks[0]["step"] == ranks[1]["step"] == 5
+    assert_same_weights(ranks[0]["model"], ranks[1]["model"])
+    assert all_finite(ranks[0]["model"])
+    last = load_checkpoint(run / "last.pt")
+    assert last["step"] == 5 and all_finite(last["model"])
+    assert last["batch_in_epoch"] == 6  # one update was skipped on both ranks
+
+
+@needs_torchrun
+def test_sigterm_on_one_rank_stops_both_and_resumes_bit_identically(
+    tmp_path, toy_tokenizer
+):
+    run = tmp_path / "run"
+    out = tmp_path / "out"
+    tok = f"data.tokenizer.model={toy_tokenizer}"
+    proc = torchrun(tmp_path, out, run, tok, "training.max_steps=100000", wait=False)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+    ):
+        time.sleep(0.2)
+    os.kill(int((out / "pid1").read_text()), signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-4000:]
+    stopped = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    step = stopped[0]["step"]
+    assert step >= 3 and stopped[1]["step"] == step
+    assert load_checkpoint(run / "last.pt")["step"] == step
+
+    resumed = torchrun(
+        tmp_path, tmp_path / "out2", run, tok, f"training.max_steps={step + 3}"
+    )
+    straight = torchrun(
+        tmp_path,
+        tmp_path / "out3",
+        tmp_path / "straight",
+        tok,
+        f"training.max_steps={step + 3}",
+    )
+    assert resumed[0]["step"] == straight[0]["step"] == step + 3
+    assert_same_weights(resumed[0]["model"], straight[0]["model"])
+    assert_same_weights(resumed[1]["model"], straight[1]["model"])
+
+
+def _rank0_fails_or_stalls(rank: int, init_file: str, mode: str, errors) -> None:
+    import torch.distributed as dist
+
+    from transformer.data import DataError
+    from transformer.training.distributed import Distributed
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2
+    )
+    ranks = Distributed(rank=rank, world=2)
+    ranks.init(torch.device("cpu"), timeout=60, prepare_timeout=2)
+
+    def work():
+        if mode == "fail":
+            raise DataError("corpus.de: the training corpus is empty")
+        time.sleep(6)  # longer than prepare_timeout
+        return 1
+
+    try:
+        ranks.main_first(work, "training the SentencePiece model")
+    except Exception as e:
+        errors.put((rank, type(e).__name__, str(e)))
+
+
+@pytest.mark.parametrize("mode", ["fail", "stall"])
+def test_other_ranks_get_a_clear_error_when_rank0_fails_or_stalls(tmp_path, mode):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_rank0_fails_or_stalls,
+            args=(r, str(tmp_path / "init"), mode, errors),
+        )
+        for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    found = {}
+    while not errors.empty():
+        rank, kind, message = errors.get()
+        found[rank] = (kind, message)
+    kind, message = found[1]
+    assert kind == "TrainingError"
+    if mode == "fail":
+        assert message == (
+            "rank 0 failed while training the SentencePiece model: "
+            "DataError: corpus.de: the training corpus is empty"
+        )
+        assert found[0][0] == "DataError"
+    else:
+        assert "no word from rank 0 while training the SentencePiece model" in message
+        assert "training.prepare_timeout=2 s" in message

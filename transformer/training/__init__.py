@@ -1,0 +1,25 @@
+"""Training: the loop and its parts, one module each.
+
+``build`` makes the device, tokenizer, model and batches; ``optim`` the optimizer
+and schedule; ``loss`` the objective; ``state`` the run's mutable state and data
+position; ``distributed`` the ranks; ``checkpointing`` the writes; ``validation``
+the scores; ``progress`` what is shown and logged; ``loop`` ties them together.
+"""
+
+from transformer.training.build import autocast, resolve_device
+from transformer.training.loop import StepResult, Trainer, train
+from transformer.training.loss import label_smoothed_loss
+from transformer.training.optim import lr_factor
+from transformer.training.state import TrainingError, TrainState
+
+__all__ = [
+    "StepResult",
+    "TrainState",
+    "Trainer",
+    "TrainingError",
+    "autocast",
+    "label_smoothed_loss",
+    "lr_factor",
+    "resolve_device",
+    "train",
+]

@@ -1,0 +1,155 @@
+"""A run's checkpoints: rank 0 writes, every rank hands in its RNG state, weights
+that are not finite are never written; and resuming from one."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transformer.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    checkpoint_config,
+    non_finite_weights,
+    set_rng_state,
+)
+from transformer.config import Config
+from transformer.training.distributed import Distributed
+from transformer.training.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(blob: bytes) -> Any:
+    return torch.load(io.BytesIO(blob), weights_only=True)
+
+
+class Checkpointer:
+    """``last.pt``, ``best.pt`` and the last ``keep_last`` ``step_<N>.pt`` of a run."""
+
+    def __init__(self, run_dir: Path, ranks: Distributed, keep_last: int) -> None:
+        self.run_dir, self.ranks, self.keep_last = run_dir, ranks, keep_last
+        self.last_written: tuple[Path, int] | None = None  # (path, step)
+
+    def save(
+        self, name: str, state: dict[str, Any], every_rank: bool = True
+    ) -> Path | None:
+        """Write ``state`` as ``name`` on rank 0; returns the path, or None when
+        nothing was written (another rank, or non-finite weights).
+
+        ``every_rank``: all ranks call this at the same point, so that each rank's
+        RNG state is saved (``rng_per_rank``); otherwise only this rank's is.
+        """
+        rngs = None
+        if every_rank:  # as bytes: the gather's unpickler rejects tensors
+            blobs = self.ranks.gather_to_main(_to_bytes(state["rng"]))
+            rngs = None if blobs is None else [_from_bytes(b) for b in blobs]
+        if not self.ranks.main:
+            return None
+        bad = non_finite_weights(state["model"])
+        if bad:
+            log.error(
+                "not writing %s: %d weight tensor(s) are not finite (%s)",
+                self.run_dir / name,
+                len(bad),
+                ", ".join(bad[:3]),
+            )
+            return None
+        if rngs is not None and len(rngs) == self.ranks.world:
+            state = {**state, "rng_per_rank": rngs}
+        path = self.run_dir / name
+        atomic_save(state, path)
+        self.last_written = (path, state["step"])
+        return path
+
+    def save_step(self, state: dict[str, Any]) -> None:
+        """``step_<N>.pt``, keeping the last ``keep_last`` of them."""
+        if not self.keep_last:
+            return
+        self.save(f"step_{state['step']}.pt", state)
+        if not self.ranks.main:
+            return
+        steps = sorted(
+            self.run_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1])
+        )
+        for old in steps[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+
+    def describe_last(self) -> str:
+        """Where the newest checkpoint with finite weights is, for messages."""
+        if self.last_written is not None:
+            path, step = self.last_written
+            return f"the last checkpoint with finite weights is {path} (step {step})"
+        last = self.run_dir / "last.pt"
+        if last.exists():
+            return f"{last} is unchanged"
+        return "no checkpoint was written"
+
+
+def restore(
+    ckpt: dict[str, Any],
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+) -> TrainState:
+    """Load weights, optimizer, schedule and scaler; return the run's state."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot resume: {e}") from e
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    return TrainState.from_checkpoint(ckpt)
+
+
+def restore_rng(
+    ckpt: dict[str, Any],
+    path: Path,
+    ranks: Distributed,
+    device: torch.device,
+    seed: int,
+) -> None:
+    """This rank's own RNG state; a rank the checkpoint has none for (an older
+    checkpoint, another world size) is seeded afresh, with a warning."""
+    rngs = ckpt.get("rng_per_rank")
+    if rngs is not None and len(rngs) == ranks.world:
+        set_rng_state(rngs[ranks.rank], device)
+        return
+    set_rng_state(ckpt["rng"], device)
+    if not ranks.main:
+        torch.manual_seed(seed + 7919 * ranks.rank)
+        log.warning(
+            "%s holds no RNG state for rank %d of %d: seeded afresh, so this "
+            "resume is not bit-identical to an uninterrupted run",
+            path,
+            ranks.rank,
+            ranks.world,
+        )
+
+
+def check_lr_meaning(ckpt: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Format 1 read noam's training.lr as a scale factor; now it is the peak."""
+    if ckpt.get("format", 1) >= 2 or cfg.training.schedule != "noam":
+        return
+    stored = ckpt["config"]["training"]["lr"]
+    peak = checkpoint_config(ckpt, path).training.lr
+    if math.isclose(cfg.training.lr, stored) and not math.isclose(stored, peak):
+        raise CheckpointError(
+            f"{path}: saved when noam's training.lr was a scale factor "
+            f"({stored:g}); training.lr is now the peak rate: pass "
+            f"training.lr={peak:.6g} to resume on the same schedule"
+        )

@@ -1,0 +1,433 @@
+"""The training loop: one update at a time, every decision taken by all ranks.
+
+Each update all-reduces one small tensor (loss sum, target tokens, non-finite
+flags, stop flag) before the optimizer step, so that every rank skips a
+non-finite update together and stops together at the same step boundary. The
+commit of an update and every checkpoint write are critical sections
+(``signals``), so a saved state is always the state after a whole step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transformer.checkpoint import (
+    FORMAT_VERSION,
+    check_compatible,
+    checkpoint_config,
+    load_checkpoint,
+    rng_state,
+)
+from transformer.config import Config, save_config
+from transformer.data import Batch, load_corpus
+from transformer.model import count_parameters
+from transformer.plots import plot_metrics
+from transformer.tokenizer import Tokenizer
+from transformer.training.build import (
+    autocast,
+    build_model,
+    build_tokenizer,
+    build_train_data,
+    resolve_device,
+    set_vocab_sizes,
+)
+from transformer.training.checkpointing import (
+    Checkpointer,
+    check_lr_meaning,
+    restore,
+    restore_rng,
+)
+from transformer.training.distributed import Distributed
+from transformer.training.loss import label_smoothed_loss
+from transformer.training.optim import build_optimizer
+from transformer.training.progress import MetricsLog, Progress
+from transformer.training.signals import StopSignals
+from transformer.training.state import (
+    TrainingError,
+    TrainState,
+    check_data_position,
+    data_signature,
+)
+from transformer.training.validation import fit_positions, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What one update did, the same on every rank."""
+
+    loss: float  # per target token over all ranks (not finite when skipped)
+    tokens: int  # target tokens over all ranks
+    grad_norm: float  # of the per-token gradient, before clipping
+    skipped: bool  # a non-finite loss or gradient: no rank updated
+    stop: bool  # a rank was asked to stop: every rank stops after this step
+
+
+class Trainer:
+    """Owns the model, optimizer, data position and run directory of one run."""
+
+    def __init__(self, cfg: Config, resume: bool | None = None) -> None:
+        self.cfg = cfg
+        t = cfg.training
+        self.dist = Distributed.from_env()
+        self.device = resolve_device(t.device)
+        if self.device.type == "cuda":
+            if self.dist.enabled:
+                self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.dist.init(self.device, t.dist_timeout, t.prepare_timeout)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.run_dir = Path(t.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.data.cache_dir is None:
+            cfg.data.cache_dir = str(self.run_dir / "cache")
+
+        resume = t.resume == "auto" if resume is None else resume
+        last = self.run_dir / "last.pt"
+        ckpt = load_checkpoint(last) if resume and last.exists() else None
+        if ckpt is not None:
+            self.tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
+        else:
+            self.tokenizer = build_tokenizer(cfg, self.run_dir, self.dist)
+        set_vocab_sizes(cfg, self.tokenizer)
+        if ckpt is not None:
+            check_compatible(checkpoint_config(ckpt, last).model, cfg.model, last)
+            check_lr_meaning(ckpt, cfg, last)
+        if self.dist.main:
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        self.model, self.train_model = build_model(cfg, self.device, self.dist)
+        self.optimizer, self.scheduler, self.scaler = build_optimizer(
+            cfg, self.model, self.device
+        )
+        self.train_data, self.n_train = build_train_data(cfg, self.tokenizer, self.dist)
+        self.valid = self._load_valid() if self.dist.main else None
+        self.signature = data_signature(
+            cfg, self.dist.world, self.train_data.fingerprint()
+        )
+        self.state = TrainState()
+        self.checkpoints = Checkpointer(self.run_dir, self.dist, t.keep_last)
+        self.signals = StopSignals()
+        self._last_saved_at = -1  # step of the newest last.pt (every rank knows)
+        self._metrics: MetricsLog | None = None
+        if ckpt is not None:
+            self.state = restore(
+                ckpt, last, self.model, self.optimizer, self.scheduler, self.scaler
+            )
+            self._last_saved_at = self.state.step
+            self.checkpoints.last_written = (last, self.state.step)
+            check_data_position(
+                self.state,
+                ckpt.get("data_signature"),
+                self.signature,
+                t.on_data_change,
+                last,
+            )
+            restore_rng(ckpt, last, self.dist, self.device, t.seed)
+            log.info("resumed from %s at step %d", last, self.state.step)
+        self._rng = rng_state(self.device)  # the RNG state at the last step boundary
+        log.info(
+            "model: %s parameters; device %s; %d training pairs",
+            f"{count_parameters(self.model):,}",
+            self.device,
+            self.n_train,
+        )
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def _load_valid(self):
+        d = self.cfg.data
+        corpus = load_corpus(
+            d, d.valid_split, self.tokenizer, train=False, seed=self.cfg.training.seed
+        )
+        return fit_positions(corpus, self.cfg.model.max_positions, d.valid_split)
+
+    # --- checkpoints ---
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything a resume needs, as of the last step boundary."""
+        return {
+            "format": FORMAT_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": self._rng,
+            **self.state.to_dict(),
+            "data_signature": self.signature,
+            "config": self.cfg.to_dict(),
+            "tokenizer": self.tokenizer.state_dict(),
+        }
+
+    def _save(self, name: str | None = None, every_rank: bool = True) -> None:
+        """Write ``name`` (None: a step checkpoint); call on every rank together."""
+        with self.signals.critical():
+            state = self.checkpoint_state()
+            if name is None:
+                self.checkpoints.save_step(state)
+            else:
+                self.checkpoints.save(name, state, every_rank)
+                if name == "last.pt":
+                    self._last_saved_at = self.state.step
+
+    # --- one update ---
+
+    def _forward_loss(self, batch: Batch) -> torch.Tensor:
+        with autocast(self.device, self.cfg.training.precision):
+            logits = self.train_model(batch.src, batch.tgt_in)
+        return label_smoothed_loss(
+            logits, batch.tgt_out, self.cfg.training.label_smoothing
+        )
+
+    def train_step(
+        self, batches: list[Batch], position: tuple[int, int] | None = None
+    ) -> StepResult:
+        """One update from ``batches`` (the gradient of their union, over all
+        ranks), or none on any rank when a loss or gradient is not finite.
+
+        Args:
+            position: the data position (epoch, next batch) once this step is done.
+        """
+        t = self.cfg.training
+        tokens = sum(b.n_tokens for b in batches)
+        # Gradients of summed losses / budget. Ranks do not know the global token
+        # count before the all-reduce below, so under DDP they share a fixed
+        # budget and the exact per-token normalisation comes after it.
+        budget = tokens if not self.dist.enabled else self.cfg.data.max_tokens
+        budget *= 1 if not self.dist.enabled else t.accumulate
+        scale = self.dist.world / budget  # DDP averages over ranks: undo that
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            sync = contextlib.nullcontext()
+            if self.dist.enabled and i < len(batches) - 1:
+                sync = self.train_model.no_sync()
+            with sync:
+                loss = self._forward_loss(batch)
+                self.scaler.scale(loss * scale).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)  # fp16 only
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads).to(torch.float64)
+        extra = [float(tokens), float(self.signals.requested)]
+        packed = torch.cat(
+            [
+                torch.stack(
+                    [total, norm, ~total.isfinite(), ~norm.isfinite()]
+                ).double(),
+                torch.tensor(extra, dtype=torch.float64, device=self.device),
+            ]
+        )
+        loss_sum, norm_sum, bad_loss, bad_grad, n_tokens, stop = self.dist.sum(
+            packed
+        ).tolist()  # the one host sync of the step
+        skipped = bool(bad_loss or bad_grad)
+        grad_norm = norm_sum / self.dist.world * budget / max(n_tokens, 1.0)
+        with self.signals.critical():
+            if skipped:
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler.is_enabled():
+                    self.scaler.update()  # an fp16 overflow: a smaller scale next
+            else:
+                factor = budget / n_tokens
+                if t.clip_grad_norm > 0:
+                    factor *= min(1.0, t.clip_grad_norm / (grad_norm + 1e-6))
+                if factor != 1.0:
+                    torch._foreach_mul_(grads, factor)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.state.step += 1
+            if position is not None:
+                self.state.epoch, self.state.batch_in_epoch = position
+            self._rng = rng_state(self.device)
+        return StepResult(
+            loss_sum / max(n_tokens, 1.0), int(n_tokens), grad_norm, skipped, bool(stop)
+        )
+
+    # --- the loop ---
+
+    def _batches(self) -> Iterator[tuple[int, int, Batch]]:
+        """Yield (epoch, index in epoch, batch) from the saved position on."""
+        epoch, start = self.state.epoch, self.state.batch_in_epoch
+        max_epochs = self.cfg.training.max_epochs
+        while not max_epochs or epoch < max_epochs:
+            produced = False
+            for i, batch in enumerate(self.train_data.epoch(epoch, start), start=start):
+                produced = True
+                yield epoch, i, batch
+            if not produced and start == 0:
+                raise TrainingError("the training data yields no batches")
+            epoch, start = epoch + 1, 0
+
+    def train(self) -> Path:
+        """Run until max_steps, max_epochs, early stopping, a stop signal on any
+        rank, or ``max_nonfinite`` skipped updates in a row (TrainingError)."""
+        t = self.cfg.training
+        self._metrics = MetricsLog(self.run_dir, self.dist.main, t.tensorboard)
+        progress = Progress(t.max_steps, self.state.step, self.dist.main, t.log_seconds)
+        self.signals.install()
+        together = False  # did every rank leave the loop at the same step?
+        try:
+            failure = self._loop(progress)
+            together = True
+        finally:
+            progress.close()
+            try:
+                self._save_at_exit(together)
+            finally:
+                self.signals.uninstall()
+                self._metrics.close()
+                if self.dist.main and self.state.step > 0:
+                    plot_metrics(self.run_dir)
+        if failure is not None:
+            raise TrainingError(f"{failure}; {self.checkpoints.describe_last()}")
+        best = self.run_dir / "best.pt"
+        return best if best.exists() else self.run_dir / "last.pt"
+
+    def _loop(self, progress: Progress) -> str | None:
+        """The updates; returns why the run failed, or None."""
+        t = self.cfg.training
+        pending: list[Batch] = []
+        skipped_in_row = 0
+        window_tokens, window_start = 0, time.perf_counter()
+        self.model.train()
+        for epoch, index, batch in self._batches():
+            if self.state.step >= t.max_steps:
+                break
+            pending.append(batch)
+            if len(pending) < t.accumulate:
+                continue
+            result = self.train_step(pending, position=(epoch, index + 1))
+            pending = []
+            step = self.state.step
+            if result.skipped:
+                # an fp16 gradient overflow with a finite loss is the scaler's job
+                if not (self.scaler.is_enabled() and math.isfinite(result.loss)):
+                    skipped_in_row += 1
+                what = "loss" if not math.isfinite(result.loss) else "gradient"
+                log.warning(
+                    "non-finite %s at step %d: update skipped on every rank",
+                    what,
+                    step + 1,
+                )
+                if skipped_in_row >= t.max_nonfinite:
+                    return (
+                        f"{skipped_in_row} non-finite updates in a row after step "
+                        f"{step}; stopping"
+                    )
+            else:
+                skipped_in_row = 0
+                window_tokens += result.tokens
+                values = {}
+                if step % t.log_every == 0 or step == 1:
+                    elapsed = time.perf_counter() - window_start
+                    speed = window_tokens / max(elapsed, 1e-9)
+                    lr = self.scheduler.get_last_lr()[0]
+                    row = {"loss": result.loss, "lr": lr, "tokens_per_s": speed}
+                    row |= {"grad_norm": result.grad_norm, "epoch": epoch}
+                    self._metrics.record("train", step, row)
+                    values = dict(
+                        loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}"
+                    )
+                    window_tokens, window_start = 0, time.perf_counter()
+                progress.update(step, **values)
+            if result.stop:
+                log.warning("stop requested: every rank stops after step %d", step)
+                return None
+            if result.skipped:
+                continue
+            if t.save_every and step % t.save_every == 0:
+                self._save()
+            if step % t.validate_every == 0 or step == t.max_steps:
+                if self.validate_and_save():
+                    log.info("early stopping at step %d", step)
+                    return None
+                window_start = time.perf_counter()
+                self.model.train()
+        return None
+
+    def _save_at_exit(self, together: bool) -> None:
+        if self.state.step == 0 or self._last_saved_at == self.state.step:
+            return
+        if together:
+            self._save("last.pt")
+        elif not self.dist.enabled:
+            self._save("last.pt", every_rank=False)  # the state of the last boundary
+        else:
+            log.warning(
+                "rank %d stopped on its own: last.pt is not rewritten (%s)",
+                self.dist.rank,
+                self.checkpoints.describe_last(),
+            )
+
+    # --- validation ---
+
+    def validate_and_save(self) -> bool:
+        """Validate on rank 0, keep the best checkpoint, save; True = stop early."""
+        t = self.cfg.training
+
+        def run() -> dict[str, Any]:
+            return validate(
+                self.model,
+                self.valid,
+                self.tokenizer,
+                self.cfg,
+                self.device,
+                self.run_dir / "valid_hyps.txt",
+            )
+
+        metrics = self.dist.on_main(run, "validating")
+        score = metrics[t.best_metric]
+        s = self.state
+        better = s.best_score is None or (
+            score < s.best_score if t.best_metric == "loss" else score > s.best_score
+        )
+        if better:
+            s.best_score, s.bad_validations = score, 0
+        else:
+            s.bad_validations += 1
+        if self._metrics is not None:
+            self._metrics.record("valid", s.step, {**metrics, "best": better})
+        if self.dist.main:
+            summary = ", ".join(
+                f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)
+            )
+            log.info(
+                "validation at step %d: %s%s",
+                s.step,
+                summary,
+                " (best)" if better else "",
+            )
+            if "bleu_signature" in metrics:
+                log.info("BLEU signature: %s", metrics["bleu_signature"])
+        if better:
+            self._save("best.pt")
+        self._save()
+        self._save("last.pt")
+        return bool(t.patience) and s.bad_validations >= t.patience
+
+
+def train(cfg: Config, resume: bool | None = None) -> Path:
+    """Train a model as configured; returns the path of the best checkpoint."""
+    trainer = Trainer(cfg, resume)
+    try:
+        return trainer.train()
+    finally:
+        trainer.dist.close()

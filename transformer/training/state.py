@@ -1,0 +1,98 @@
+"""The mutable state of a run, and what its data position depends on."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from transformer.checkpoint import CheckpointError
+from transformer.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example, every update keeps being non-finite)."""
+
+
+@dataclass
+class TrainState:
+    """What changes from update to update, beside the weights and the optimizer."""
+
+    step: int = 0  # updates applied
+    epoch: int = 0  # the data position: the next batch is ``batch_in_epoch`` of
+    batch_in_epoch: int = 0  # ``epoch`` (batches of skipped updates count too)
+    best_score: float | None = None
+    bad_validations: int = 0  # validations in a row without a new best
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> TrainState:
+        return cls(**{k: ckpt[k] for k in cls.__dataclass_fields__ if k in ckpt})
+
+
+def data_signature(cfg: Config, world: int, corpus: str) -> dict[str, Any]:
+    """Everything the meaning of a saved (epoch, batch) position depends on.
+
+    Args:
+        corpus: a fingerprint of the tokenized, filtered training corpus.
+    """
+    d, t = cfg.data, cfg.training
+    signature = {
+        "data.max_tokens": d.max_tokens,
+        "data.max_sentences": d.max_sentences,
+        "data.streaming": d.streaming,
+        "training.accumulate": t.accumulate,
+        "training.seed": t.seed,
+        "world size": world,
+        "training corpus": corpus,
+    }
+    if d.streaming:
+        signature["data.stream_buffer"] = d.stream_buffer
+    return signature
+
+
+def check_data_position(
+    state: TrainState,
+    saved: dict[str, Any] | None,
+    current: dict[str, Any],
+    policy: str,
+    path: Path,
+) -> None:
+    """Refuse to resume a data position whose meaning changed, or (``policy``
+    ``next_epoch``) move it to the start of the next epoch and say so."""
+    if saved is None:
+        log.warning(
+            "%s predates data-position checks: resuming at epoch %d, batch %d "
+            "without checking batching settings or corpus",
+            path,
+            state.epoch,
+            state.batch_in_epoch,
+        )
+        return
+    changed = [
+        f"{key} {saved.get(key)!r} -> {value!r}"
+        for key, value in current.items()
+        if saved.get(key) != value
+    ]
+    if not changed:
+        return
+    what = "; ".join(changed)
+    if policy != "next_epoch":
+        raise CheckpointError(
+            f"{path}: cannot resume the data position (epoch {state.epoch}, batch "
+            f"{state.batch_in_epoch}): changed since the checkpoint: {what}. Restore "
+            "the setting, or pass --allow-data-change "
+            "(training.on_data_change=next_epoch) to continue from the next epoch"
+        )
+    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    log.warning(
+        "changed since the checkpoint: %s; the data position restarts at the "
+        "beginning of epoch %d",
+        what,
+        state.epoch,
+    )
