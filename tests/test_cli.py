@@ -232,3 +232,95 @@ def test_average_cli(toy_run, tmp_path, capsys):
     report = json.loads(report.read_text())
     steps = sorted(int(p.stem.split("_")[1]) for p in toy_run.glob("step_*.pt"))
     assert report["averaged_steps"] == steps[-2:] and report["step"] == steps[-1]
+
+
+def text_corpus(tmp_path, train_src: str, train_tgt: str) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.de").write_text(train_src)
+    (data / "train.en").write_text(train_tgt)
+    (data / "val.de").write_text("a b c\n")
+    (data / "val.en").write_text("a b c\n")
+    return data
+
+
+def train_on(tmp_path, data: Path, *extra) -> int:
+    return train_main(
+        [
+            "--config",
+            str(ROOT / "configs" / "toy_copy.yaml"),
+            "data.format=text",
+            f"data.dir={data}",
+            f"training.run_dir={tmp_path / 'run'}",
+            "training.max_steps=2",
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n"], ids=["no lines", "blank lines"])
+def test_empty_training_corpus_is_a_one_line_error(tmp_path, capsys, text):
+    data = text_corpus(tmp_path, text, text)
+    assert train_on(tmp_path, data) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{data / 'train.de'}, {data / 'train.en'}:" in err
+    assert "no source text" in err and "Traceback" not in err
+
+
+def test_fully_filtered_corpus_names_the_file_and_filter(tmp_path, capsys):
+    long = " ".join(["a b c d e f g h i j"] * 10) + "\n"  # 100 words, > max_length
+    data = text_corpus(tmp_path, long * 5, long * 5)
+    assert train_on(tmp_path, data, "data.max_length=20") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(data / "train.de") in err
+    assert "all 5 pairs were removed by the filters" in err
+    assert "5 longer than data.max_length=20 pieces" in err
+
+
+def test_translate_file_keeps_one_line_per_input_line(toy_run, tmp_path):
+    raw = (
+        b"a b\xe2\x80\xa8c d\n"  # U+2028 LINE SEPARATOR inside a line
+        b"e f\x0cg\n"  # form feed
+        b"h \xff i\n"  # invalid UTF-8
+        b"j\rk l\n"  # a lone carriage return
+        b"\n"
+        b"m\x1cn\xc2\x85o\n"  # file separator, NEL
+    )
+    path = tmp_path / "in.txt"
+    path.write_bytes(raw)
+    checkpoint = str(toy_run / "best.pt")
+    result = translate_cli(["--checkpoint", checkpoint, "-i", str(path)])
+    assert result.returncode == 2
+    assert f"{path}:3: not valid UTF-8".encode() in result.stderr
+    result = translate_cli(
+        ["--checkpoint", checkpoint, "-i", str(path), "--replace-invalid"]
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    assert out.count("\n") == raw.count(b"\n") == 6
+    assert len(out.splitlines()) == 6  # no other line breaks in any translation
+    assert out.split("\n")[4] == ""  # the empty line stays empty
+
+
+def test_eval_truncates_over_long_sources(toy_run, tmp_path, capsys, caplog):
+    long = " ".join(["a b c d e f g h"] * 30)  # 240 words; the model has 64 positions
+    (tmp_path / "src.txt").write_text(f"a b c\n{long}\n")
+    (tmp_path / "ref.txt").write_text(f"a b c\n{long}\n")
+    code = eval_main(
+        [
+            "--checkpoint",
+            str(toy_run / "best.pt"),
+            "--src",
+            str(tmp_path / "src.txt"),
+            "--ref",
+            str(tmp_path / "ref.txt"),
+            "--greedy",
+            "--output",
+            str(tmp_path / "hyp.txt"),
+        ]
+    )
+    assert code == 0
+    assert "longer than the model's 64 positions were truncated" in caplog.text
+    assert len((tmp_path / "hyp.txt").read_text().splitlines()) == 2

@@ -134,3 +134,76 @@ def test_shipped_config_files_exist():
         "transformer_base.yaml",
         "toy_copy.yaml",
     } <= names
+
+
+@pytest.mark.parametrize(
+    "tree, message",
+    [
+        ({"training": {"zzzz": 1}}, "training.zzzz: unknown key"),
+        ({"qqqq": {"a": 1}}, "qqqq: unknown key"),
+        ({"data": {"tokenizer": {"xqxq": 1}}}, "data.tokenizer.xqxq: unknown key"),
+    ],
+)
+def test_unknown_key_without_a_near_match_names_itself(tree, message):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(tree)
+    assert str(e.value) == message  # and no "did you mean" without a candidate
+
+
+def test_every_unknown_key_is_named():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": {"d_modle": 1, "zzzz": 2}})
+    assert str(e.value).splitlines() == [
+        "model.d_modle: unknown key; did you mean model.d_model?",
+        "model.zzzz: unknown key",
+    ]
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    cfg = config_from_dict({}, ["training.lr=1e-4", "data.max_tokens=25e3"])
+    assert cfg.training.lr == 1e-4
+    assert cfg.data.max_tokens == 25000 and isinstance(cfg.data.max_tokens, int)
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  lr: 5E-4\n  eps: 1e-9\n  betas: [0.9, 9.8e-1]\n")
+    cfg = load_config(path)
+    assert (cfg.training.lr, cfg.training.eps, cfg.training.betas) == (
+        5e-4,
+        1e-9,
+        (0.9, 0.98),
+    )
+    with pytest.raises(ConfigError, match=r"training\.max_steps: expected an integer"):
+        config_from_dict({}, ["training.max_steps=2.5"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.max_length=64", "model.max_positions=64"],
+            r"data\.max_length: must be below model\.max_positions=64",
+        ),
+        (
+            ["training.best_metric=bleu", "training.valid_bleu=false"],
+            r"training\.best_metric: needs training\.valid_bleu: true",
+        ),
+        (
+            ["data.tokenizer.joint=false", "model.tie_src_tgt_embeddings=true"],
+            r"model\.tie_src_tgt_embeddings: needs a joint tokenizer",
+        ),
+        (["training.dist_timeout=0"], r"training\.dist_timeout: must be positive"),
+    ],
+)
+def test_settings_that_fail_together_are_errors_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({}, overrides)
+
+
+def test_stored_configs_of_older_checkpoints_stay_usable():
+    from transformer.checkpoint import checkpoint_config
+
+    old = Config().to_dict()
+    old["training"].update(schedule="noam", lr=2.0, warmup_steps=4000)
+    old["model"].update(d_model=512, max_positions=64)  # data.max_length is 100
+    cfg = checkpoint_config({"format": 1, "config": old})
+    assert cfg.training.lr == pytest.approx(2.0 * 512**-0.5 * 4000**-0.5)
+    assert checkpoint_config({"format": 2, "config": old}).training.lr == 2.0

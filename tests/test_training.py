@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -302,6 +303,7 @@ def test_two_process_gloo_matches_single_process(tmp_path, toy_tokenizer):
         "training.valid_bleu=false",
         "training.best_metric=loss",
         "training.max_steps=3",
+        "training.log_every=1",
         "training.device=cpu",
         "training.threads=1",
     ]
@@ -334,9 +336,22 @@ def test_two_process_gloo_matches_single_process(tmp_path, toy_tokenizer):
         )
     )
     single.train()
+    # loss and gradient norm per step are scale-sensitive (Adam's update is not):
+    # they check that the gradient is normalised by both ranks' tokens
+    def steps(run):
+        rows = (run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(r) for r in rows if '"train"' in r]
+
+    ddp, one = steps(tmp_path / "ddp"), steps(tmp_path / "one")
+    assert len(ddp) == len(one) == 3
+    for a, b in zip(ddp, one, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
     for name, weight in single.model.state_dict().items():
         assert torch.equal(rank0[name], rank1[name]), name
-        torch.testing.assert_close(rank0[name], weight, atol=1e-5, rtol=1e-4)
+        # key biases get no gradient in exact arithmetic (softmax ignores a shift
+        # shared by all keys): Adam turns their rounding noise into +-lr steps
+        torch.testing.assert_close(rank0[name], weight, atol=2e-4, rtol=1e-4)
     assert not torch.equal(
         rank0["tgt_embed.weight"],
         Trainer(

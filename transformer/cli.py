@@ -68,6 +68,13 @@ def _train(argv: list[str] | None) -> int:
         help="start afresh even if <run_dir>/last.pt exists",
     )
     parser.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="resume even though batching settings, world size or corpus changed: "
+        "the data position restarts at the next epoch "
+        "(training.on_data_change=next_epoch)",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="key.sub=value",
@@ -75,10 +82,17 @@ def _train(argv: list[str] | None) -> int:
     )
     args = parser.parse_args(argv)
     _setup_logging()
-    from transformer.training import train
+    from transformer.training import TrainingError, train
 
-    cfg = load_config(args.config, args.overrides)
-    best = train(cfg, args.resume)
+    overrides = list(args.overrides)
+    if args.allow_data_change:
+        overrides.append("training.on_data_change=next_epoch")
+    cfg = load_config(args.config, overrides)
+    try:
+        best = train(cfg, args.resume)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(best)
     return 0
 
@@ -252,14 +266,17 @@ def _input_lines(args) -> list[str] | None:
     if args.sentences:
         return args.sentences
     if args.input:
-        if args.replace_invalid:
-            return (
-                Path(args.input)
-                .read_text(encoding="utf-8", errors="replace")
-                .splitlines()
-            )
-        return list(read_lines(Path(args.input)))
+        return list(read_lines(Path(args.input), args.replace_invalid))
     return None
+
+
+# str.splitlines() breaks at these besides \n: a translation holding one (copied
+# from its source) would print as several lines
+_LINE_BREAKS = str.maketrans(dict.fromkeys("\r\v\f\x1c\x1d\x1e\x85\u2028\u2029", " "))
+
+
+def _one_line(text: str) -> str:
+    return text.translate(_LINE_BREAKS)
 
 
 def _stdin_lines(replace_invalid: bool):
@@ -336,9 +353,9 @@ def _translate(argv: list[str] | None) -> int:
                 print("")  # an empty line gives an empty line
             elif dcfg.nbest > 1:
                 for h in hyps:
-                    print(f"{i}\t{h.score:.4f}\t{h.text}")
+                    print(f"{i}\t{h.score:.4f}\t{_one_line(h.text)}")
             else:
-                print(hyps[0].text)
+                print(_one_line(hyps[0].text))
         sys.stdout.flush()
 
     lines = _input_lines(args)

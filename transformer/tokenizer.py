@@ -39,6 +39,14 @@ def _processor(proto: bytes, origin: str) -> spm.SentencePieceProcessor:
 def train_sentencepiece(sentences: Iterable[str], cfg: TokenizerConfig) -> bytes:
     """Train a SentencePiece model on ``sentences``; return its serialized proto."""
     model = io.BytesIO()
+    try:
+        _train(sentences, cfg, model)
+    except RuntimeError as e:  # SentencePiece reports bad input as RuntimeError
+        raise TokenizerError(f"training the SentencePiece model failed: {e}") from e
+    return model.getvalue()
+
+
+def _train(sentences: Iterable[str], cfg: TokenizerConfig, model: io.BytesIO) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_writer=model,
@@ -55,7 +63,6 @@ def train_sentencepiece(sentences: Iterable[str], cfg: TokenizerConfig) -> bytes
         hard_vocab_limit=False,
         minloglevel=2,
     )
-    return model.getvalue()
 
 
 class Tokenizer:

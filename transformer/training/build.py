@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from transformer.config import Config, ConfigError
+from transformer.config import Config, ConfigError, TrainingConfig
 from transformer.data import (
     BatchIterator,
     DataError,
@@ -32,6 +32,20 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(
             f"training.device: {name!r} asked for but CUDA is not available"
         )
+    return device
+
+
+def build_device(t: TrainingConfig, ranks: Distributed) -> torch.device:
+    """The device of this rank (its own GPU under DDP), set up for training."""
+    device = resolve_device(t.device)
+    if device.type == "cuda":
+        if ranks.enabled:
+            device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if t.threads:
+        torch.set_num_threads(t.threads)
     return device
 
 

@@ -28,16 +28,16 @@ from transformer.checkpoint import (
     rng_state,
 )
 from transformer.config import Config, save_config
-from transformer.data import Batch, load_corpus
+from transformer.data import Batch
 from transformer.model import count_parameters
 from transformer.plots import plot_metrics
 from transformer.tokenizer import Tokenizer
 from transformer.training.build import (
     autocast,
+    build_device,
     build_model,
     build_tokenizer,
     build_train_data,
-    resolve_device,
     set_vocab_sizes,
 )
 from transformer.training.checkpointing import (
@@ -57,7 +57,7 @@ from transformer.training.state import (
     check_data_position,
     data_signature,
 )
-from transformer.training.validation import fit_positions, validate
+from transformer.training.validation import load_valid, validate
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +80,8 @@ class Trainer:
         self.cfg = cfg
         t = cfg.training
         self.dist = Distributed.from_env()
-        self.device = resolve_device(t.device)
-        if self.device.type == "cuda":
-            if self.dist.enabled:
-                self.device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        self.device = build_device(t, self.dist)
         self.dist.init(self.device, t.dist_timeout, t.prepare_timeout)
-        if t.threads:
-            torch.set_num_threads(t.threads)
         self.run_dir = Path(t.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.data.cache_dir is None:
@@ -114,7 +106,7 @@ class Trainer:
             cfg, self.model, self.device
         )
         self.train_data, self.n_train = build_train_data(cfg, self.tokenizer, self.dist)
-        self.valid = self._load_valid() if self.dist.main else None
+        self.valid = load_valid(cfg, self.tokenizer) if self.dist.main else None
         self.signature = data_signature(
             cfg, self.dist.world, self.train_data.fingerprint()
         )
@@ -149,13 +141,6 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.state.step
-
-    def _load_valid(self):
-        d = self.cfg.data
-        corpus = load_corpus(
-            d, d.valid_split, self.tokenizer, train=False, seed=self.cfg.training.seed
-        )
-        return fit_positions(corpus, self.cfg.model.max_positions, d.valid_split)
 
     # --- checkpoints ---
 
@@ -394,15 +379,8 @@ class Trainer:
             )
 
         metrics = self.dist.on_main(run, "validating")
-        score = metrics[t.best_metric]
         s = self.state
-        better = s.best_score is None or (
-            score < s.best_score if t.best_metric == "loss" else score > s.best_score
-        )
-        if better:
-            s.best_score, s.bad_validations = score, 0
-        else:
-            s.bad_validations += 1
+        better = s.record_score(metrics[t.best_metric], t.best_metric != "loss")
         if self._metrics is not None:
             self._metrics.record("valid", s.step, {**metrics, "best": better})
         if self.dist.main:

@@ -27,6 +27,16 @@ class TrainState:
     best_score: float | None = None
     bad_validations: int = 0  # validations in a row without a new best
 
+    def record_score(self, score: float, higher_is_better: bool) -> bool:
+        """Count a validation score; True when it is the best so far."""
+        best = self.best_score
+        better = best is None or (score > best if higher_is_better else score < best)
+        if better:
+            self.best_score, self.bad_validations = score, 0
+        else:
+            self.bad_validations += 1
+        return better
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from transformer.config import PAD_ID, Config, DecodingConfig
-from transformer.data import ParallelCorpus, collate, token_batches
+from transformer.data import ParallelCorpus, collate, load_corpus, token_batches
 from transformer.evaluation import score_corpus
 from transformer.model import Transformer
 from transformer.search import decode_corpus
@@ -47,6 +47,15 @@ def fit_positions(
         corpus.refs,
         corpus.srcs,
     )
+
+
+def load_valid(cfg: Config, tokenizer: Tokenizer) -> ParallelCorpus:
+    """The validation split, unfiltered, cut to the model's positions."""
+    d = cfg.data
+    corpus = load_corpus(
+        d, d.valid_split, tokenizer, train=False, seed=cfg.training.seed
+    )
+    return fit_positions(corpus, cfg.model.max_positions, d.valid_split)
 
 
 @torch.no_grad()
