@@ -336,6 +336,7 @@ def test_two_process_gloo_matches_single_process(tmp_path, toy_tokenizer):
         )
     )
     single.train()
+
     # loss and gradient norm per step are scale-sensitive (Adam's update is not):
     # they check that the gradient is normalised by both ranks' tokens
     def steps(run):
