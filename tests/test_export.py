@@ -27,19 +27,18 @@ from transformer.config import (
 from transformer.data import read_pairs
 from transformer.embeddings import TokenEmbedding
 from transformer.evaluation import translate
+from transformer.export import (
+    ExportedModel,
+    export_model,
+    main,
+    translate_with_ctranslate2,
+)
 from transformer.model import Transformer
 from transformer.search import decode_corpus, max_lengths
 from transformer.tokenizer import Tokenizer
 
 ctranslate2 = pytest.importorskip(
     "ctranslate2", reason="ctranslate2 not installed: pip install -e '.[export]'"
-)
-
-from transformer.export import (  # noqa: E402  (needs ctranslate2)
-    ExportedModel,
-    export_model,
-    main,
-    translate_with_ctranslate2,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,7 +246,9 @@ def test_translate_with_ctranslate2_uses_the_export_defaults(exported):
     assert (defaults.strategy, defaults.beam_size) == ("beam", 5)
     nbest = translate_with_ctranslate2(export_dir, sentences, nbest=3, intra_threads=1)
     assert [len(t) for t in nbest] == [3] * len(sentences)
-    got = translate_with_ctranslate2(export_dir, sentences, beam_size=1)
+    got = translate_with_ctranslate2(
+        export_dir, sentences, beam_size=1, intra_threads=1
+    )
     greedy = DecodingConfig(strategy="greedy")  # with the default length limits
     ours = translate(model, tokenizer, sentences, greedy, CPU)
     assert [t[0].text for t in got] == [t[0].text for t in ours]
@@ -293,7 +294,9 @@ def test_int8_export_holds_int8_weights_and_decodes(tokenizers, tmp_path):
                 scale = 127 / w.abs().amax(1, keepdim=True).clamp(min=1e-30)
                 w.copy_((w * scale).round() / scale)
     # in float32 compute the weights are dequantized: the rounded model's numbers
-    dequantized = ctranslate2.Translator(str(int8), compute_type="float32")
+    dequantized = ctranslate2.Translator(
+        str(int8), compute_type="float32", intra_threads=1
+    )
     srcs = sources(tokenizer)
     tgts = [
         [4 + (i + j) % (tokenizer.tgt_vocab_size - 4) for j in range(6)]
