@@ -390,16 +390,19 @@ class ExportedModel:
         ct2 = import_ctranslate2()
         self.dir = Path(export_dir)
         self.suppress_specials = suppress_specials
-        info_path = self.dir / EXPORT_INFO
         try:
-            self.info = json.loads(info_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ExportError(f"{info_path}: not an export of this toolkit: {e}") from e
-        tok = self.info["tokenizer"]
-        src = (self.dir / tok["source_model"]).read_bytes()
-        tgt = None if tok["joint"] else (self.dir / tok["target_model"]).read_bytes()
+            self.info = json.loads((self.dir / EXPORT_INFO).read_text("utf-8"))
+            files = self.info["tokenizer"]
+            src = (self.dir / files["source_model"]).read_bytes()
+            tgt = (self.dir / files["target_model"]).read_bytes()
+            if files["joint"]:
+                tgt = None
+            self.max_positions = int(self.info["max_positions"])
+        except (OSError, ValueError, KeyError) as e:
+            raise ExportError(
+                f"{self.dir}: not an export of this toolkit ({type(e).__name__}: {e})"
+            ) from e
         self.tokenizer = Tokenizer(src, tgt)
-        self.max_positions = int(self.info["max_positions"])
         self.translator = ct2.Translator(
             str(self.dir),
             device=device,
