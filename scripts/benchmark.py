@@ -19,6 +19,11 @@ second for greedy with and without the KV cache and for beam 5, in one run:
 With --precision fp32 bf16 the same run also times the model cast to bf16
 (decoding.precision: bf16) and reports its speed-up; peak RSS is the process peak
 so far, so a bf16 run's figure includes the float32 runs before it.
+
+When ctranslate2 is installed (pip install -e ".[export]"; --no-ctranslate2 skips
+it), the checkpoint is also exported to CTranslate2 with float32 and int8 weights and
+each export decodes the same sources greedily and with beam 5 (alpha 1.0), on the
+same number of threads, through transformer.export.ExportedModel.
 """
 
 from __future__ import annotations
@@ -192,6 +197,50 @@ def decode_gflop(decode) -> float:
     return count.get_total_flops() / 1e9
 
 
+def ctranslate2_available(args) -> bool:
+    if args.no_ctranslate2:
+        return False
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        logging.info("ctranslate2 not installed: no CTranslate2 rows")
+        return False
+    return True
+
+
+def bench_ctranslate2(
+    model, tokenizer, sources, refs, runs, device, export_dir: Path
+) -> dict:
+    """Export with float32 and int8 weights; time greedy and beam 5 of each."""
+    from transformer.evaluation import score_corpus
+    from transformer.export import ExportedModel, export_model
+
+    results = {}
+    for quantization, suffix in ((None, ""), ("int8", "_int8")):
+        path = export_dir / (quantization or "float32")
+        export_model(model, tokenizer, path, quantization)
+        exported = ExportedModel(
+            path, device.type, intra_threads=torch.get_num_threads()
+        )
+        for name in ("greedy_cached", "beam5_cached"):
+            dcfg = runs[name][0]
+            exported.translate(sources[:16], dcfg)
+            start = time.perf_counter()
+            out = exported.translate(sources, dcfg)
+            seconds = time.perf_counter() - start
+            hyps = [h[0].text for h in out]
+            key = f"ct2_{name.removesuffix('_cached')}{suffix}"
+            results[key] = {
+                "seconds": seconds,
+                "sentences_per_s": len(sources) / seconds,
+                "bleu": score_corpus(hyps, refs)["bleu"],
+                "compute_type": exported.translator.compute_type,
+                "peak_rss_mib": peak_rss_mib(),  # the process peak so far
+            }
+            logging.info("%s: %.1f sentences/s", key, len(sources) / seconds)
+    return results
+
+
 def bench_decode(args) -> dict:
     from transformer.checkpoint import load_model, set_precision
     from transformer.data import read_pairs
@@ -217,6 +266,13 @@ def bench_decode(args) -> dict:
         ),
     }
     results = {}
+    if ctranslate2_available(args):  # exported before the model is cast to bf16
+        with tempfile.TemporaryDirectory(prefix="bench-ct2-") as tmp:
+            results.update(
+                bench_ctranslate2(
+                    model, tokenizer, sources, refs, runs, device, Path(tmp)
+                )
+            )
     for precision in sorted(set(args.precision), key=["fp32", "bf16"].index):
         set_precision(model, precision)  # fp32 runs first, on the loaded weights
         suffix = "" if precision == "fp32" else f"_{precision}"
@@ -259,6 +315,16 @@ def bench_decode(args) -> dict:
             results["beam5_cached"]["model_gflop"]
             / results["greedy_cached"]["model_gflop"]
         )
+    # CTranslate2 time against ours in float32 (our KV-cached search), same sources
+    speedups = {
+        f"{name}{suffix}": results[f"{name}_cached"]["seconds"]
+        / results[f"ct2_{name}{suffix}"]["seconds"]
+        for name in ("greedy", "beam5")
+        for suffix in ("", "_int8")
+        if f"ct2_{name}{suffix}" in results and f"{name}_cached" in results
+    }
+    if speedups:
+        result["ct2_speedup_over_torch_fp32"] = speedups
     if "greedy_cached_bf16" in results:
         greedy = results["greedy_cached_bf16"]["seconds"]
         result["bf16_beam5_time_over_greedy"] = (
@@ -294,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument("--limit", type=int, default=0, help="first N sentences only")
     decode.add_argument(
         "--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"]
+    )
+    decode.add_argument(
+        "--no-ctranslate2", action="store_true", help="skip the CTranslate2 rows"
     )
     for p in (train, decode):
         p.add_argument("--device", default="auto")

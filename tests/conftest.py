@@ -84,21 +84,29 @@ def multi30k_dir() -> Path:
     return MULTI30K
 
 
-def train_copy_model(steps: int, seed: int = 0, vocab: int = 14) -> Transformer:
-    """A small model trained for ``steps`` updates on the copy task (ids 4..vocab-1)."""
+def train_copy_model(
+    steps: int, seed: int = 0, vocab: int = 14, **overrides
+) -> Transformer:
+    """A small model trained for ``steps`` updates on the copy task (ids 4..vocab-1).
+
+    ``overrides`` change the architecture (``tiny_config`` keys); with different
+    source and target vocabularies the copied ids are those both have.
+    """
     torch.manual_seed(seed)
-    cfg = tiny_config(
+    values = dict(
         d_model=64,
         d_ff=128,
         max_positions=48,
         src_vocab_size=vocab,
         tgt_vocab_size=vocab,
     )
+    cfg = tiny_config(**{**values, **overrides})
     model = Transformer(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
+    shared = min(cfg.src_vocab_size, cfg.tgt_vocab_size)
     for _ in range(steps):
         length = int(torch.randint(3, 9, (1,)))
-        body = torch.randint(4, vocab, (64, length))
+        body = torch.randint(4, shared, (64, length))
         src = torch.cat([body, torch.full((64, 1), 3)], 1)
         tgt_in = torch.cat([torch.full((64, 1), 2), body], 1)
         logits = model(src, tgt_in)

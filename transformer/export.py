@@ -1,0 +1,572 @@
+"""Export to CTranslate2, and translation with an exported model.
+
+``transformer-export --checkpoint C --output DIR [--quantization int8]`` writes a
+CTranslate2 model directory (``model.bin``, ``config.json``, the vocabularies), the
+checkpoint's SentencePiece model(s) and ``export.json``, which says how the export is
+meant to be used. ``ExportedModel`` / ``translate_with_ctranslate2`` translate raw
+sentences with it, with this toolkit's search settings (``DecodingConfig``).
+
+What the export has to spell out, because CTranslate2's defaults differ from ours:
+
+- Positions: our sinusoids interleave sin/cos (even/odd dimensions) and start at
+  position 0; CTranslate2's built-in table concatenates [sin | cos] and starts at 1.
+  The export therefore always writes our table (sinusoidal or learned) as
+  ``position_encodings/encodings``; it also caps the input length at
+  ``model.max_positions``.
+- Special tokens: our ids are pad=0, unk=1, bos=2, eos=3, whose SentencePiece pieces
+  (normally ``<pad> <unk> <s> </s>``) become CTranslate2's unk, bos (the decoder start
+  token) and eos tokens. Our sources end with <eos>, so the config sets
+  ``add_source_eos``: callers pass pieces without ``</s>``.
+- Our search never emits <pad> or <bos>; CTranslate2 is told so with
+  ``suppress_sequences``. It masks them before the softmax, we after, so its
+  log-probabilities are renormalised over the other tokens: greedy output is the
+  same, scores are a little higher, and beams that nearly tie may swap (for a
+  trained model, which gives <pad>/<bos> almost no probability, they practically
+  never do). ``ExportedModel(..., suppress_specials=False)`` computes our exact
+  log-probabilities instead, at the risk of a beam taking <pad>/<bos>.
+- Length penalty: CTranslate2 divides a finished hypothesis' log-probability by
+  ``|Y| ** length_penalty`` (|Y| counts </s>); ours is GNMT's ``((5 + |Y|) / 6) **
+  alpha``, also counting <eos>. No setting makes them equal. ``ExportedModel`` runs
+  CTranslate2's beam search with a non-zero penalty (which, like ours, keeps searching
+  until ``beam_size`` hypotheses have finished; 0 stops as soon as the best beam
+  ends), takes back the plain log-probabilities and re-ranks with GNMT's penalty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from transformer import __version__
+from transformer.checkpoint import CheckpointError, load_model
+from transformer.config import EOS_ID, ConfigError, DecodingConfig, ModelConfig
+from transformer.evaluation import Translation
+from transformer.model import Transformer
+from transformer.search import Hypothesis, length_penalty
+from transformer.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError
+
+log = logging.getLogger(__name__)
+
+EXPORT_INFO = "export.json"
+INSTALL_HINT = 'pip install -e ".[export]"'
+
+
+class ExportError(ValueError):
+    """The export cannot be written or read (missing extra, bad option, bad folder)."""
+
+
+def import_ctranslate2():
+    """The ``ctranslate2`` module, or an ``ExportError`` saying how to install it."""
+    try:
+        import ctranslate2
+    except ImportError as e:
+        raise ExportError(
+            f"ctranslate2 is not installed ({e}); install it with {INSTALL_HINT}"
+        ) from None
+    return ctranslate2
+
+
+def quantizations() -> tuple[str, ...]:
+    """Weight types that ``spec.optimize(quantization=...)`` accepts."""
+    from ctranslate2.specs.model_spec import ACCEPTED_MODEL_TYPES
+
+    return tuple(ACCEPTED_MODEL_TYPES)
+
+
+# --- building the specification ---
+
+
+def _array(tensor):
+    """A float32 numpy copy of a parameter or buffer."""
+    return tensor.detach().cpu().float().numpy().copy()
+
+
+def _set_linear(spec, linear) -> None:
+    spec.weight = _array(linear.weight)  # (out, in), the layout CTranslate2 expects
+    if linear.bias is not None:
+        spec.bias = _array(linear.bias)
+
+
+def _set_norm(spec, norm) -> None:
+    spec.gamma = _array(norm.weight)
+    spec.beta = _array(norm.bias)
+
+
+def _layer_norm_epsilon(model: Transformer) -> float:
+    """The one epsilon of every LayerNorm (CTranslate2 has a single setting)."""
+    eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    if len(eps) != 1:
+        raise ExportError(f"LayerNorms use several epsilons {sorted(eps)}")
+    return eps.pop()
+
+
+def _special_pieces(tokenizer: Tokenizer) -> dict[str, str]:
+    """Pieces of pad/unk/bos/eos, which must be the same on both sides."""
+    pieces = {}
+    for name, i in SPECIAL_IDS.items():
+        src, tgt = tokenizer.src.id_to_piece(i), tokenizer.tgt.id_to_piece(i)
+        if src != tgt:
+            raise ExportError(
+                f"the source and target SentencePiece models name the {name} token "
+                f"differently ({src!r}, {tgt!r}); CTranslate2 needs one name"
+            )
+        pieces[name] = src
+    return pieces
+
+
+def _pieces(sp, expected: int, side: str) -> list[str]:
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    if len(pieces) != expected:
+        raise ExportError(
+            f"the {side} SentencePiece model has {len(pieces)} pieces but the model's "
+            f"{side} vocabulary has {expected}"
+        )
+    return pieces
+
+
+def build_spec(model: Transformer, tokenizer: Tokenizer):
+    """A validated ``ctranslate2.specs.TransformerSpec`` holding ``model``'s weights."""
+    import_ctranslate2()
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    cfg: ModelConfig = model.cfg
+    activations = {
+        "relu": common_spec.Activation.RELU,
+        "gelu": common_spec.Activation.GELU,  # erf form, as F.gelu's default
+        "silu": common_spec.Activation.SWISH,  # x * sigmoid(x)
+    }
+    spec = transformer_spec.TransformerSpec.from_config(
+        (cfg.encoder_layers, cfg.decoder_layers),
+        cfg.n_heads,
+        pre_norm=cfg.norm_first,
+        activation=activations[cfg.activation],
+    )
+    special = _special_pieces(tokenizer)
+    spec.config.unk_token = special["unk"]
+    spec.config.bos_token = special["bos"]
+    spec.config.eos_token = special["eos"]
+    spec.config.decoder_start_token = special["bos"]
+    spec.config.add_source_bos = False
+    spec.config.add_source_eos = True
+    spec.config.layer_norm_epsilon = _layer_norm_epsilon(model)
+    spec.register_source_vocabulary(
+        _pieces(tokenizer.src, cfg.src_vocab_size, "source")
+    )
+    spec.register_target_vocabulary(
+        _pieces(tokenizer.tgt, cfg.tgt_vocab_size, "target")
+    )
+
+    enc, dec = spec.encoder, spec.decoder
+    enc.embeddings[0].weight = _array(model.src_embed.weight)
+    dec.embeddings.weight = _array(model.tgt_embed.weight)
+    enc.scale_embeddings = dec.scale_embeddings = True  # times sqrt(d_model)
+    for side, pos in ((enc, model.src_pos), (dec, model.tgt_pos)):
+        table = pos.table if pos.learned is None else pos.learned.weight
+        side.position_encodings.encodings = _array(table)  # (max_positions, D)
+    if model.encoder_norm is not None:
+        _set_norm(enc.layer_norm, model.encoder_norm)
+        _set_norm(dec.layer_norm, model.decoder_norm)
+    output = model.tgt_embed if model.output_proj is None else model.output_proj
+    dec.projection.weight = _array(output.weight)  # (V_tgt, D), no bias
+
+    for layer_spec, layer in zip(enc.layer, model.encoder, strict=True):
+        attn = layer_spec.self_attention
+        _set_norm(attn.layer_norm, layer.attn_res.norm)
+        _set_linear(attn.linear[0], layer.self_attn.qkv_proj)  # fused Q|K|V
+        _set_linear(attn.linear[1], layer.self_attn.out_proj)
+        _set_norm(layer_spec.ffn.layer_norm, layer.ffn_res.norm)
+        _set_linear(layer_spec.ffn.linear_0, layer.ffn.fc1)
+        _set_linear(layer_spec.ffn.linear_1, layer.ffn.fc2)
+    for layer_spec, layer in zip(dec.layer, model.decoder, strict=True):
+        attn = layer_spec.self_attention
+        _set_norm(attn.layer_norm, layer.self_res.norm)
+        _set_linear(attn.linear[0], layer.self_attn.qkv_proj)  # fused Q|K|V
+        _set_linear(attn.linear[1], layer.self_attn.out_proj)
+        cross = layer_spec.attention
+        _set_norm(cross.layer_norm, layer.cross_res.norm)
+        _set_linear(cross.linear[0], layer.cross_attn.q_proj)
+        _set_linear(cross.linear[1], layer.cross_attn.kv_proj)  # fused K|V
+        _set_linear(cross.linear[2], layer.cross_attn.out_proj)
+        _set_norm(layer_spec.ffn.layer_norm, layer.ffn_res.norm)
+        _set_linear(layer_spec.ffn.linear_0, layer.ffn.fc1)
+        _set_linear(layer_spec.ffn.linear_1, layer.ffn.fc2)
+    spec.validate()
+    return spec
+
+
+# --- writing the export ---
+
+
+def _check_options(output: Path, quantization: str | None, force: bool) -> None:
+    if quantization is not None and quantization not in quantizations():
+        choices = ", ".join(quantizations())
+        raise ExportError(f"--quantization {quantization}: must be one of {choices}")
+    if not output.exists() and not output.is_symlink():
+        return
+    if not force:
+        raise ExportError(f"{output} already exists; pass --force to replace it")
+    # --force replaces an earlier export or an empty folder, never anything else
+    if not output.is_dir() or output.is_symlink():
+        raise ExportError(f"{output} exists and is not a folder; not replacing it")
+    if any(output.iterdir()) and not (output / EXPORT_INFO).is_file():
+        raise ExportError(
+            f"{output} is not empty and holds no {EXPORT_INFO}, so it is not an "
+            "earlier export; not replacing it"
+        )
+
+
+def export_model(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    output: str | Path,
+    quantization: str | None = None,
+    force: bool = False,
+    decoding: DecodingConfig | None = None,
+    source: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as a CTranslate2 model directory ``output``.
+
+    Args:
+        model: the Transformer (its weights are read, not changed).
+        tokenizer: its SentencePiece model(s), copied into ``output``.
+        output: the folder to create; the files are written to a temporary sibling
+            folder first and renamed into place, so a failure leaves no half export.
+        quantization: a CTranslate2 weight type (``int8``, ``int8_float32``,
+            ``bfloat16``, ...); None keeps float32 weights.
+        force: replace ``output`` if it is an earlier export (or empty).
+        decoding: search defaults recorded in ``export.json``.
+        source: provenance recorded in ``export.json`` (checkpoint, step).
+    """
+    ct2 = import_ctranslate2()
+    output = Path(output)
+    _check_options(output, quantization, force)
+    spec = build_spec(model, tokenizer)
+    spec.optimize(quantization=quantization)  # aliases tied weights, then quantizes
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        spec.save(str(staging))
+        files = [p.name for p in tokenizer.save(staging)]
+        info = _export_info(model, tokenizer, files, quantization, decoding, source)
+        info["ctranslate2_version"] = ct2.__version__
+        (staging / EXPORT_INFO).write_text(
+            json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        if output.exists():  # an earlier export (see _check_options)
+            trash = Path(
+                tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent)
+            )
+            output.rename(trash / output.name)
+            try:
+                staging.rename(output)
+            except BaseException:
+                (trash / output.name).rename(output)
+                raise
+            shutil.rmtree(trash)
+        else:
+            staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("exported to %s (quantization %s)", output, quantization or "none")
+    return output
+
+
+def _export_info(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    files: list[str],
+    quantization: str | None,
+    decoding: DecodingConfig | None,
+    source: dict[str, Any] | None,
+) -> dict[str, Any]:
+    special = _special_pieces(tokenizer)
+    src_model, tgt_model = (files[0], files[0]) if tokenizer.joint else files
+    decoding = decoding or DecodingConfig()
+    return {
+        "format": "ctranslate2-transformer",
+        "exported_by": f"transformer-nmt {__version__}",
+        **(source or {}),
+        "quantization": quantization,
+        "tokenizer": {
+            "joint": tokenizer.joint,
+            "source_model": src_model,
+            "target_model": tgt_model,
+            "hash": tokenizer.hash(),
+        },
+        "special_tokens": {
+            name: {"id": i, "piece": special[name]} for name, i in SPECIAL_IDS.items()
+        },
+        "source_suffix": special["eos"],
+        "decoder_start_token": special["bos"],
+        "suppress_tokens": [special["pad"], special["bos"]],
+        "max_positions": model.cfg.max_positions,
+        "model": asdict(model.cfg),
+        "decoding": {
+            key: getattr(decoding, key)
+            for key in (
+                "strategy",
+                "beam_size",
+                "length_penalty",
+                "max_len_a",
+                "max_len_b",
+                "min_len",
+            )
+        },
+        "usage": (
+            "from transformer.export import translate_with_ctranslate2; "
+            "translate_with_ctranslate2(DIR, ['a sentence'], beam_size=5). "
+            "Raw CTranslate2: ctranslate2.Translator(DIR).translate_batch(pieces, "
+            "min_decoding_length=0, max_decoding_length=<at most max_positions>, "
+            "suppress_sequences=[[pad], [bos]]) with pieces from the SentencePiece "
+            "source model, without </s> (it is added)."
+        ),
+    }
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    quantization: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Export a checkpoint of this toolkit (see ``export_model``)."""
+    import_ctranslate2()  # fail before the (slower) checkpoint load
+    _check_options(Path(output), quantization, force)
+    model, cfg, tokenizer, ckpt = load_model(checkpoint)
+    source = {"checkpoint": str(checkpoint), "step": ckpt.get("step")}
+    return export_model(
+        model, tokenizer, output, quantization, force, cfg.decoding, source
+    )
+
+
+# --- translating with an export ---
+
+
+def _ct2_length_penalty(alpha: float, length: float) -> float:
+    """CTranslate2's ``length_penalty`` that best stands in for GNMT's ``alpha``.
+
+    CTranslate2 stops a sentence once ``beam_size`` hypotheses have finished, as ours
+    does, unless its penalty is 0 (then it stops when the best beam ends), and keeps
+    the ``beam_size`` best by score / |Y| ** beta. Our caller re-ranks those with
+    GNMT's penalty, so beta only decides which finished hypotheses survive when more
+    than ``beam_size`` finish at once. beta = alpha * n / (5 + n) is the slope of
+    GNMT's log-penalty alpha * log((5 + |Y|) / 6) against log |Y| at |Y| = n (the
+    expected length); a tiny beta keeps plain log-probabilities for alpha = 0.
+    """
+    return alpha * length / (5.0 + length) if alpha else 1e-20
+
+
+class ExportedModel:
+    """An exported model loaded in a ``ctranslate2.Translator``, with its tokenizer.
+
+    Args:
+        export_dir: a folder written by ``export_model``.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        compute_type: CTranslate2's compute type (``default`` follows the weights).
+        intra_threads: threads per translation (0: CTranslate2's default).
+        suppress_specials: never emit <pad> or <bos>, as our search (see the module
+            docstring for what this changes in the scores).
+    """
+
+    def __init__(
+        self,
+        export_dir: str | Path,
+        device: str = "cpu",
+        compute_type: str = "default",
+        intra_threads: int = 0,
+        suppress_specials: bool = True,
+    ) -> None:
+        ct2 = import_ctranslate2()
+        self.dir = Path(export_dir)
+        self.suppress_specials = suppress_specials
+        try:
+            self.info = json.loads((self.dir / EXPORT_INFO).read_text("utf-8"))
+            files = self.info["tokenizer"]
+            src = (self.dir / files["source_model"]).read_bytes()
+            tgt = (self.dir / files["target_model"]).read_bytes()
+            if files["joint"]:
+                tgt = None
+            self.max_positions = int(self.info["max_positions"])
+        except (OSError, ValueError, KeyError) as e:
+            raise ExportError(
+                f"{self.dir}: not an export of this toolkit ({type(e).__name__}: {e})"
+            ) from e
+        self.tokenizer = Tokenizer(src, tgt)
+        self.translator = ct2.Translator(
+            str(self.dir),
+            device=device,
+            compute_type=compute_type,
+            intra_threads=intra_threads,
+        )
+
+    def decoding_config(self, **overrides: Any) -> DecodingConfig:
+        """The checkpoint's decoding defaults, with ``overrides`` applied."""
+        values = {**self.info["decoding"], **overrides}
+        cfg = DecodingConfig(**values)
+        cfg.validate()
+        return cfg
+
+    def decode(
+        self, sources: list[list[int]], cfg: DecodingConfig
+    ) -> list[list[Hypothesis]]:
+        """Source ids (pieces, no <eos>) -> ``cfg.nbest`` hypotheses each, in order.
+
+        Mirrors ``transformer.search.decode_corpus``: greedy or beam search, the
+        per-sentence length limit ``max_len_a * (|src| + 1) + max_len_b`` (tokens with
+        <eos>), ``min_len``, and beam hypotheses ranked by the GNMT length penalty.
+        """
+        if cfg.strategy == "sample":
+            raise ConfigError("decoding.strategy: sampling is not supported here")
+        beam = cfg.strategy == "beam"
+        k = cfg.beam_size if beam else 1
+        suppress = [[p] for p in self.info["suppress_tokens"]]
+        if not self.suppress_specials:
+            suppress = None
+        src_vocab = self.tokenizer.src
+        pieces = [[src_vocab.id_to_piece(i) for i in s] for s in sources]
+        # CTranslate2 has one length limit per call: group sentences by ours
+        # float32 arithmetic, as in ``transformer.search.max_lengths``
+        src_len = torch.tensor([len(s) + 1 for s in sources], dtype=torch.float32)
+        budget = (cfg.max_len_a * src_len + cfg.max_len_b).floor().long()
+        groups: dict[int, list[int]] = {}
+        for i, limit in enumerate(budget.clamp(1, self.max_positions).tolist()):
+            groups.setdefault(limit, []).append(i)
+        results: list[list[Hypothesis] | None] = [None] * len(sources)
+        for limit, indices in sorted(groups.items()):
+            n0 = sum(len(sources[i]) + 1 for i in indices) / len(indices)
+            beta = _ct2_length_penalty(cfg.length_penalty, n0) if beam else 0.0
+            out = self.translator.translate_batch(
+                [pieces[i] for i in indices],
+                max_batch_size=max(cfg.max_tokens // k, 1),
+                batch_type="tokens",
+                beam_size=k,
+                num_hypotheses=k,
+                length_penalty=beta,
+                # ours forces <eos> at token ``limit``: stop one token before it
+                max_decoding_length=max(limit - 1, 1),
+                min_decoding_length=min(cfg.min_len, max(limit - 1, 1)),
+                max_input_length=self.max_positions,
+                suppress_sequences=suppress,
+                return_end_token=True,
+                return_scores=True,
+            )
+            for i, result in zip(indices, out, strict=True):
+                results[i] = self._hypotheses(result, beta, cfg)
+        return results
+
+    def _hypotheses(self, result, beta: float, cfg: DecodingConfig) -> list[Hypothesis]:
+        hyps = []
+        for tokens, score in zip(result.hypotheses, result.scores, strict=True):
+            length = len(tokens)  # counts </s>, as both length penalties do
+            ids = [self.tokenizer.tgt.piece_to_id(p) for p in tokens]
+            if ids and ids[-1] == EOS_ID:
+                ids = ids[:-1]
+            if beta:  # undo CTranslate2's score / |Y| ** beta, apply GNMT's
+                alpha = cfg.length_penalty
+                score = score * length**beta / length_penalty(length, alpha)
+            hyps.append(Hypothesis(ids, score))
+        hyps.sort(key=lambda h: h.score, reverse=True)
+        return hyps[: cfg.nbest]
+
+    def translate(
+        self, sentences: list[str], cfg: DecodingConfig | None = None
+    ) -> list[list[Translation]]:
+        """Raw sentences -> n-best detokenized translations, like ``translate()``."""
+        cfg = cfg or self.decoding_config()
+        limit = self.max_positions - 1  # room for <eos>
+        ids = self.tokenizer.encode_src(sentences)
+        if any(len(s) > limit for s in ids):
+            log.warning("sentences longer than %d pieces were truncated", limit)
+            ids = [s[:limit] for s in ids]
+        return [
+            [
+                Translation(self.tokenizer.decode_tgt(h.tokens), h.score, h.tokens)
+                for h in hyps
+            ]
+            for hyps in self.decode(ids, cfg)
+        ]
+
+
+def translate_with_ctranslate2(
+    export_dir: str | Path,
+    sentences: list[str],
+    beam_size: int | None = None,
+    length_penalty: float | None = None,
+    nbest: int = 1,
+    device: str = "cpu",
+    compute_type: str = "default",
+    intra_threads: int = 0,
+) -> list[list[Translation]]:
+    """Translate ``sentences`` with an export; search defaults from the checkpoint.
+
+    ``beam_size=1`` is greedy search; ``length_penalty`` is the GNMT alpha.
+    """
+    model = ExportedModel(export_dir, device, compute_type, intra_threads)
+    cfg = model.decoding_config()
+    if beam_size is not None:
+        cfg.strategy = "beam" if beam_size > 1 else "greedy"
+        cfg.beam_size = beam_size
+    if length_penalty is not None:
+        cfg.length_penalty = length_penalty
+    cfg.nbest, cfg.beam_size = nbest, max(cfg.beam_size, nbest)
+    cfg.validate()
+    return model.translate(sentences, cfg)
+
+
+# --- command line ---
+
+USER_ERRORS = (ExportError, CheckpointError, TokenizerError, ConfigError)
+
+
+def _export(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="transformer-export",
+        description="Export a checkpoint to a CTranslate2 model directory.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a .pt checkpoint")
+    parser.add_argument("--output", required=True, help="the folder to create")
+    parser.add_argument(
+        "--quantization",
+        help="weight type: int8, int8_float32, int8_bfloat16, bfloat16, float16, "
+        "float32, ... (default: float32 weights as trained)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an earlier export in --output"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    out = export_checkpoint(args.checkpoint, args.output, args.quantization, args.force)
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``transformer-export``: user errors print one ``error:`` line, exit 2."""
+    try:
+        return _export(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
