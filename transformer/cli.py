@@ -25,7 +25,7 @@ log = logging.getLogger("transformer")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
 
 
-def _setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -34,10 +34,12 @@ def _setup_logging(verbose: bool = False) -> None:
     )
 
 
-def _run(main, argv) -> int:
+def run_cli(main, argv, extra_errors: tuple[type[Exception], ...] = ()) -> int:
+    """Run an entry point: a user error prints one ``error:`` line (exit 2), Ctrl-C
+    prints ``interrupted`` (exit 130); anything else is a bug and shows its trace."""
     try:
         return main(argv)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, *extra_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -81,7 +83,7 @@ def _train(argv: list[str] | None) -> int:
         help="config overrides, e.g. training.max_steps=1000",
     )
     args = parser.parse_args(argv)
-    _setup_logging()
+    setup_logging()
     from transformer.training import TrainingError, train
 
     overrides = list(args.overrides)
@@ -98,7 +100,7 @@ def _train(argv: list[str] | None) -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    return _run(_train, argv)
+    return run_cli(_train, argv)
 
 
 # --- shared decoding options ---
@@ -190,7 +192,7 @@ def _eval(argv: list[str] | None) -> int:
     parser.add_argument("--report", help="JSON report (default: <output>.json)")
     parser.add_argument("--ter", action="store_true", help="also compute TER")
     args = parser.parse_args(argv)
-    _setup_logging()
+    setup_logging()
     from transformer.evaluation import reference_warnings, score_corpus, translate
 
     device = _device(args.device)
@@ -255,7 +257,7 @@ def _eval(argv: list[str] | None) -> int:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    return _run(_eval, argv)
+    return run_cli(_eval, argv)
 
 
 # --- translate ---
@@ -327,7 +329,7 @@ def _translate(argv: list[str] | None) -> int:
     parser.add_argument("--layer", type=int, default=-1, help="decoder layer to plot")
     parser.add_argument("--head", type=int, help="head to plot (default: the mean)")
     args = parser.parse_args(argv)
-    _setup_logging()
+    setup_logging()
     from transformer.evaluation import translate
 
     device = _device(args.device)
@@ -395,7 +397,7 @@ def _translate(argv: list[str] | None) -> int:
 
 
 def translate_main(argv: list[str] | None = None) -> int:
-    return _run(_translate, argv)
+    return run_cli(_translate, argv)
 
 
 # --- average ---
@@ -411,7 +413,7 @@ def _average(argv: list[str] | None) -> int:
     parser.add_argument("--inputs", nargs="*", help="explicit checkpoint files")
     parser.add_argument("--output", required=True, help="the averaged checkpoint")
     args = parser.parse_args(argv)
-    _setup_logging()
+    setup_logging()
     if args.inputs:
         paths = [Path(p) for p in args.inputs]
     elif args.run_dir:
@@ -430,4 +432,4 @@ def _average(argv: list[str] | None) -> int:
 
 
 def average_main(argv: list[str] | None = None) -> int:
-    return _run(_average, argv)
+    return run_cli(_average, argv)

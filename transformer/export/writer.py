@@ -1,12 +1,6 @@
-"""Export to CTranslate2, and translation with an exported model.
+"""Writing a checkpoint as a CTranslate2 model directory (``transformer-export``).
 
-``transformer-export --checkpoint C --output DIR [--quantization int8]`` writes a
-CTranslate2 model directory (``model.bin``, ``config.json``, the vocabularies), the
-checkpoint's SentencePiece model(s) and ``export.json``, which says how the export is
-meant to be used. ``ExportedModel`` / ``translate_with_ctranslate2`` translate raw
-sentences with it, with this toolkit's search settings (``DecodingConfig``).
-
-What the export has to spell out, because CTranslate2's defaults differ from ours:
+What the export spells out, because CTranslate2's defaults differ from ours:
 
 - Positions: our sinusoids interleave sin/cos (even/odd dimensions) and start at
   position 0; CTranslate2's built-in table concatenates [sin | cos] and starts at 1.
@@ -17,19 +11,6 @@ What the export has to spell out, because CTranslate2's defaults differ from our
   (normally ``<pad> <unk> <s> </s>``) become CTranslate2's unk, bos (the decoder start
   token) and eos tokens. Our sources end with <eos>, so the config sets
   ``add_source_eos``: callers pass pieces without ``</s>``.
-- Our search never emits <pad> or <bos>; CTranslate2 is told so with
-  ``suppress_sequences``. It masks them before the softmax, we after, so its
-  log-probabilities are renormalised over the other tokens: greedy output is the
-  same, scores are a little higher, and beams that nearly tie may swap (for a
-  trained model, which gives <pad>/<bos> almost no probability, they practically
-  never do). ``ExportedModel(..., suppress_specials=False)`` computes our exact
-  log-probabilities instead, at the risk of a beam taking <pad>/<bos>.
-- Length penalty: CTranslate2 divides a finished hypothesis' log-probability by
-  ``|Y| ** length_penalty`` (|Y| counts </s>); ours is GNMT's ``((5 + |Y|) / 6) **
-  alpha``, also counting <eos>. No setting makes them equal. ``ExportedModel`` runs
-  CTranslate2's beam search with a non-zero penalty (which, like ours, keeps searching
-  until ``beam_size`` hypotheses have finished; 0 stops as soon as the best beam
-  ends), takes back the plain log-probabilities and re-ranks with GNMT's penalty.
 """
 
 from __future__ import annotations
@@ -38,42 +19,21 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from transformer import __version__
-from transformer.checkpoint import CheckpointError, load_model
-from transformer.config import EOS_ID, ConfigError, DecodingConfig, ModelConfig
-from transformer.evaluation import Translation
+from transformer.checkpoint import load_model
+from transformer.config import DecodingConfig, ModelConfig
+from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
 from transformer.model import Transformer
-from transformer.search import Hypothesis, length_penalty
-from transformer.tokenizer import SPECIAL_IDS, Tokenizer, TokenizerError
+from transformer.tokenizer import SPECIAL_IDS, Tokenizer
 
 log = logging.getLogger(__name__)
-
-EXPORT_INFO = "export.json"
-INSTALL_HINT = 'pip install -e ".[export]"'
-
-
-class ExportError(ValueError):
-    """The export cannot be written or read (missing extra, bad option, bad folder)."""
-
-
-def import_ctranslate2():
-    """The ``ctranslate2`` module, or an ``ExportError`` saying how to install it."""
-    try:
-        import ctranslate2
-    except ImportError as e:
-        raise ExportError(
-            f"ctranslate2 is not installed ({e}); install it with {INSTALL_HINT}"
-        ) from None
-    return ctranslate2
 
 
 def quantizations() -> tuple[str, ...]:
@@ -350,183 +310,7 @@ def export_checkpoint(
     )
 
 
-# --- translating with an export ---
-
-
-def _ct2_length_penalty(alpha: float, length: float) -> float:
-    """CTranslate2's ``length_penalty`` that best stands in for GNMT's ``alpha``.
-
-    CTranslate2 stops a sentence once ``beam_size`` hypotheses have finished, as ours
-    does, unless its penalty is 0 (then it stops when the best beam ends), and keeps
-    the ``beam_size`` best by score / |Y| ** beta. Our caller re-ranks those with
-    GNMT's penalty, so beta only decides which finished hypotheses survive when more
-    than ``beam_size`` finish at once. beta = alpha * n / (5 + n) is the slope of
-    GNMT's log-penalty alpha * log((5 + |Y|) / 6) against log |Y| at |Y| = n (the
-    expected length); a tiny beta keeps plain log-probabilities for alpha = 0.
-    """
-    return alpha * length / (5.0 + length) if alpha else 1e-20
-
-
-class ExportedModel:
-    """An exported model loaded in a ``ctranslate2.Translator``, with its tokenizer.
-
-    Args:
-        export_dir: a folder written by ``export_model``.
-        device: ``cpu``, ``cuda`` or ``auto``.
-        compute_type: CTranslate2's compute type (``default`` follows the weights).
-        intra_threads: threads per translation (0: CTranslate2's default).
-        suppress_specials: never emit <pad> or <bos>, as our search (see the module
-            docstring for what this changes in the scores).
-    """
-
-    def __init__(
-        self,
-        export_dir: str | Path,
-        device: str = "cpu",
-        compute_type: str = "default",
-        intra_threads: int = 0,
-        suppress_specials: bool = True,
-    ) -> None:
-        ct2 = import_ctranslate2()
-        self.dir = Path(export_dir)
-        self.suppress_specials = suppress_specials
-        try:
-            self.info = json.loads((self.dir / EXPORT_INFO).read_text("utf-8"))
-            files = self.info["tokenizer"]
-            src = (self.dir / files["source_model"]).read_bytes()
-            tgt = (self.dir / files["target_model"]).read_bytes()
-            if files["joint"]:
-                tgt = None
-            self.max_positions = int(self.info["max_positions"])
-        except (OSError, ValueError, KeyError) as e:
-            raise ExportError(
-                f"{self.dir}: not an export of this toolkit ({type(e).__name__}: {e})"
-            ) from e
-        self.tokenizer = Tokenizer(src, tgt)
-        self.translator = ct2.Translator(
-            str(self.dir),
-            device=device,
-            compute_type=compute_type,
-            intra_threads=intra_threads,
-        )
-
-    def decoding_config(self, **overrides: Any) -> DecodingConfig:
-        """The checkpoint's decoding defaults, with ``overrides`` applied."""
-        values = {**self.info["decoding"], **overrides}
-        cfg = DecodingConfig(**values)
-        cfg.validate()
-        return cfg
-
-    def decode(
-        self, sources: list[list[int]], cfg: DecodingConfig
-    ) -> list[list[Hypothesis]]:
-        """Source ids (pieces, no <eos>) -> ``cfg.nbest`` hypotheses each, in order.
-
-        Mirrors ``transformer.search.decode_corpus``: greedy or beam search, the
-        per-sentence length limit ``max_len_a * (|src| + 1) + max_len_b`` (tokens with
-        <eos>), ``min_len``, and beam hypotheses ranked by the GNMT length penalty.
-        """
-        if cfg.strategy == "sample":
-            raise ConfigError("decoding.strategy: sampling is not supported here")
-        beam = cfg.strategy == "beam"
-        k = cfg.beam_size if beam else 1
-        suppress = [[p] for p in self.info["suppress_tokens"]]
-        if not self.suppress_specials:
-            suppress = None
-        src_vocab = self.tokenizer.src
-        pieces = [[src_vocab.id_to_piece(i) for i in s] for s in sources]
-        # CTranslate2 has one length limit per call: group sentences by ours
-        # float32 arithmetic, as in ``transformer.search.max_lengths``
-        src_len = torch.tensor([len(s) + 1 for s in sources], dtype=torch.float32)
-        budget = (cfg.max_len_a * src_len + cfg.max_len_b).floor().long()
-        groups: dict[int, list[int]] = {}
-        for i, limit in enumerate(budget.clamp(1, self.max_positions).tolist()):
-            groups.setdefault(limit, []).append(i)
-        results: list[list[Hypothesis] | None] = [None] * len(sources)
-        for limit, indices in sorted(groups.items()):
-            n0 = sum(len(sources[i]) + 1 for i in indices) / len(indices)
-            beta = _ct2_length_penalty(cfg.length_penalty, n0) if beam else 0.0
-            out = self.translator.translate_batch(
-                [pieces[i] for i in indices],
-                max_batch_size=max(cfg.max_tokens // k, 1),
-                batch_type="tokens",
-                beam_size=k,
-                num_hypotheses=k,
-                length_penalty=beta,
-                # ours forces <eos> at token ``limit``: stop one token before it
-                max_decoding_length=max(limit - 1, 1),
-                min_decoding_length=min(cfg.min_len, max(limit - 1, 1)),
-                max_input_length=self.max_positions,
-                suppress_sequences=suppress,
-                return_end_token=True,
-                return_scores=True,
-            )
-            for i, result in zip(indices, out, strict=True):
-                results[i] = self._hypotheses(result, beta, cfg)
-        return results
-
-    def _hypotheses(self, result, beta: float, cfg: DecodingConfig) -> list[Hypothesis]:
-        hyps = []
-        for tokens, score in zip(result.hypotheses, result.scores, strict=True):
-            length = len(tokens)  # counts </s>, as both length penalties do
-            ids = [self.tokenizer.tgt.piece_to_id(p) for p in tokens]
-            if ids and ids[-1] == EOS_ID:
-                ids = ids[:-1]
-            if beta:  # undo CTranslate2's score / |Y| ** beta, apply GNMT's
-                alpha = cfg.length_penalty
-                score = score * length**beta / length_penalty(length, alpha)
-            hyps.append(Hypothesis(ids, score))
-        hyps.sort(key=lambda h: h.score, reverse=True)
-        return hyps[: cfg.nbest]
-
-    def translate(
-        self, sentences: list[str], cfg: DecodingConfig | None = None
-    ) -> list[list[Translation]]:
-        """Raw sentences -> n-best detokenized translations, like ``translate()``."""
-        cfg = cfg or self.decoding_config()
-        limit = self.max_positions - 1  # room for <eos>
-        ids = self.tokenizer.encode_src(sentences)
-        if any(len(s) > limit for s in ids):
-            log.warning("sentences longer than %d pieces were truncated", limit)
-            ids = [s[:limit] for s in ids]
-        return [
-            [
-                Translation(self.tokenizer.decode_tgt(h.tokens), h.score, h.tokens)
-                for h in hyps
-            ]
-            for hyps in self.decode(ids, cfg)
-        ]
-
-
-def translate_with_ctranslate2(
-    export_dir: str | Path,
-    sentences: list[str],
-    beam_size: int | None = None,
-    length_penalty: float | None = None,
-    nbest: int = 1,
-    device: str = "cpu",
-    compute_type: str = "default",
-    intra_threads: int = 0,
-) -> list[list[Translation]]:
-    """Translate ``sentences`` with an export; search defaults from the checkpoint.
-
-    ``beam_size=1`` is greedy search; ``length_penalty`` is the GNMT alpha.
-    """
-    model = ExportedModel(export_dir, device, compute_type, intra_threads)
-    cfg = model.decoding_config()
-    if beam_size is not None:
-        cfg.strategy = "beam" if beam_size > 1 else "greedy"
-        cfg.beam_size = beam_size
-    if length_penalty is not None:
-        cfg.length_penalty = length_penalty
-    cfg.nbest, cfg.beam_size = nbest, max(cfg.beam_size, nbest)
-    cfg.validate()
-    return model.translate(sentences, cfg)
-
-
 # --- command line ---
-
-USER_ERRORS = (ExportError, CheckpointError, TokenizerError, ConfigError)
 
 
 def _export(argv: list[str] | None) -> int:
@@ -545,12 +329,9 @@ def _export(argv: list[str] | None) -> int:
         "--force", action="store_true", help="replace an earlier export in --output"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    from transformer.cli import setup_logging
+
+    setup_logging()
     out = export_checkpoint(args.checkpoint, args.output, args.quantization, args.force)
     print(out)
     return 0
@@ -558,15 +339,6 @@ def _export(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``transformer-export``: user errors print one ``error:`` line, exit 2."""
-    try:
-        return _export(argv)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from transformer.cli import run_cli
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_cli(_export, argv, (ExportError,))
