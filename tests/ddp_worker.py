@@ -2,7 +2,8 @@
 
 The worker first writes its pid to ``OUT/pid<rank>`` (so a test can signal one
 rank). ``FAULT_INF_GRAD=RANK:STEP`` makes rank RANK's gradient of one weight
-infinite once, in update STEP.
+infinite once, in update STEP. ``FORBID_STORE_BUILD=1`` makes building a corpus
+store an error (the store must already exist: no rank tokenizes).
 """
 
 import os
@@ -19,6 +20,13 @@ if __name__ == "__main__":
     out = Path(out)
     rank = int(os.environ["RANK"])
     (out / f"pid{rank}").write_text(str(os.getpid()))
+    if os.environ.get("FORBID_STORE_BUILD"):
+        from transformer.data import store
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError(f"rank {rank} tokenized the training corpus")
+
+        store.build_store = forbidden
     trainer = Trainer(load_config(config, overrides))
     fault = os.environ.get("FAULT_INF_GRAD")
     if fault:

@@ -1,4 +1,4 @@
-"""Corpus reading, errors, filtering, caching, batching, streaming and tokenizers."""
+"""Corpus reading and its errors, evaluation splits, and tokenizers."""
 
 from __future__ import annotations
 
@@ -6,17 +6,12 @@ import gzip
 import json
 
 import pytest
-import torch
 
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, DataConfig, TokenizerConfig
 from transformer.data import (
-    BatchIterator,
     DataError,
-    StreamingBatchIterator,
-    load_corpus,
     read_hub_pairs,
     read_pairs,
-    token_batches,
 )
 from transformer.tokenizer import Tokenizer, TokenizerError, train_sentencepiece
 
@@ -126,21 +121,18 @@ def test_hub_rows_through_datasets(monkeypatch):
         return iter([{"translation": {"de": "hallo", "en": "hello"}}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    cfg = DataConfig(format="hub", hub_name="wmt14", hub_config="de-en", streaming=True)
+    cfg = DataConfig(format="hub", hub_name="wmt14", hub_config="de-en")
     assert list(read_hub_pairs(cfg, "train")) == [("hallo", "hello")]
     assert calls == dict(name="wmt14", config="de-en", split="train", streaming=True)
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_local_jsonl_through_datasets_builder(tmp_path, monkeypatch, streaming):
+def test_local_jsonl_through_datasets_builder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     rows = [
         {"translation": {"de": f"satz {i}", "en": f"sentence {i}"}} for i in range(3)
     ]
     write(tmp_path / "train.jsonl", [json.dumps(r) for r in rows])
-    cfg = DataConfig(
-        format="hub", hub_name="json", dir=str(tmp_path), streaming=streaming
-    )
+    cfg = DataConfig(format="hub", hub_name="json", dir=str(tmp_path))
     assert list(read_pairs(cfg, "train")) == [
         (f"satz {i}", f"sentence {i}") for i in range(3)
     ]
@@ -212,136 +204,3 @@ def test_train_sentencepiece_small_corpus_gets_fewer_pieces():
         ["a b c", "c b a"] * 10, TokenizerConfig(vocab_size=500)
     )
     assert Tokenizer(proto).src_vocab_size < 500
-
-
-# --- filtering, caching ---
-
-
-def test_filtering_counts_empty_long_and_unbalanced(tmp_path, tokenizer, caplog):
-    src = ["ein satz", "   ", "kurz", "lang " * 60, "gut so"]
-    tgt = [
-        "a sentence",
-        "empty source",
-        "this is much much much much longer than it",
-        "long",
-        "fine",
-    ]
-    write(tmp_path / "train.de", src)
-    write(tmp_path / "train.en", tgt)
-    cfg = cfg_for(tmp_path, max_length=40, max_length_ratio=3.0)
-    with caplog.at_level("INFO"):
-        corpus = load_corpus(cfg, "train", tokenizer, train=True)
-    assert len(corpus) == 2
-    assert "kept 2 pairs, dropped 3 (empty 1, over max_length 1, length ratio 1)" in (
-        caplog.text
-    )
-    # evaluation splits keep every pair, with raw references
-    valid = load_corpus(cfg, "train", tokenizer, train=False)
-    assert len(valid) == 5 and valid.refs == tgt
-
-
-def test_tokenized_corpus_is_cached(corpus_dir, tokenizer, monkeypatch):
-    cfg = cfg_for(corpus_dir)
-    first = load_corpus(cfg, "train", tokenizer, train=True)
-
-    def no_tokenizing(*args, **kwargs):
-        raise AssertionError("re-tokenized despite the cache")
-
-    monkeypatch.setattr(tokenizer, "encode_src", no_tokenizing)
-    second = load_corpus(cfg, "train", tokenizer, train=True)
-    assert second.src == first.src and second.tgt == first.tgt
-    # a changed file invalidates the cache
-    write(corpus_dir / "train.de", SRC[::-1])
-    with pytest.raises(AssertionError, match="re-tokenized"):
-        load_corpus(cfg, "train", tokenizer, train=True)
-
-
-# --- batches ---
-
-
-def test_token_budget_and_coverage():
-    torch.manual_seed(0)
-    src = torch.randint(1, 40, (500,)).tolist()
-    tgt = torch.randint(1, 40, (500,)).tolist()
-    batches = token_batches(src, tgt, max_tokens=200, seed=1)
-    assert sorted(i for b in batches for i in b) == list(range(500))
-    for b in batches:
-        width = max(max(src[i], tgt[i]) for i in b)
-        assert len(b) * width <= 200 or len(b) == 1
-
-
-def test_batches_deterministic_per_seed_and_epoch(corpus_dir, tokenizer):
-    corpus = load_corpus(cfg_for(corpus_dir), "train", tokenizer, train=True)
-    a = BatchIterator(corpus, 300, seed=5)
-    b = BatchIterator(corpus, 300, seed=5)
-    assert a.batch_indices(0) == b.batch_indices(0)
-    assert a.batch_indices(0) != a.batch_indices(1)
-    assert a.batch_indices(0) != BatchIterator(corpus, 300, seed=6).batch_indices(0)
-
-
-def test_resume_position(corpus_dir, tokenizer):
-    corpus = load_corpus(cfg_for(corpus_dir), "train", tokenizer, train=True)
-    it = BatchIterator(corpus, 300, seed=5)
-    full = list(it.epoch(2))
-    resumed = list(it.epoch(2, start=3))
-    assert len(resumed) == len(full) - 3
-    for x, y in zip(full[3:], resumed, strict=True):
-        assert torch.equal(x.src, y.src) and torch.equal(x.tgt_out, y.tgt_out)
-
-
-def test_batch_layout(corpus_dir, tokenizer):
-    corpus = load_corpus(cfg_for(corpus_dir), "train", tokenizer, train=True)
-    batch = next(BatchIterator(corpus, 300, seed=0).epoch(0))
-    assert (batch.tgt_in[:, 0] == BOS_ID).all()
-    assert torch.equal(
-        batch.tgt_in[:, 1:],
-        batch.tgt_out[:, :-1].masked_fill(batch.tgt_out[:, :-1] == EOS_ID, PAD_ID),
-    )
-    assert (batch.tgt_out == EOS_ID).sum() == batch.src.size(0)
-    assert (batch.src == EOS_ID).sum() == batch.src.size(0)
-    assert batch.n_tokens == int((batch.tgt_out != PAD_ID).sum())
-
-
-def test_sharding_gives_equal_disjoint_shares(corpus_dir, tokenizer):
-    corpus = load_corpus(cfg_for(corpus_dir), "train", tokenizer, train=True)
-    shards = [
-        BatchIterator(corpus, 300, seed=1, rank=r, world=2).batch_indices(0)
-        for r in range(2)
-    ]
-    assert len(shards[0]) == len(shards[1])
-    seen = [i for shard in shards for b in shard for i in b]
-    assert len(seen) == len(set(seen))
-
-
-def test_streaming_from_a_local_file(corpus_dir, tokenizer):
-    cfg = cfg_for(corpus_dir, streaming=True, stream_buffer=64, max_tokens=300)
-    stream = StreamingBatchIterator(cfg, tokenizer, seed=2)
-    batches = list(stream.epoch(0))
-    seen = sorted(tuple(row[row != PAD_ID].tolist()) for b in batches for row in b.src)
-    corpus = load_corpus(cfg_for(corpus_dir), "train", tokenizer, train=True)
-    expected = sorted(tuple([*s, EOS_ID]) for s in corpus.src)
-    assert seen == expected
-    resumed = list(stream.epoch(0, start=4))
-    assert len(resumed) == len(batches) - 4
-    assert torch.equal(resumed[0].src, batches[4].src)
-
-
-# --- the real corpus ---
-
-
-def test_multi30k_loads_and_batches_efficiently(multi30k_dir, tmp_path):
-    cfg = DataConfig(
-        src_lang="de", tgt_lang="en", dir=str(multi30k_dir), cache_dir=str(tmp_path)
-    )
-    pairs = list(read_pairs(cfg, "train"))
-    assert len(pairs) == 29000
-    tok = Tokenizer.train(
-        TokenizerConfig(vocab_size=8000), [s for s, _ in pairs], [t for _, t in pairs]
-    )
-    corpus = load_corpus(cfg, "train", tok, train=True)
-    assert len(corpus) > 28900
-    it = BatchIterator(corpus, 4096, seed=1)
-    assert it.efficiency(0) >= 0.9
-    batch = next(it.epoch(0))
-    assert batch.src.numel() <= 4096 and batch.tgt_out.numel() <= 4096
-    assert len(list(read_pairs(cfg, "test_2016_flickr"))) == 1000

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +24,6 @@ from transformer.checkpoint import (
     load_model,
 )
 from transformer.config import ConfigError, load_config
-from transformer.data import collate
 from transformer.training import (
     Trainer,
     label_smoothed_loss,
@@ -100,11 +100,10 @@ def test_cooldown_decays_linearly_to_the_last_update():
 
 def test_accumulation_equals_one_large_batch(tmp_path, toy_tokenizer):
     trainer = Trainer(tiny(tmp_path / "run", toy_tokenizer, "model.dropout=0.0"))
-    corpus = trainer.train_data.corpus
     first, second = list(range(0, 12)), list(range(40, 47))
 
     def batch(ids):
-        return collate([corpus.src[i] for i in ids], [corpus.tgt[i] for i in ids])
+        return trainer.train_data.collate(np.array(ids))
 
     initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     two = trainer.train_step([batch(first), batch(second)])

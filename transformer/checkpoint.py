@@ -11,7 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from transformer.config import Config, ConfigError, ModelConfig, config_from_dict
+from transformer.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    config_from_dict,
+    migrate,
+)
 from transformer.model import Transformer
 from transformer.tokenizer import Tokenizer
 
@@ -105,7 +111,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
     """The resolved config stored in a checkpoint, in today's meaning of its keys."""
     try:
-        cfg = config_from_dict(ckpt["config"], across_sections=False)
+        cfg = config_from_dict(migrate(ckpt["config"]), across_sections=False)
     except ConfigError as e:
         raise CheckpointError(f"{path}: stored config is invalid: {e}") from e
     t = cfg.training

@@ -103,6 +103,50 @@ def train_main(argv: list[str] | None = None) -> int:
     return run_cli(_train, argv)
 
 
+# --- preprocess ---
+
+
+def _preprocess(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="transformer-preprocess",
+        description="Build the tokenizer and the memory-mapped corpus store of each "
+        "training corpus (transformer-train builds them on first use otherwise).",
+    )
+    parser.add_argument("--config", required=True, help="experiment YAML file")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides"
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+    from transformer.checkpoint import load_checkpoint
+    from transformer.tokenizer import Tokenizer
+    from transformer.training.build import build_stores, build_tokenizer, run_dir_of
+    from transformer.training.distributed import Distributed
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = run_dir_of(cfg)
+    last = run_dir / "last.pt"
+    if last.exists() and cfg.training.resume == "auto":  # the run's own tokenizer
+        tokenizer = Tokenizer.from_state_dict(load_checkpoint(last)["tokenizer"])
+    else:
+        tokenizer = build_tokenizer(cfg, run_dir, Distributed())
+    for store in build_stores(cfg, tokenizer):
+        meta, stats = store.meta, store.filter_stats
+        tokens = meta["src_tokens"] + meta["tgt_tokens"]
+        size = sum(f.stat().st_size for f in store.path.iterdir())
+        print(
+            f"{store.path}: {meta['source']}: {len(store)} pairs kept, dropped "
+            f"{stats.empty} empty, {stats.too_long} over data.max_length, "
+            f"{stats.bad_ratio} over data.max_length_ratio; {tokens} tokens, "
+            f"{size / max(tokens, 1):.2f} bytes a token"
+        )
+    return 0
+
+
+def preprocess_main(argv: list[str] | None = None) -> int:
+    return run_cli(_preprocess, argv)
+
+
 # --- shared decoding options ---
 
 

@@ -129,7 +129,8 @@ class TokenizerConfig:
     vocab_size: int = 8000
     model_type: Literal["unigram", "bpe"] = "unigram"
     character_coverage: float = 1.0
-    input_sentence_size: int = 1_000_000  # sentences sampled for training; 0 = all
+    # pairs drawn at random from the training data (read in a stream) to train on
+    sample_sentences: int = 1_000_000
 
     def validate(self, prefix: str = "data.tokenizer") -> None:
         _check(
@@ -137,6 +138,12 @@ class TokenizerConfig:
             f"{prefix}.vocab_size",
             self.vocab_size,
             "must be at least 8",
+        )
+        _check(
+            self.sample_sentences >= 1,
+            f"{prefix}.sample_sentences",
+            self.sample_sentences,
+            "must be positive",
         )
         _check(
             0.0 < self.character_coverage <= 1.0,
@@ -160,6 +167,27 @@ class TokenizerConfig:
             )
 
 
+Format = Literal["text", "tsv", "jsonl", "hub", "copy", "reverse"]
+
+
+@dataclass
+class CorpusConfig:
+    """One training corpus of ``data.train``; a field left unset takes data's."""
+
+    dir: str | None = None
+    format: Format | None = None
+    split: str | None = None  # default: data.train_split
+    hub_name: str | None = None
+    hub_config: str | None = None
+    src_field: str | None = None
+    tgt_field: str | None = None
+    # times per epoch: 4 = every pair four times, 0.5 = a random half each epoch
+    weight: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        _check(self.weight > 0, f"{prefix}.weight", self.weight, "must be positive")
+
+
 @dataclass
 class DataConfig:
     """Where the parallel corpus comes from and how it is filtered and batched."""
@@ -169,7 +197,7 @@ class DataConfig:
     # 'text': {dir}/{split}.{lang}[.gz]; 'tsv': {dir}/{split}.tsv[.gz] (src<TAB>tgt);
     # 'jsonl': {dir}/{split}.jsonl[.gz]; 'hub': a Hugging Face dataset by name;
     # 'copy' / 'reverse': synthetic toy tasks that need no files.
-    format: Literal["text", "tsv", "jsonl", "hub", "copy", "reverse"] = "text"
+    format: Format = "text"
     dir: str | None = None
     source_url: str | None = None  # where the published files come from (docs only)
     hub_name: str | None = None
@@ -179,14 +207,16 @@ class DataConfig:
     train_split: str = "train"
     valid_split: str = "val"
     test_split: str | None = "test"
-    streaming: bool = False
-    stream_buffer: int = 100_000  # sentences sorted together when streaming
+    # several training corpora, each with its own files and weight (default: the
+    # one corpus above); validation and test splits come from the fields above
+    train: list[CorpusConfig] = field(default_factory=list)
+    workers: int = 1  # DataLoader processes collating batches; 0 = in the loop
     max_length: int = 100  # pieces per side, filtered beyond
     max_length_ratio: float = 3.0  # longer/shorter piece count, filtered beyond
     max_tokens: int = 4096  # token budget per batch, padding included
     valid_max_tokens: int = 8192
     max_sentences: int = 0  # cap on sentences per batch; 0 = none
-    cache_dir: str | None = None  # tokenized-corpus cache; default: the run dir
+    cache_dir: str | None = None  # corpus stores; default: <run_dir>/cache
     # synthetic tasks
     toy_vocab: int = 20
     toy_min_len: int = 3
@@ -198,6 +228,21 @@ class DataConfig:
     @property
     def synthetic(self) -> bool:
         return self.format in ("copy", "reverse")
+
+    def train_corpora(self) -> list[tuple[DataConfig, str, float]]:
+        """(settings, split, weight) of each training corpus."""
+        if not self.train:
+            return [(self, self.train_split, 1.0)]
+        out = []
+        for corpus in self.train:
+            values = {
+                k: v
+                for k, v in vars(corpus).items()
+                if v is not None and k not in ("split", "weight")
+            }
+            settings = dataclasses.replace(self, **values, train=[])
+            out.append((settings, corpus.split or self.train_split, corpus.weight))
+        return out
 
     def validate(self, prefix: str = "data") -> None:
         if self.format == "hub":
@@ -214,15 +259,21 @@ class DataConfig:
             self.max_length_ratio,
             "must be >= 1",
         )
-        for name in ("max_tokens", "valid_max_tokens", "stream_buffer"):
+        for name in ("max_tokens", "valid_max_tokens"):
             value = getattr(self, name)
             _check(value >= 1, f"{prefix}.{name}", value, "must be positive")
-        _check(
-            self.max_sentences >= 0,
-            f"{prefix}.max_sentences",
-            self.max_sentences,
-            "must not be negative",
-        )
+        for name in ("max_sentences", "workers"):
+            value = getattr(self, name)
+            _check(value >= 0, f"{prefix}.{name}", value, "must not be negative")
+        for i, corpus in enumerate(self.train):
+            corpus.validate(f"{prefix}.train[{i}]")
+            if (corpus.format or self.format) == "hub":
+                _check(
+                    bool(corpus.hub_name or self.hub_name),
+                    f"{prefix}.train[{i}].hub_name",
+                    None,
+                    "needed for format hub",
+                )
         if self.synthetic:
             _check(self.toy_vocab >= 2, f"{prefix}.toy_vocab", self.toy_vocab, ">= 2")
             _check(
@@ -460,6 +511,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 f"{key}: must be one of {', '.join(map(repr, choices))} (got {value!r})"
             )
         return value
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list (got {value!r})")
+        return [_coerce(arg, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -495,6 +551,29 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
+# keys that existed once: the error says what took their place
+REMOVED_KEYS = {
+    "data.streaming": "removed: the corpus store reads a corpus of any size in a "
+    "stream (delete this key)",
+    "data.stream_buffer": "removed: the corpus store reads a corpus of any size in "
+    "a stream (delete this key)",
+    "data.tokenizer.input_sentence_size": "renamed data.tokenizer.sample_sentences",
+}
+
+
+def migrate(tree: dict[str, Any]) -> dict[str, Any]:
+    """A stored config of an older version with today's keys (for checkpoints)."""
+    tree = _deep_copy(tree)
+    data = tree.get("data") or {}
+    data.pop("streaming", None)
+    data.pop("stream_buffer", None)
+    tokenizer = data.get("tokenizer") or {}
+    if "input_sentence_size" in tokenizer:
+        size = tokenizer.pop("input_sentence_size")
+        tokenizer.setdefault("sample_sentences", size or 1_000_000)
+    return tree
+
+
 def _suggest(key: str, names: list[str]) -> str | None:
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
     if close:
@@ -510,6 +589,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for key in values:
         if key not in names:
             dotted = f"{prefix}.{key}" if prefix else str(key)
+            if dotted in REMOVED_KEYS:
+                unknown.append(f"{dotted}: {REMOVED_KEYS[dotted]}")
+                continue
             close = _suggest(str(key), names)
             where = f"{prefix}.{close}" if prefix and close else close
             unknown.append(

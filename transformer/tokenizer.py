@@ -53,8 +53,7 @@ def _train(sentences: Iterable[str], cfg: TokenizerConfig, model: io.BytesIO) ->
         vocab_size=cfg.vocab_size,
         model_type=cfg.model_type,
         character_coverage=cfg.character_coverage,
-        input_sentence_size=cfg.input_sentence_size,
-        shuffle_input_sentence=True,
+        input_sentence_size=0,  # the caller samples (data.tokenizer.sample_sentences)
         pad_id=PAD_ID,
         unk_id=UNK_ID,
         bos_id=BOS_ID,

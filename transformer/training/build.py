@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from pathlib import Path
 
 import torch
 
 from transformer.config import Config, ConfigError, TrainingConfig
 from transformer.data import (
-    BatchIterator,
+    CorpusStore,
     DataError,
-    StreamingBatchIterator,
-    load_corpus,
+    TrainBatches,
+    open_store,
     read_pairs,
     split_origin,
 )
@@ -33,6 +34,15 @@ def resolve_device(name: str) -> torch.device:
             f"training.device: {name!r} asked for but CUDA is not available"
         )
     return device
+
+
+def run_dir_of(cfg: Config) -> Path:
+    """The run's folder (created); the corpus stores default to its ``cache``."""
+    run_dir = Path(cfg.training.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.data.cache_dir is None:
+        cfg.data.cache_dir = str(run_dir / "cache")
+    return run_dir
 
 
 def build_device(t: TrainingConfig, ranks: Distributed) -> torch.device:
@@ -56,9 +66,29 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def sample_pairs(cfg: Config) -> tuple[list[str], list[str], int]:
+    """At most ``data.tokenizer.sample_sentences`` pairs drawn uniformly from all
+    training corpora, read in a stream (reservoir sampling, seeded); also returns
+    how many pairs were read."""
+    size = cfg.data.tokenizer.sample_sentences
+    rng = random.Random(cfg.training.seed)
+    sample: list[tuple[str, str]] = []
+    seen = 0
+    for settings, split, _ in cfg.data.train_corpora():
+        for pair in read_pairs(settings, split, cfg.training.seed):
+            seen += 1
+            if len(sample) < size:
+                sample.append(pair)
+            else:
+                j = rng.randrange(seen)
+                if j < size:
+                    sample[j] = pair
+    return [s for s, _ in sample], [t for _, t in sample], seen
+
+
 def build_tokenizer(cfg: Config, run_dir: Path, ranks: Distributed) -> Tokenizer:
-    """Given model files, the run's own model, or one that rank 0 trains on the
-    training data while the other ranks wait for it."""
+    """Given model files, the run's own model, or one that rank 0 trains on a
+    sample of the training data while the other ranks wait for it."""
     tcfg = cfg.data.tokenizer
     if tcfg.model or tcfg.src_model:
         return Tokenizer.from_files(tcfg)
@@ -66,22 +96,19 @@ def build_tokenizer(cfg: Config, run_dir: Path, ranks: Distributed) -> Tokenizer
 
     def train_or_load() -> Tokenizer:
         if not saved.exists():
-            d = cfg.data
-            pairs = list(read_pairs(d, d.train_split, cfg.training.seed))
-            for side, texts in (
-                ("source", [s for s, _ in pairs]),
-                ("target", [t for _, t in pairs]),
-            ):
+            src, tgt, seen = sample_pairs(cfg)
+            for side, texts in (("source", src), ("target", tgt)):
                 if not any(text.strip() for text in texts):
-                    raise DataError(
-                        f"{split_origin(d, d.train_split)}: the training corpus has "
-                        f"no {side} text ({len(pairs)} pairs) to train the "
-                        "tokenizer on"
+                    origins = ", ".join(
+                        split_origin(d, split)
+                        for d, split, _ in cfg.data.train_corpora()
                     )
-            tokenizer = Tokenizer.train(
-                tcfg, [s for s, _ in pairs], [t for _, t in pairs]
-            )
-            tokenizer.save(run_dir)
+                    raise DataError(
+                        f"{origins}: the training corpus has no {side} text "
+                        f"({seen} pairs) to train the tokenizer on"
+                    )
+            log.info("tokenizer: training on %d of %d pairs", len(src), seen)
+            Tokenizer.train(tcfg, src, tgt).save(run_dir)
         if tcfg.joint:
             return Tokenizer((run_dir / "spm.model").read_bytes())
         return Tokenizer(
@@ -129,25 +156,42 @@ def build_model(
     return model, train_model
 
 
+def build_stores(
+    cfg: Config, tokenizer: Tokenizer, progress: bool = True
+) -> list[CorpusStore]:
+    """The store of each training corpus, built where missing."""
+    cache = cfg.data.cache_dir or "cache"
+    return [
+        open_store(settings, split, tokenizer, cache, cfg.training.seed, progress)
+        for settings, split, _ in cfg.data.train_corpora()
+    ]
+
+
 def build_train_data(
-    cfg: Config, tokenizer: Tokenizer, ranks: Distributed
-) -> tuple[BatchIterator | StreamingBatchIterator, int]:
-    """This rank's training batches and the number of training pairs (-1 when
-    streamed). Rank 0 tokenizes and caches first; the others read its cache."""
+    cfg: Config, tokenizer: Tokenizer, ranks: Distributed, device: torch.device
+) -> TrainBatches:
+    """This rank's training batches. Rank 0 builds the corpus stores that are
+    missing while the other ranks wait; then every rank maps them."""
     d, t = cfg.data, cfg.training
-    if d.streaming:
-        return StreamingBatchIterator(d, tokenizer, t.seed, ranks.rank, ranks.world), -1
-    corpus = ranks.main_first(
-        lambda: load_corpus(d, d.train_split, tokenizer, train=True, seed=t.seed),
-        "tokenizing the training corpus",
+    stores = ranks.main_first(
+        lambda: build_stores(cfg, tokenizer, progress=ranks.main),
+        "building the corpus store",
     )
-    iterator = BatchIterator(
-        corpus,
+    data = TrainBatches(
+        stores,
+        [weight for _, _, weight in d.train_corpora()],
         d.max_tokens,
         d.max_sentences,
         t.seed,
         rank=ranks.rank,
         world=ranks.world,
+        workers=d.workers,
+        pin_memory=device.type == "cuda",
     )
-    log.info("padding efficiency: %.3f", iterator.efficiency(0))
-    return iterator, len(corpus)
+    log.info(
+        "training data: %d pairs in %d corpus store(s); padding efficiency %.3f",
+        data.n_pairs,
+        len(stores),
+        data.efficiency(0),
+    )
+    return data

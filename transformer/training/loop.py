@@ -38,6 +38,7 @@ from transformer.training.build import (
     build_model,
     build_tokenizer,
     build_train_data,
+    run_dir_of,
     set_vocab_sizes,
 )
 from transformer.training.checkpointing import (
@@ -82,10 +83,7 @@ class Trainer:
         self.dist = Distributed.from_env()
         self.device = build_device(t, self.dist)
         self.dist.init(self.device, t.dist_timeout, t.prepare_timeout)
-        self.run_dir = Path(t.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.data.cache_dir is None:
-            cfg.data.cache_dir = str(self.run_dir / "cache")
+        self.run_dir = run_dir_of(cfg)
 
         resume = t.resume == "auto" if resume is None else resume
         last = self.run_dir / "last.pt"
@@ -105,7 +103,8 @@ class Trainer:
         self.optimizer, self.scheduler, self.scaler = build_optimizer(
             cfg, self.model, self.device
         )
-        self.train_data, self.n_train = build_train_data(cfg, self.tokenizer, self.dist)
+        self.train_data = build_train_data(cfg, self.tokenizer, self.dist, self.device)
+        self.n_train = self.train_data.n_pairs
         self.valid = load_valid(cfg, self.tokenizer) if self.dist.main else None
         self.signature = data_signature(
             cfg, self.dist.world, self.train_data.fingerprint()
@@ -250,16 +249,9 @@ class Trainer:
 
     def _batches(self) -> Iterator[tuple[int, int, Batch]]:
         """Yield (epoch, index in epoch, batch) from the saved position on."""
-        epoch, start = self.state.epoch, self.state.batch_in_epoch
-        max_epochs = self.cfg.training.max_epochs
-        while not max_epochs or epoch < max_epochs:
-            produced = False
-            for i, batch in enumerate(self.train_data.epoch(epoch, start), start=start):
-                produced = True
-                yield epoch, i, batch
-            if not produced and start == 0:
-                raise TrainingError("the training data yields no batches")
-            epoch, start = epoch + 1, 0
+        return self.train_data.stream(
+            self.state.epoch, self.state.batch_in_epoch, self.cfg.training.max_epochs
+        )
 
     def train(self) -> Path:
         """Run until max_steps, max_epochs, early stopping, a stop signal on any

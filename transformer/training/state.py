@@ -49,21 +49,18 @@ def data_signature(cfg: Config, world: int, corpus: str) -> dict[str, Any]:
     """Everything the meaning of a saved (epoch, batch) position depends on.
 
     Args:
-        corpus: a fingerprint of the tokenized, filtered training corpus.
+        corpus: a fingerprint of the tokenized, filtered training corpora (their
+            stores) and their weights.
     """
     d, t = cfg.data, cfg.training
-    signature = {
+    return {
         "data.max_tokens": d.max_tokens,
         "data.max_sentences": d.max_sentences,
-        "data.streaming": d.streaming,
         "training.accumulate": t.accumulate,
         "training.seed": t.seed,
         "world size": world,
         "training corpus": corpus,
     }
-    if d.streaming:
-        signature["data.stream_buffer"] = d.stream_buffer
-    return signature
 
 
 def check_data_position(

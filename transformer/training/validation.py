@@ -52,9 +52,7 @@ def fit_positions(
 def load_valid(cfg: Config, tokenizer: Tokenizer) -> ParallelCorpus:
     """The validation split, unfiltered, cut to the model's positions."""
     d = cfg.data
-    corpus = load_corpus(
-        d, d.valid_split, tokenizer, train=False, seed=cfg.training.seed
-    )
+    corpus = load_corpus(d, d.valid_split, tokenizer, seed=cfg.training.seed)
     return fit_positions(corpus, cfg.model.max_positions, d.valid_split)
 
 

@@ -1,0 +1,8 @@
+"""Thin wrapper: same as `transformer-preprocess`."""
+
+import sys
+
+from transformer.cli import preprocess_main
+
+if __name__ == "__main__":
+    sys.exit(preprocess_main())
