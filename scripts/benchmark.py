@@ -11,6 +11,11 @@ With --peer it first runs ../shared/bench/joeynmt_peer.sh with the same number o
 updates, so that the ratio against JoeyNMT 2.3.0 is measured in one sitting. Each
 precision runs in its own process, so that each peak RSS is its own.
 
+The corpus store at 1x / 10x / 100x Multi30k (preprocessing, bytes per token, time
+to the first update, peak RSS) and numpy files against Arrow (scripts/bench_data.py):
+
+    python scripts/benchmark.py data
+
 Decoding of Multi30k test_2016_flickr with a trained checkpoint: sentences per
 second for greedy with and without the KV cache and for beam 5, in one run:
 
@@ -45,6 +50,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_data  # noqa: E402  (scripts/bench_data.py)
 
 from transformer.config import DecodingConfig, load_config  # noqa: E402
 
@@ -367,10 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     for p in (train, decode):
         p.add_argument("--device", default="auto")
         p.add_argument("--threads", type=int, default=0)
+    bench_data.add_parser(sub)
+    for p in sub.choices.values():
         p.add_argument("--output", help="JSON file (default: benchmarks/<what>.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.what == "decode":
+    if args.what == "data":
+        result = bench_data.bench_data(args)
+    elif args.what == "decode":
         result = bench_decode(args)
     elif args.single:
         args.precision = args.precision[0]

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -363,3 +364,35 @@ def test_other_ranks_get_a_clear_error_when_rank0_fails_or_stalls(tmp_path, mode
     else:
         assert "no word from rank 0 while training the SentencePiece model" in message
         assert "training.prepare_timeout=2 s" in message
+
+
+def test_ctrl_c_to_the_process_group_with_data_workers(tmp_path, toy_tokenizer):
+    # a terminal's Ctrl-C reaches the DataLoader workers too: only the main
+    # process reacts, finishes the step, saves and exits cleanly
+    run = tmp_path / "run"
+    args = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        "--config",
+        str(TOY),
+        f"training.run_dir={run}",
+        f"data.tokenizer.model={toy_tokenizer}",
+        "data.workers=2",
+        "training.max_steps=100000",
+        "training.log_every=1",
+        "training.threads=1",
+    ]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+    ):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert err.decode().count("SIGINT: stopping after this step") == 1
+    assert load_checkpoint(run / "last.pt")["step"] >= 3

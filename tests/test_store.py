@@ -69,6 +69,19 @@ def test_store_round_trips_every_pair(corpus_dir, tokenizer):
     assert size == 2 * tokens + 2 * len(store)  # uint16 ids, one uint8 length a side
 
 
+def test_lengths_at_the_top_of_their_type_do_not_wrap(tmp_path, tokenizer):
+    long = " ".join(["das"] * 63 + ["nummer"])
+    assert len(tokenizer.encode_src([long])[0]) == 255  # the largest uint8 length
+    write(tmp_path / "train.de", [long, "das ist"])
+    write(tmp_path / "train.en", [long, "this is"])
+    store = store_for(tmp_path, tokenizer, max_length=255, max_length_ratio=1000.0)
+    assert store.meta["len_dtype"] == "uint8" and store.lengths("src")[0] == 255
+    data = train_batches([store], max_tokens=10_000)
+    assert data.src_len[0] == 256  # with <eos>
+    batch = data.collate(np.array([0, 1]))
+    assert batch.src.size(1) == 256 and batch.src[0, 255] == EOS_ID
+
+
 def test_filter_counts(tmp_path, tokenizer, caplog):
     src = ["ein satz", "   ", "kurz", "lang " * 60, "gut so"]
     tgt = [

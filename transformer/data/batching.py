@@ -4,6 +4,7 @@ several corpora mixed by weight, and collation in DataLoader worker processes.""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -207,6 +208,11 @@ def padding_efficiency(
 # --- the training batches ---
 
 
+def _plus_one(lengths: np.ndarray) -> np.ndarray:
+    wide = np.uint16 if lengths.dtype.itemsize < 2 else np.int64
+    return lengths.astype(wide) + 1
+
+
 class TrainBatches:
     """This rank's training batches over one or several corpus stores.
 
@@ -237,9 +243,10 @@ class TrainBatches:
         self.seed, self.rank, self.world = seed, rank, world
         self.workers, self.pin_memory = workers, pin_memory
         self.offsets = np.cumsum([0] + [len(s) for s in stores])
-        # lengths with <eos> / <bos>, all corpora back to back: (pairs,)
-        self.src_len = np.concatenate([s.lengths("src") + 1 for s in stores])
-        self.tgt_len = np.concatenate([s.lengths("tgt") + 1 for s in stores])
+        # lengths with <eos> / <bos>, all corpora back to back: (pairs,); widened
+        # first, as a uint8 length of 255 + 1 would wrap to 0
+        self.src_len = np.concatenate([_plus_one(s.lengths("src")) for s in stores])
+        self.tgt_len = np.concatenate([_plus_one(s.lengths("tgt")) for s in stores])
 
     @property
     def n_pairs(self) -> int:
@@ -335,6 +342,7 @@ class TrainBatches:
             # its own generator: seeding the workers must not draw from the global
             # RNG, whose stream (dropout) an exact resume depends on
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_quiet_worker,
         )
         yield from loader
 
@@ -345,6 +353,13 @@ class TrainBatches:
 
     def efficiency(self, epoch: int = 0) -> float:
         return padding_efficiency(self.batches(epoch), self.src_len, self.tgt_len)
+
+
+def _quiet_worker(worker_id: int) -> None:
+    """Workers leave stopping to the main process: a terminal's Ctrl-C reaches the
+    whole process group, and a forked worker would run the trainer's handler."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _Stream(IterableDataset):
