@@ -247,6 +247,7 @@ class TrainBatches:
         # first, as a uint8 length of 255 + 1 would wrap to 0
         self.src_len = np.concatenate([_plus_one(s.lengths("src")) for s in stores])
         self.tgt_len = np.concatenate([_plus_one(s.lengths("tgt")) for s in stores])
+        self._last: tuple[int, EpochBatches] | None = None
 
     @property
     def n_pairs(self) -> int:
@@ -277,7 +278,11 @@ class TrainBatches:
         return np.concatenate(parts)
 
     def batches(self, epoch: int) -> EpochBatches:
-        return token_batches(
+        """This rank's batches of ``epoch`` (the last epoch's are kept: sorting a
+        large corpus takes a moment, and forked workers inherit them)."""
+        if self._last is not None and self._last[0] == epoch:
+            return self._last[1]
+        batches = token_batches(
             self.src_len,
             self.tgt_len,
             self.max_tokens,
@@ -287,6 +292,8 @@ class TrainBatches:
             world=self.world,
             ids=self.epoch_ids(epoch),
         )
+        self._last = (epoch, batches)
+        return batches
 
     def collate(self, ids: np.ndarray) -> Batch:
         """Gather pairs ``ids`` (global ids) from their stores into a batch."""
