@@ -107,13 +107,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_models(
-    paths: list[str | Path], device: torch.device, precision: str = "fp32"
+    paths: list[str | Path], device: torch.device, precision: str | None = None
 ) -> list[LoadedModel]:
-    """Load each checkpoint once; two checkpoints may not serve the same pair."""
+    """Load each checkpoint once; two checkpoints may not serve the same pair.
+
+    ``precision`` (fp32 or bf16) defaults to each checkpoint's ``decoding.precision``.
+    """
     models: dict[tuple[str, str], LoadedModel] = {}
     for path in paths:
         model, cfg, tokenizer, ckpt = load_model(path, device)
-        set_precision(model, precision)
+        set_precision(model, precision or cfg.decoding.precision)
         pair = (cfg.data.src_lang, cfg.data.tgt_lang)
         if pair in models:
             raise CheckpointError(
@@ -659,7 +662,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8080, help="default 8080")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads; 0: all")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="weights and activations (default: the checkpoint's decoding.precision)",
+    )
     for f in dataclasses.fields(ServeConfig):
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
