@@ -190,10 +190,13 @@ class Batcher:
     """Queues jobs, groups those with one key into batches and runs the batches one
     at a time on a single decoding thread.
 
-    A batch starts with the oldest waiting job. When the thread is idle that job
-    waits up to ``max_wait`` seconds for others of its key (less once their cost
-    reaches ``batch_cost``); while a batch is being decoded new jobs queue up and
-    join the next one, so batches grow with the load.
+    A batch starts with the oldest waiting job, which waits for others of its key
+    until ``max_wait`` seconds after it arrived or after the previous batch ended,
+    whichever is later, or until their cost reaches ``batch_cost``. While a batch is
+    being decoded new jobs queue up and join the next one, so batches grow with the
+    load; the wait after a batch lets the clients it answered send again in time to
+    join, so that clients which send as soon as they are answered do not split into
+    two halves that take turns.
     """
 
     def __init__(self, batch_cost: int, max_wait: float, max_queue: int) -> None:
@@ -270,6 +273,7 @@ class Batcher:
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
+        idle_since = loop.time()
         while True:
             self.pending = [job for job in self.pending if not job.future.done()]
             if not self.pending:
@@ -278,7 +282,8 @@ class Batcher:
                 continue
             first = self.pending[0]
             while self._cost(first.key) < self.batch_cost:
-                remaining = first.arrival + self.max_wait - loop.time()
+                start = max(first.arrival, idle_since)
+                remaining = start + self.max_wait - loop.time()
                 if remaining <= 0:
                     break
                 self._arrived.clear()
@@ -297,12 +302,14 @@ class Batcher:
             try:
                 results = await loop.run_in_executor(self._executor, first.run, batch)
             except Exception as e:  # the worker lives on; these requests fail
+                idle_since = loop.time()
                 log.exception("decoding a batch of %d requests failed", len(batch))
                 self.stats["failures"] += 1
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(e)
                 continue
+            idle_since = loop.time()
             for job, result in zip(batch, results, strict=True):
                 if not job.future.done():  # a timed-out job's result is dropped
                     job.future.set_result(result)
