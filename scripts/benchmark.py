@@ -22,9 +22,10 @@ so far, so a bf16 run's figure includes the float32 runs before it.
 
 Serving: ``transformer-serve`` on 127.0.0.1 in a subprocess, Multi30k test sentences
 sent by 32 concurrent clients for a bounded time, against the same sentences sent one
-at a time; sentences per second and p50 / p95 latency:
+at a time; sentences per second and p50 / p95 latency, for each batching window
+(``--max-wait-ms``, one server each):
 
-    python scripts/benchmark.py serve --clients 32 --seconds 30
+    python scripts/benchmark.py serve --clients 32 --seconds 30 --max-wait-ms 5 20
 
 Without --checkpoint it serves a model of the reference Multi30k size with seeded
 random weights and a SentencePiece model trained on the Multi30k training text, and
@@ -412,39 +413,43 @@ def load_phase(port, sentences, pair, clients, seconds, max_requests) -> dict:
     seconds = time.perf_counter() - start
     return {
         "clients": clients,
+        "seconds": seconds,
+        "latencies": latencies,
+        "errors": errors,
+        "outputs": outputs,
+    }
+
+
+def summarize(phases: list[dict]) -> dict:
+    """Sentences/s and latency percentiles over the rounds of one kind of phase."""
+    latencies = [x for p in phases for x in p["latencies"]]
+    seconds = sum(p["seconds"] for p in phases)
+    errors = [e for p in phases for e in p["errors"]]
+    return {
+        "clients": phases[0]["clients"],
+        "rounds": len(phases),
         "sentences": len(latencies),
         "seconds": seconds,
         "sentences_per_s": len(latencies) / seconds,
+        "sentences_per_s_by_round": [
+            len(p["latencies"]) / p["seconds"] for p in phases
+        ],
         "latency_p50_ms": 1000 * _percentile(latencies, 0.50) if latencies else None,
         "latency_p95_ms": 1000 * _percentile(latencies, 0.95) if latencies else None,
         "errors": len(errors),
         "first_errors": errors[:5],
-        "_outputs": outputs,
     }
 
 
-def bench_serve(args) -> dict:
-    workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    if args.checkpoint:
-        checkpoint, described = Path(args.checkpoint), {"checkpoint": args.checkpoint}
-    else:
-        checkpoint, described = random_multi30k_checkpoint(args, workdir)
-    from transformer.checkpoint import checkpoint_config, load_checkpoint
-
-    cfg = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
-    pair = {"source": cfg.data.src_lang, "target": cfg.data.tgt_lang}
-    with gzip.open(
-        Path(args.data_dir) / f"{args.split}.{pair['source']}.gz",
-        "rt",
-        encoding="utf-8",
-    ) as f:
-        sentences = f.read().splitlines()[: args.limit or None]
+def serve_run(args, checkpoint: Path, sentences, pair, max_wait_ms: float) -> dict:
+    """One server with one batching window: one client, then ``args.clients``, in
+    alternating rounds."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "transformer.serve", "--checkpoint", str(checkpoint)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    cmd += ["--max-wait-ms", str(args.max_wait_ms), "--device", args.device]
+    cmd += ["--max-wait-ms", str(max_wait_ms), "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -461,46 +466,87 @@ def bench_serve(args) -> dict:
                     raise SystemExit("the server did not start") from None
                 time.sleep(0.5)
         load_phase(port, sentences, pair, 4, 3.0, 200)  # warm-up
-        # other work on a shared machine slows both phases, unequally
+        # rounds alternate the two phases, so that other work on a shared machine
+        # slows both alike
         load_average = [os.getloadavg()[0]]
-        one = load_phase(port, sentences, pair, 1, args.seconds, len(sentences))
-        before = _get(url + "/health")
-        many = load_phase(
-            port, sentences, pair, args.clients, args.seconds, args.max_requests
-        )
-        after = _get(url + "/health")
+        ones, manys = [], []
+        batches = requests = 0
+        seconds = args.seconds / args.rounds
+        for _ in range(args.rounds):
+            ones.append(load_phase(port, sentences, pair, 1, seconds, len(sentences)))
+            before = _get(url + "/health")
+            manys.append(
+                load_phase(
+                    port, sentences, pair, args.clients, seconds, args.max_requests
+                )
+            )
+            after = _get(url + "/health")
+            batches += after["batches"] - before["batches"]
+            requests += after["requests"] - before["requests"]
         load_average.append(os.getloadavg()[0])
     finally:
         server.terminate()
         server.wait(timeout=60)
-        shutil.rmtree(workdir, ignore_errors=True)
     # the same sentence must come back the same, batched or not
-    differ = sum(
-        len(texts | one["_outputs"].get(i, texts)) > 1
-        for i, texts in many["_outputs"].items()
-    )
-    for phase in (one, many):
-        del phase["_outputs"]
-    batches = after["batches"] - before["batches"]
+    texts: dict[int, set[str]] = {}
+    for phase in ones + manys:
+        for i, outputs in phase["outputs"].items():
+            texts.setdefault(i, set()).update(outputs)
+    differ = sum(len(outputs) > 1 for outputs in texts.values())
+    one, many = summarize(ones), summarize(manys)
     many["server_batches"] = batches
-    many["requests_per_batch"] = (after["requests"] - before["requests"]) / max(
-        batches, 1
-    )
+    many["requests_per_batch"] = requests / max(batches, 1)
     many["largest_batch_sentences"] = after["largest_batch"]
+    logging.info(
+        "max_wait %g ms: %.1f sentences/s one at a time, %.1f with %d clients",
+        max_wait_ms,
+        one["sentences_per_s"],
+        many["sentences_per_s"],
+        args.clients,
+    )
     return {
-        "benchmark": "serve",
-        **described,
-        "sentences_from": f"Multi30k {args.split}.{pair['source']} "
-        f"({len(sentences)} sentences, cycled), one sentence a request",
-        "max_wait_ms": args.max_wait_ms,
+        "max_wait_ms": max_wait_ms,
         "one_at_a_time": one,
         "concurrent": many,
         "throughput_over_one_at_a_time": many["sentences_per_s"]
         / one["sentences_per_s"],
         "sentences_whose_output_differed": differ,
+        "load_average_1min_before_after": load_average,
+    }
+
+
+def bench_serve(args) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    try:
+        if args.checkpoint:
+            checkpoint = Path(args.checkpoint)
+            described = {"checkpoint": args.checkpoint}
+        else:
+            checkpoint, described = random_multi30k_checkpoint(args, workdir)
+        from transformer.checkpoint import checkpoint_config, load_checkpoint
+
+        cfg = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
+        pair = {"source": cfg.data.src_lang, "target": cfg.data.tgt_lang}
+        path = Path(args.data_dir) / f"{args.split}.{pair['source']}.gz"
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            sentences = f.read().splitlines()[: args.limit or None]
+        runs = {
+            f"max_wait_{wait:g}ms": serve_run(args, checkpoint, sentences, pair, wait)
+            for wait in args.max_wait_ms
+        }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "benchmark": "serve",
+        **described,
+        "sentences_from": f"Multi30k {args.split}.{pair['source']} "
+        f"({len(sentences)} sentences, cycled), one sentence a request",
+        "clients": args.clients,
+        "seconds_per_phase": args.seconds,
+        "rounds": args.rounds,
+        "runs": runs,
         "device": args.device,
         "server_threads": args.threads or "all cores (torch default)",
-        "load_average_1min_before_after": load_average,
         "machine": machine(),
     }
 
@@ -533,9 +579,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--split", default="test_2016_flickr")
     serve.add_argument("--limit", type=int, default=0, help="first N sentences only")
     serve.add_argument("--clients", type=int, default=32)
-    serve.add_argument("--seconds", type=float, default=30.0, help="per phase")
+    serve.add_argument(
+        "--seconds", type=float, default=30.0, help="per phase, all rounds together"
+    )
+    serve.add_argument("--rounds", type=int, default=3, help="alternations")
     serve.add_argument("--max-requests", type=int, default=20_000)
-    serve.add_argument("--max-wait-ms", type=float, default=5.0)
+    serve.add_argument(
+        "--max-wait-ms",
+        type=float,
+        nargs="+",
+        default=[5.0, 20.0],
+        help="batching windows, one server each",
+    )
     serve.add_argument("--output-pieces", type=int, default=20)
     serve.add_argument("--seed", type=int, default=0)
     for p in (train, decode, serve):
