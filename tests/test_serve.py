@@ -332,7 +332,7 @@ def test_long_sentences_are_truncated_with_a_warning(client, models):
 
 
 BAD_REQUESTS = [
-    ("bad JSON", b'{"q": "a b", ', 400, "JSON decode error"),
+    ("bad JSON", b'{"q": "a b", ', 400, "not valid JSON at character 13"),
     ("not an object", b'["a b"]', 400, "invalid request"),
     ("no q", {"source": "de", "target": "en"}, 400, "q: Field required"),
     ("q a number", {"q": 3, "source": "de", "target": "en"}, 400, "q"),
@@ -400,6 +400,13 @@ def test_bad_requests_get_4xx_with_a_message(client, body, status, message):
     # the worker is alive and well after it
     ok = client.post("/translate", json={"q": "a b", "source": "de", "target": "en"})
     assert ok.status_code == 200 and isinstance(ok.json()["translatedText"], str)
+
+
+def test_a_body_that_is_not_declared_json_is_explained(client):
+    body = json.dumps({"q": "a b", "source": "de", "target": "en"})
+    r = client.post("/translate", content=body)
+    assert r.status_code == 400
+    assert "Content-Type: application/json" in r.json()["error"]
 
 
 def test_unknown_routes_and_methods_answer_with_a_message(client):

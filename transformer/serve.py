@@ -383,15 +383,21 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
-def _validation_message(errors: list[dict]) -> str:
+def _validation_message(errors: list[dict], content_type: str) -> str:
+    """One line from pydantic's errors about a request body."""
+    if not content_type.startswith("application/json"):
+        return "invalid request: send a JSON object with Content-Type: application/json"
     parts = []
     for error in errors:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
-        message = error.get("msg", "invalid")
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
         detail = (error.get("ctx") or {}).get("error")
+        if error.get("type") == "json_invalid":  # loc holds the character offset
+            parts.append(f"not valid JSON at character {loc[0]} ({detail})")
+            continue
+        message = error.get("msg", "invalid")
         if detail and str(detail) not in message:
             message += f" ({detail})"
-        parts.append(f"{where}: {message}" if where else message)
+        parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
     return "invalid request: " + "; ".join(parts)
 
 
@@ -483,7 +489,8 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        return error(400, _validation_message(list(exc.errors())))
+        content_type = request.headers.get("content-type", "")
+        return error(400, _validation_message(list(exc.errors()), content_type))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
