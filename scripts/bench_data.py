@@ -54,23 +54,25 @@ print(json.dumps({"first_update_s": first[0], "peak_rss_mib": rss,
 
 # open a store (numpy or Arrow), gather batches; prints JSON
 FORMAT_RUN = r"""
-import time, json, resource, sys
+import time, json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
+import datasets  # both libraries imported before anything is timed
+from transformer.data import CorpusStore
 kind, path, n = sys.argv[2], sys.argv[3], int(sys.argv[4])
-def rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss():  # resident now, MiB
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
 base = rss()
 start = time.perf_counter()
 if kind == "numpy":
-    from transformer.data import CorpusStore
     store = CorpusStore(path)
     store.lengths("src")  # maps the files, sums the block offsets
     size = len(store)
     def gather(ids):
         return store.padded("src", ids, 0), store.padded("tgt", ids, 0)
 else:
-    import datasets
     ds = datasets.load_from_disk(path).with_format("numpy")
     size = len(ds)
     def gather(ids):
@@ -85,6 +87,7 @@ else:
             out.append(a)
         return out
 opened = time.perf_counter() - start
+after_open = rss()
 rng = np.random.default_rng(0)
 batches = [np.sort(rng.choice(size, 128, replace=False)) for _ in range(n)]
 start = time.perf_counter()
@@ -92,7 +95,8 @@ for ids in batches:
     gather(ids)
 seconds = time.perf_counter() - start
 print(json.dumps({"open_s": opened, "batches": n, "batch_ms": 1000 * seconds / n,
-                  "rss_after_mib": rss(), "rss_before_open_mib": base}))
+                  "rss_open_mib": after_open - base,
+                  "rss_after_batches_mib": rss() - base}))
 """
 
 

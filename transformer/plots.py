@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import torch
 
-from transformer.config import BOS_ID, EOS_ID, DecodingConfig
+from transformer.config import BOS_ID, DecodingConfig
 from transformer.data import pad_sources
 from transformer.model import Transformer
 from transformer.search import generate
@@ -18,15 +19,60 @@ from transformer.tokenizer import Tokenizer
 def cross_attention(
     model: Transformer, src: torch.Tensor, output: list[int], layer: int
 ) -> torch.Tensor:
-    """Teacher-force ``output`` and return one layer's cross-attention (H, T, S)."""
+    """Teacher-force ``<bos> output`` and return one layer's cross-attention,
+    (H, T + 1, S) for T output tokens: row t is the query that predicts token t."""
     tgt = torch.tensor([[BOS_ID, *output]], device=src.device)
     model.record_attention(True)
     try:
         model(src, tgt)
-        weights = model.decoder[layer].cross_attn.weights  # (1, H, T, S)
+        weights = model.decoder[layer].cross_attn.weights  # (1, H, T + 1, S)
     finally:
         model.record_attention(False)
     return weights[0].float().cpu()
+
+
+def attention_png(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    sentence: str,
+    cfg: DecodingConfig,
+    device: torch.device,
+    layer: int = -1,
+    head: int | None = None,
+) -> bytes:
+    """Translate ``sentence`` and draw source pieces x target pieces; PNG bytes.
+
+    Draws on a ``Figure`` of its own rather than through pyplot's global state, so
+    that a server's decoding thread can call it.
+    """
+    from matplotlib.figure import Figure
+
+    n_layers = len(model.decoder)
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer must be in [{-n_layers}, {n_layers - 1}]")
+    if head is not None and not 0 <= head < model.cfg.n_heads:
+        raise ValueError(f"head must be in [0, {model.cfg.n_heads - 1}]")
+    ids = tokenizer.encode_src([sentence])[0][: model.cfg.max_positions - 1]
+    src = pad_sources([ids]).to(device)
+    output = generate(model, src, cfg)[0][0].tokens
+    # row t is the step that produced output[t] (from <bos> output[:t]); the last
+    # row produced </s>
+    weights = cross_attention(model, src, output, layer)  # (H, T + 1, S)
+    matrix = weights.mean(0) if head is None else weights[head]
+    src_labels = tokenizer.src_pieces(sentence)[: len(ids)] + ["</s>"]
+    tgt_labels = tokenizer.tgt_pieces(output) + ["</s>"]
+    width = max(4.0, 1 + 0.45 * len(src_labels))  # room for the title
+    fig = Figure(figsize=(width, 1 + 0.4 * len(tgt_labels)))
+    ax = fig.subplots()
+    ax.imshow(matrix.numpy(), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(src_labels)), src_labels, rotation=60, ha="right")
+    ax.set_yticks(range(len(tgt_labels)), tgt_labels)
+    which = "mean over heads" if head is None else f"head {head}"
+    ax.set_title(f"cross-attention, layer {layer % n_layers}, {which}")
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=110)
+    return out.getvalue()
 
 
 def plot_attention(
@@ -39,36 +85,14 @@ def plot_attention(
     layer: int = -1,
     head: int | None = None,
 ) -> Path:
-    """Translate ``sentence`` and draw source pieces x target pieces as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_layers = len(model.decoder)
-    if not -n_layers <= layer < n_layers:
-        raise ValueError(f"--layer must be in [{-n_layers}, {n_layers - 1}]")
-    if head is not None and not 0 <= head < model.cfg.n_heads:
-        raise ValueError(f"--head must be in [0, {model.cfg.n_heads - 1}]")
-    ids = tokenizer.encode_src([sentence])[0][: model.cfg.max_positions - 1]
-    src = pad_sources([ids]).to(device)
-    output = generate(model, src, cfg)[0][0].tokens + [EOS_ID]
-    weights = cross_attention(model, src, output, layer)  # (H, T, S)
-    matrix = weights.mean(0) if head is None else weights[head]
-    src_labels = tokenizer.src_pieces(sentence)[: len(ids)] + ["</s>"]
-    tgt_labels = tokenizer.tgt_pieces(output[:-1]) + ["</s>"]
-    fig, ax = plt.subplots(
-        figsize=(1 + 0.45 * len(src_labels), 1 + 0.4 * len(tgt_labels))
-    )
-    ax.imshow(matrix.numpy(), cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(src_labels)), src_labels, rotation=60, ha="right")
-    ax.set_yticks(range(len(tgt_labels)), tgt_labels)
-    which = "mean over heads" if head is None else f"head {head}"
-    ax.set_title(f"cross-attention, layer {layer % n_layers}, {which}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    """Translate ``sentence`` and write its cross-attention heat map to a PNG file."""
+    try:
+        png = attention_png(model, tokenizer, sentence, cfg, device, layer, head)
+    except ValueError as e:  # the command line names its options
+        raise ValueError(f"--{e}") from None
+    path = Path(path)
+    path.write_bytes(png)
+    return path
 
 
 def plot_metrics(run_dir: Path) -> Path | None:

@@ -1,0 +1,312 @@
+"""The web application: LibreTranslate-style JSON API, the page, errors."""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the request models of
+# the endpoints, which are defined inside ``create_app``, from runtime annotations.
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+
+from transformer.config import ConfigError
+from transformer.serve.batching import (
+    AttentionWork,
+    Batcher,
+    QueueFull,
+    TranslationWork,
+    attention_batch,
+    translate_batch,
+)
+from transformer.serve.models import (
+    EXTRA_MISSING,
+    PAGE,
+    LoadedModel,
+    ServeConfig,
+    search_settings,
+)
+
+log = logging.getLogger(__name__)
+
+
+# --- the web application ---
+
+
+class ApiError(Exception):
+    """An answer with a 4xx/5xx status and a message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _validation_message(errors: list[dict], content_type: str) -> str:
+    """One line from pydantic's errors about a request body."""
+    if not content_type.startswith("application/json"):
+        return "invalid request: send a JSON object with Content-Type: application/json"
+    parts = []
+    for error in errors:
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        detail = (error.get("ctx") or {}).get("error")
+        if error.get("type") == "json_invalid":  # loc holds the character offset
+            parts.append(f"not valid JSON at character {loc[0]} ({detail})")
+            continue
+        message = error.get("msg", "invalid")
+        if detail and str(detail) not in message:
+            message += f" ({detail})"
+        parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
+    """The FastAPI application serving ``models`` within ``limits``."""
+    try:
+        from contextlib import asynccontextmanager
+        from typing import Literal
+
+        from fastapi import FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import HTMLResponse, JSONResponse, Response
+        from pydantic import BaseModel, ConfigDict, Field
+        from starlette.exceptions import HTTPException
+    except ImportError as e:
+        raise ImportError(EXTRA_MISSING) from e
+
+    limits = limits or ServeConfig()
+    limits.validate()
+    if not models:
+        raise ConfigError("no models to serve")
+    by_pair = {(m.source, m.target): m for m in models}
+    page = PAGE.read_text(encoding="utf-8")
+    unique = itertools.count()  # keys of jobs that must not share a batch
+
+    class SearchOptions(BaseModel):
+        """Language pair and search; unset options keep the checkpoint's."""
+
+        model_config = ConfigDict(extra="forbid")
+        source: str = Field(description="source language code, e.g. de")
+        target: str = Field(description="target language code, e.g. en")
+        beam_size: int | None = Field(None, ge=1, le=limits.max_beam)
+        length_penalty: float | None = Field(None, ge=0, description="GNMT alpha")
+        greedy: bool = False
+        sample: bool = Field(False, description="sample instead of searching")
+        temperature: float | None = Field(None, gt=0)
+        top_k: int | None = Field(None, ge=0, description="sample from the k best")
+        top_p: float | None = Field(None, gt=0, le=1, description="nucleus mass")
+        seed: int | None = Field(None, description="sampling seed")
+        timeout: float | None = Field(
+            None, gt=0, le=limits.timeout_s, description="seconds; 504 after that"
+        )
+
+    class TranslateRequest(SearchOptions):
+        """LibreTranslate's request, plus the search options."""
+
+        q: str | list[str] = Field(description="a sentence or a list of sentences")
+        alternatives: int = Field(
+            0, ge=0, le=limits.max_alternatives, description="n-best beyond the best"
+        )
+        format: Literal["text"] = "text"
+        api_key: str | None = Field(None, description="accepted and ignored")
+
+    class TranslateResponse(BaseModel):
+        translatedText: str | list[str]
+        alternatives: list[str] | list[list[str]]
+        warnings: list[str] = Field(description="e.g. truncated sentences")
+
+    class AttentionRequest(SearchOptions):
+        q: str = Field(description="one sentence")
+        layer: int = Field(-1, description="decoder layer; negative counts back")
+        head: int | None = Field(None, ge=0, description="None: mean over heads")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher = Batcher(
+            limits.batch_tokens, limits.max_wait_ms / 1000, limits.max_queue
+        )
+        batcher.start()
+        app.state.batcher = batcher
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(
+        title="transformer-nmt",
+        description="Neural machine translation with batched decoding.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        content_type = request.headers.get("content-type", "")
+        return error(400, _validation_message(list(exc.errors()), content_type))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limits.max_body_bytes:
+            return error(
+                413, f"request body over {limits.max_body_bytes:,} bytes ({length})"
+            )
+        return await call_next(request)
+
+    def model_for(req: SearchOptions) -> LoadedModel:
+        lm = by_pair.get((req.source, req.target))
+        if lm is None:
+            pairs = ", ".join(f"{s}->{t}" for s, t in by_pair)
+            raise ApiError(
+                400,
+                f"no model translates {req.source}->{req.target}; "
+                f"this server has {pairs}",
+            )
+        return lm
+
+    def settings_for(lm: LoadedModel, req: SearchOptions, alternatives: int):
+        options = req.model_dump(include=set(SearchOptions.model_fields))
+        try:
+            return search_settings(
+                lm.decoding, {**options, "alternatives": alternatives}, limits
+            )
+        except ConfigError as e:
+            raise ApiError(400, str(e).removeprefix(".")) from None
+
+    async def run(request: Request, req: SearchOptions, key, cost, n, work, fn):
+        batcher: Batcher = request.app.state.batcher
+        timeout = req.timeout or limits.timeout_s
+        try:
+            return await batcher.submit(key, cost, n, work, fn, timeout)
+        except QueueFull as e:
+            raise ApiError(503, f"server busy: {e}; try again later") from None
+        except asyncio.TimeoutError:
+            raise ApiError(
+                504,
+                f"translation did not finish within {timeout:g} s; send fewer or "
+                "shorter sentences, or a longer timeout",
+            ) from None
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return page
+
+    @app.get("/languages", summary="language pairs served")
+    async def languages():
+        sources: dict[str, list[str]] = {}
+        for s, t in by_pair:
+            sources.setdefault(s, []).append(t)
+        return [
+            {"code": s, "name": s, "targets": sorted(ts)}
+            for s, ts in sorted(sources.items())
+        ]
+
+    @app.get("/health", summary="liveness, models and batching statistics")
+    async def health(request: Request):
+        batcher: Batcher = request.app.state.batcher
+        body = {
+            "status": "ok" if batcher.alive else "decoding worker stopped",
+            "models": [
+                {
+                    "source": m.source,
+                    "target": m.target,
+                    "checkpoint": m.checkpoint,
+                    "step": m.step,
+                    "max_source_pieces": m.max_source,
+                }
+                for m in models
+            ],
+            "queued": len(batcher.pending),
+            **batcher.stats,
+        }
+        return JSONResponse(body, status_code=200 if batcher.alive else 503)
+
+    @app.post(
+        "/translate",
+        response_model=TranslateResponse,
+        summary="translate a sentence or a list of sentences",
+    )
+    async def translate(request: Request, req: TranslateRequest):
+        lm = model_for(req)
+        settings = settings_for(lm, req, req.alternatives)
+        sentences = [req.q] if isinstance(req.q, str) else list(req.q)
+        if not any(s.strip() for s in sentences):
+            raise ApiError(400, "q is empty: give a sentence or a list of sentences")
+        if len(sentences) > limits.max_sentences:
+            raise ApiError(
+                413,
+                f"{len(sentences)} sentences in one request; at most "
+                f"{limits.max_sentences}",
+            )
+        chars = sum(len(s) for s in sentences)
+        if chars > limits.max_chars:
+            raise ApiError(
+                413,
+                f"{chars:,} characters in one request; at most {limits.max_chars:,}",
+            )
+        todo = [i for i, s in enumerate(sentences) if s.strip()]
+        pieces = lm.tokenizer.encode_src([sentences[i] for i in todo])
+        sources, warnings = [], []
+        for i, ids in zip(todo, pieces, strict=True):
+            if len(ids) > lm.max_source:
+                warnings.append(
+                    f"sentence {i + 1}: {len(ids)} pieces, more than the model's "
+                    f"{lm.max_source}; only the first {lm.max_source} were translated"
+                )
+                ids = ids[: lm.max_source]
+            sources.append(ids)
+        beam = settings.beam_size if settings.strategy == "beam" else 1
+        cost = sum(len(s) + 1 for s in sources) * beam
+        key = ("translate", lm.source, lm.target, dataclasses.astuple(settings))
+        if settings.strategy == "sample":
+            # alone, so that a seed gives the same sample whatever else is queued
+            key += (next(unique),)
+        work = TranslationWork(lm, settings, sources)
+        done = await run(request, req, key, cost, len(sources), work, translate_batch)
+        results: list[list[str]] = [[""] for _ in sentences]
+        for i, nbest in zip(todo, done, strict=True):
+            results[i] = nbest or [""]
+        best = [r[0] for r in results]
+        others = [r[1:] for r in results]
+        if isinstance(req.q, str):
+            return {
+                "translatedText": best[0],
+                "alternatives": others[0],
+                "warnings": warnings,
+            }
+        return {"translatedText": best, "alternatives": others, "warnings": warnings}
+
+    @app.post(
+        "/attention",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+        summary="cross-attention heat map (PNG) of one sentence's translation",
+    )
+    async def attention(request: Request, req: AttentionRequest):
+        lm = model_for(req)
+        settings = settings_for(lm, req, 0)
+        if not req.q.strip():
+            raise ApiError(400, "q is empty: give a sentence")
+        if len(req.q) > limits.max_chars:
+            raise ApiError(
+                413, f"{len(req.q):,} characters; at most {limits.max_chars:,}"
+            )
+        layers = len(lm.model.decoder)
+        if not -layers <= req.layer < layers:
+            raise ApiError(400, f"layer: must be in [{-layers}, {layers - 1}]")
+        if req.head is not None and req.head >= lm.model.cfg.n_heads:
+            raise ApiError(400, f"head: must be in [0, {lm.model.cfg.n_heads - 1}]")
+        work = AttentionWork(lm, settings, req.q, req.layer, req.head)
+        key = ("attention", next(unique))
+        png = await run(request, req, key, 1, 1, work, attention_batch)
+        return Response(png, media_type="image/png")
+
+    return app
