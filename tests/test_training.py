@@ -358,3 +358,34 @@ def test_two_process_gloo_matches_single_process(tmp_path, toy_tokenizer):
             load_config(TOY, [f"training.run_dir={tmp_path / 'fresh'}", *common])
         ).model.tgt_embed.weight,
     )
+
+
+def test_progress_piped_to_a_file_is_a_few_log_lines(tmp_path, toy_tokenizer):
+    # not a terminal: no redrawn bar, one line every training.log_seconds
+    run = tmp_path / "run"
+    log = tmp_path / "train.log"
+    with open(log, "wb") as stderr:
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "train.py"),
+                "--config",
+                str(TOY),
+                f"training.run_dir={run}",
+                f"data.tokenizer.model={toy_tokenizer}",
+                *SMALL,
+                "training.max_steps=500",
+                "training.validate_every=250",
+                "training.log_seconds=2",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            timeout=300,
+        )
+    text = log.read_text()
+    assert result.returncode == 0, text[-3000:]
+    lines = text.splitlines()
+    assert "\r" not in text
+    progress = [line for line in lines if "/500 (" in line and "ETA" in line]
+    assert 1 <= len(progress) <= 40 and len(lines) <= 80, len(lines)
+    assert load_checkpoint(run / "last.pt")["step"] == 500

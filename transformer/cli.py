@@ -119,11 +119,13 @@ def _preprocess(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     from transformer.checkpoint import load_checkpoint
+    from transformer.data.download import ensure_corpus
     from transformer.tokenizer import Tokenizer
     from transformer.training.build import build_stores, build_tokenizer, run_dir_of
     from transformer.training.distributed import Distributed
 
     cfg = load_config(args.config, args.overrides)
+    ensure_corpus(cfg.data)
     run_dir = run_dir_of(cfg)
     last = run_dir / "last.pt"
     if last.exists() and cfg.training.resume == "auto":  # the run's own tokenizer
@@ -256,6 +258,9 @@ def _eval(argv: list[str] | None) -> int:
         split = args.split or cfg.data.test_split
         if not split:
             raise ConfigError("no --split given and the config has no data.test_split")
+        from transformer.data.download import ensure_corpus
+
+        ensure_corpus(cfg.data)
         pairs = list(read_pairs(cfg.data, split, cfg.training.seed))
         name = split
     sources, references = [s for s, _ in pairs], [t for _, t in pairs]

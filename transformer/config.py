@@ -199,7 +199,11 @@ class DataConfig:
     # 'copy' / 'reverse': synthetic toy tasks that need no files.
     format: Format = "text"
     dir: str | None = None
-    source_url: str | None = None  # where the published files come from (docs only)
+    # when data.dir does not exist: download these files (name: sha256) from
+    # source_url into download_dir (default ~/.cache/transformer_nmt/corpora/...)
+    source_url: str | None = None
+    source_files: dict[str, str] = field(default_factory=dict)
+    download_dir: str | None = None
     hub_name: str | None = None
     hub_config: str | None = None
     src_field: str | None = None  # JSONL/hub: column of the source, or translation.X
@@ -262,6 +266,19 @@ class DataConfig:
         for name in ("max_tokens", "valid_max_tokens"):
             value = getattr(self, name)
             _check(value >= 1, f"{prefix}.{name}", value, "must be positive")
+        _check(
+            not self.source_files or bool(self.source_url),
+            f"{prefix}.source_url",
+            self.source_url,
+            "needed to download data.source_files",
+        )
+        for name, digest in self.source_files.items():
+            _check(
+                len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
+                f"{prefix}.source_files.{name}",
+                digest,
+                "must be a sha256 sum (64 lowercase hex digits)",
+            )
         for name in ("max_sentences", "workers"):
             value = getattr(self, name)
             _check(value >= 0, f"{prefix}.{name}", value, "must not be negative")
@@ -511,6 +528,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 f"{key}: must be one of {', '.join(map(repr, choices))} (got {value!r})"
             )
         return value
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (got {value!r})")
+        return {
+            _coerce(key_type, k, f"{key}"): _coerce(value_type, v, f"{key}.{k}")
+            for k, v in value.items()
+        }
     if origin is list:
         (arg,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -29,6 +29,7 @@ from transformer.checkpoint import (
 )
 from transformer.config import Config, save_config
 from transformer.data import Batch
+from transformer.data.download import ensure_corpus
 from transformer.model import count_parameters
 from transformer.plots import plot_metrics
 from transformer.tokenizer import Tokenizer
@@ -85,6 +86,7 @@ class Trainer:
         self.dist.init(self.device, t.dist_timeout, t.prepare_timeout)
         self.run_dir = run_dir_of(cfg)
 
+        self.dist.main_first(lambda: ensure_corpus(cfg.data), "downloading the corpus")
         resume = t.resume == "auto" if resume is None else resume
         last = self.run_dir / "last.pt"
         ckpt = load_checkpoint(last) if resume and last.exists() else None
