@@ -2,18 +2,60 @@
 
 from __future__ import annotations
 
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from transformer.config import ModelConfig, load_config
+from transformer.config import ModelConfig, TokenizerConfig, load_config
 from transformer.model import Transformer
 from transformer.tokenizer import Tokenizer
 
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "configs" / "toy_copy.yaml"
+
+SRC = [f"das ist satz nummer {i} mit {'vielen ' * (i % 7)}wörtern" for i in range(300)]
+TGT = [f"this is sentence number {i} with {'many ' * (i % 7)}words" for i in range(300)]
+
+
+def write(path, lines, gz=False):
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return Tokenizer.train(TokenizerConfig(vocab_size=120), SRC, TGT)
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    write(tmp_path / "train.de", SRC)
+    write(tmp_path / "train.en.gz", TGT, gz=True)
+    write(tmp_path / "val.de", SRC[:20])
+    write(tmp_path / "val.en", TGT[:20])
+    return tmp_path
+
+
+def wait_for_rows(metrics: Path, rows: int, seconds: float = 120) -> None:
+    """Wait until a run's metrics.jsonl holds ``rows`` rows (or time is up)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < rows
+    ):
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +83,20 @@ SMALL = [
     "training.validate_every=1000",
     "training.threads=1",
 ]
+
+
+def train_command(run_dir, tokenizer, *extra) -> list[str]:
+    """``scripts/train.py`` on the tiny toy run, as a subprocess argument list."""
+    return [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        "--config",
+        str(TOY),
+        f"training.run_dir={run_dir}",
+        f"data.tokenizer.model={tokenizer}",
+        *SMALL,
+        *extra,
+    ]
 
 
 def tiny(run_dir, tokenizer, *extra):
@@ -121,3 +177,32 @@ def train_copy_model(
 def half_trained() -> Transformer:
     """Partly trained: outputs vary with the input and end at different lengths."""
     return train_copy_model(120)
+
+
+needs_torchrun = pytest.mark.skipif(
+    shutil.which("torchrun") is None, reason="torchrun not on PATH"
+)
+
+
+def torchrun(tmp_path, out: Path, run: Path, *extra, env=None, wait=True):
+    common = [f"data.cache_dir={tmp_path / 'cache'}", *SMALL, "training.device=cpu"]
+    out.mkdir(parents=True, exist_ok=True)
+    args = [
+        "torchrun",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(TOY),
+        str(out),
+        f"training.run_dir={run}",
+        *common,
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(
+            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

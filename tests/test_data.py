@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
 
+from tests.conftest import SRC, TGT, write
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, DataConfig, TokenizerConfig
 from transformer.data import (
     DataError,
@@ -14,33 +14,6 @@ from transformer.data import (
     read_pairs,
 )
 from transformer.tokenizer import Tokenizer, TokenizerError, train_sentencepiece
-
-SRC = [f"das ist satz nummer {i} mit {'vielen ' * (i % 7)}wörtern" for i in range(300)]
-TGT = [f"this is sentence number {i} with {'many ' * (i % 7)}words" for i in range(300)]
-
-
-def write(path, lines, gz=False):
-    data = ("\n".join(lines) + "\n").encode("utf-8")
-    if gz:
-        with gzip.open(path, "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.train(TokenizerConfig(vocab_size=120), SRC, TGT)
-
-
-@pytest.fixture
-def corpus_dir(tmp_path):
-    write(tmp_path / "train.de", SRC)
-    write(tmp_path / "train.en.gz", TGT, gz=True)
-    write(tmp_path / "val.de", SRC[:20])
-    write(tmp_path / "val.en", TGT[:20])
-    return tmp_path
 
 
 def cfg_for(directory, **kw) -> DataConfig:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_data import SRC, TGT
+from tests.conftest import SRC, TGT
 from transformer.cli import preprocess_main
 from transformer.config import DataConfig
 from transformer.data import DataError

@@ -4,23 +4,23 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, TOY, tiny
+from tests.conftest import (
+    needs_torchrun,
+    tiny,
+    torchrun,
+    train_command,
+    wait_for_rows,
+)
 from transformer.checkpoint import CheckpointError, load_checkpoint
 from transformer.training import Trainer, TrainingError
-
-needs_torchrun = pytest.mark.skipif(
-    shutil.which("torchrun") is None, reason="torchrun not on PATH"
-)
 
 
 def all_finite(state: dict[str, torch.Tensor]) -> bool:
@@ -210,43 +210,6 @@ def test_over_long_validation_sentences_are_truncated(tmp_path, toy_tokenizer, c
 # --- two ranks (gloo) ---
 
 
-def torchrun(tmp_path, out: Path, run: Path, *extra, env=None, wait=True):
-    common = [
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.toy_train_size=300",
-        "data.toy_valid_size=20",
-        "data.max_tokens=256",
-        "model.d_model=32",
-        "model.d_ff=64",
-        "model.dropout=0.1",
-        "training.valid_bleu=false",
-        "training.best_metric=loss",
-        "training.log_every=1",
-        "training.device=cpu",
-        "training.threads=1",
-    ]
-    out.mkdir(parents=True, exist_ok=True)
-    args = [
-        "torchrun",
-        "--standalone",
-        "--nproc-per-node=2",
-        str(ROOT / "tests" / "ddp_worker.py"),
-        str(TOY),
-        str(out),
-        f"training.run_dir={run}",
-        *common,
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    if not wait:
-        return subprocess.Popen(
-            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-
-
 def assert_same_weights(a: dict, b: dict) -> None:
     for name, weight in a.items():
         assert torch.equal(weight, b[name]), name
@@ -280,11 +243,7 @@ def test_sigterm_on_one_rank_stops_both_and_resumes_bit_identically(
     tok = f"data.tokenizer.model={toy_tokenizer}"
     proc = torchrun(tmp_path, out, run, tok, "training.max_steps=100000", wait=False)
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (
-        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
-    ):
-        time.sleep(0.2)
+    wait_for_rows(metrics, 3)
     os.kill(int((out / "pid1").read_text()), signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()[-4000:]
@@ -370,27 +329,14 @@ def test_ctrl_c_to_the_process_group_with_data_workers(tmp_path, toy_tokenizer):
     # a terminal's Ctrl-C reaches the DataLoader workers too: only the main
     # process reacts, finishes the step, saves and exits cleanly
     run = tmp_path / "run"
-    args = [
-        sys.executable,
-        str(ROOT / "scripts" / "train.py"),
-        "--config",
-        str(TOY),
-        f"training.run_dir={run}",
-        f"data.tokenizer.model={toy_tokenizer}",
-        "data.workers=2",
-        "training.max_steps=100000",
-        "training.log_every=1",
-        "training.threads=1",
-    ]
+    args = train_command(
+        run, toy_tokenizer, "data.workers=2", "training.max_steps=100000"
+    )
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (
-        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
-    ):
-        time.sleep(0.2)
+    wait_for_rows(metrics, 3)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()[-3000:]

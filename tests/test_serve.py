@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import tiny_config
 from transformer.checkpoint import FORMAT_VERSION, atomic_save
 from transformer.config import (
     BOS_ID,
@@ -29,7 +30,6 @@ from transformer.config import (
     PAD_ID,
     Config,
     DecodingConfig,
-    ModelConfig,
     TokenizerConfig,
 )
 from transformer.evaluation import translate
@@ -70,16 +70,9 @@ def copy_checkpoint(path: Path, tokenizer: Tokenizer, pair, steps: int, seed: in
     torch.manual_seed(seed)
     cfg = Config()
     cfg.data.src_lang, cfg.data.tgt_lang = pair
-    cfg.model = ModelConfig(
+    cfg.model = tiny_config(
         src_vocab_size=tokenizer.src_vocab_size,
         tgt_vocab_size=tokenizer.tgt_vocab_size,
-        d_model=32,
-        n_heads=4,
-        encoder_layers=2,
-        decoder_layers=2,
-        d_ff=64,
-        dropout=0.0,
-        max_positions=64,
         norm_first=True,
     )
     cfg.decoding = DecodingConfig(strategy="greedy", max_len_a=1.0, max_len_b=5)

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny
-from tests.test_data import SRC, TGT, write
+from tests.conftest import SRC, TGT, needs_torchrun, tiny, torchrun, write
 from transformer.cli import preprocess_main
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, DataConfig, TokenizerConfig
 from transformer.data import (
@@ -25,22 +24,6 @@ from transformer.data import (
 )
 from transformer.data import store as store_module
 from transformer.tokenizer import Tokenizer
-
-needs_torchrun = pytest.mark.skipif(
-    shutil.which("torchrun") is None, reason="torchrun not on PATH"
-)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.train(TokenizerConfig(vocab_size=120), SRC, TGT)
-
-
-@pytest.fixture
-def corpus_dir(tmp_path):
-    write(tmp_path / "train.de", SRC)
-    write(tmp_path / "train.en.gz", TGT, gz=True)
-    return tmp_path
 
 
 def cfg_for(directory, **kw) -> DataConfig:
@@ -292,8 +275,6 @@ def test_preprocess_builds_what_training_reuses(tmp_path, toy_tokenizer, capsys)
 
 @needs_torchrun
 def test_two_ranks_map_a_preprocessed_store_without_tokenizing(tmp_path, toy_tokenizer):
-    from tests.test_faults import torchrun
-
     run = tmp_path / "run"
     config = Path(__file__).resolve().parents[1] / "configs" / "toy_copy.yaml"
     assert (

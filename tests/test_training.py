@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, SMALL, TOY, tiny
+from tests.conftest import (
+    SMALL,
+    TOY,
+    needs_torchrun,
+    tiny,
+    torchrun,
+    train_command,
+    wait_for_rows,
+)
 from transformer.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -161,24 +166,15 @@ def test_resume_is_bit_identical(tmp_path, toy_tokenizer):
 
 def test_sigterm_saves_last_and_resume_continues(tmp_path, toy_tokenizer):
     run = tmp_path / "run"
-    args = [
-        sys.executable,
-        str(ROOT / "scripts" / "train.py"),
-        "--config",
-        str(TOY),
-        f"training.run_dir={run}",
-        f"data.tokenizer.model={toy_tokenizer}",
+    args = train_command(
+        run,
+        toy_tokenizer,
         f"data.cache_dir={tmp_path / 'cache'}",
-        *SMALL,
         "training.max_steps=100000",
-    ]
+    )
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (
-        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
-    ):
-        time.sleep(0.2)
+    wait_for_rows(metrics, 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()
@@ -288,44 +284,18 @@ def test_toy_copy_config_learns(tmp_path):
     assert '"bleu"' in rows[-1]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+@needs_torchrun
 def test_two_process_gloo_matches_single_process(tmp_path, toy_tokenizer):
     common = [
         f"data.tokenizer.model={toy_tokenizer}",
         f"data.cache_dir={tmp_path / 'c'}",
-        "data.toy_train_size=300",
-        "data.toy_valid_size=20",
-        "data.max_tokens=256",
-        "model.d_model=32",
-        "model.d_ff=64",
+        *SMALL,
         "model.dropout=0.0",
-        "training.valid_bleu=false",
-        "training.best_metric=loss",
         "training.max_steps=3",
-        "training.log_every=1",
         "training.device=cpu",
-        "training.threads=1",
     ]
     out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            "torchrun",
-            "--standalone",
-            "--nproc-per-node=2",
-            str(ROOT / "tests" / "ddp_worker.py"),
-            str(TOY),
-            str(out),
-            f"training.run_dir={tmp_path / 'ddp'}",
-            *common,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(tmp_path, out, tmp_path / "ddp", *common)
     rank0 = torch.load(out / "rank0.pt", weights_only=True)["model"]
     rank1 = torch.load(out / "rank1.pt", weights_only=True)["model"]
     single = Trainer(
@@ -366,18 +336,13 @@ def test_progress_piped_to_a_file_is_a_few_log_lines(tmp_path, toy_tokenizer):
     log = tmp_path / "train.log"
     with open(log, "wb") as stderr:
         result = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "scripts" / "train.py"),
-                "--config",
-                str(TOY),
-                f"training.run_dir={run}",
-                f"data.tokenizer.model={toy_tokenizer}",
-                *SMALL,
+            train_command(
+                run,
+                toy_tokenizer,
                 "training.max_steps=500",
                 "training.validate_every=250",
                 "training.log_seconds=2",
-            ],
+            ),
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             timeout=300,
