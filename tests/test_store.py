@@ -322,3 +322,30 @@ def test_multi30k_store_and_batches(multi30k_dir, tmp_path):
     assert batch.src.numel() <= 4096 and batch.tgt_out.numel() <= 4096
     assert len(list(read_pairs(cfg, "test_2016_flickr"))) == 1000
     shutil.rmtree(store.path)
+
+
+def test_hub_rows_are_streamed_into_the_same_store(tmp_path, tokenizer, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(name, config, split, streaming, **extra):
+        calls.append(streaming)
+        return ({"translation": {"de": s, "en": t}} for s, t in zip(SRC, TGT, strict=True))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    hub = DataConfig(format="hub", hub_name="wmt14", hub_config="de-en")
+    store = open_store(hub, "train", tokenizer, tmp_path / "cache")
+    assert calls == [True]  # streamed, never the whole dataset in memory
+    files = store_for(tmp_path_with(tmp_path), tokenizer)
+    assert len(store) == len(files)
+    for i in range(len(store)):
+        assert store.pair(i) == files.pair(i)
+
+
+def tmp_path_with(tmp_path: Path) -> Path:
+    folder = tmp_path / "files"
+    folder.mkdir()
+    write(folder / "train.de", SRC)
+    write(folder / "train.en", TGT)
+    return folder
