@@ -331,7 +331,9 @@ def test_hub_rows_are_streamed_into_the_same_store(tmp_path, tokenizer, monkeypa
 
     def fake_load(name, config, split, streaming, **extra):
         calls.append(streaming)
-        return ({"translation": {"de": s, "en": t}} for s, t in zip(SRC, TGT, strict=True))
+        return (
+            {"translation": {"de": s, "en": t}} for s, t in zip(SRC, TGT, strict=True)
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     hub = DataConfig(format="hub", hub_name="wmt14", hub_config="de-en")
