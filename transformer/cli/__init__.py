@@ -1,0 +1,56 @@
+"""Command-line entry points: train, preprocess, eval, translate and average.
+
+Each ``*_main`` runs through ``run_cli``: a user error (a bad key, a missing file, a
+misaligned corpus) prints one ``error:`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from transformer.checkpoint import CheckpointError
+from transformer.config import ConfigError
+from transformer.data import DataError
+from transformer.tokenizer import TokenizerError
+
+log = logging.getLogger("transformer")
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def run_cli(main, argv, extra_errors: tuple[type[Exception], ...] = ()) -> int:
+    """Run an entry point: a user error prints one ``error:`` line (exit 2), Ctrl-C
+    prints ``interrupted`` (exit 130); anything else is a bug and shows its trace."""
+    try:
+        return main(argv)
+    except (*USER_ERRORS, *extra_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# the entry points, after run_cli and setup_logging, which they use
+from transformer.cli.decode import eval_main, translate_main  # noqa: E402
+from transformer.cli.train import average_main, preprocess_main, train_main  # noqa: E402
+
+__all__ = [
+    "USER_ERRORS",
+    "average_main",
+    "eval_main",
+    "preprocess_main",
+    "run_cli",
+    "setup_logging",
+    "train_main",
+    "translate_main",
+]

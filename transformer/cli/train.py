@@ -1,0 +1,154 @@
+"""transformer-train, transformer-preprocess and transformer-average."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from transformer.checkpoint import (
+    CheckpointError,
+    average_checkpoints,
+)
+from transformer.cli import run_cli, setup_logging
+from transformer.config import ConfigError, load_config
+
+log = logging.getLogger("transformer")
+
+
+# --- train ---
+
+
+def _train(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="transformer-train",
+        description="Train a Transformer on a parallel corpus.",
+    )
+    parser.add_argument("--config", required=True, help="experiment YAML file")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue from <run_dir>/last.pt (default: training.resume)",
+    )
+    resume.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="start afresh even if <run_dir>/last.pt exists",
+    )
+    parser.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="resume even though batching settings, world size or corpus changed: "
+        "the data position restarts at the next epoch "
+        "(training.on_data_change=next_epoch)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, e.g. training.max_steps=1000",
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+    from transformer.training import TrainingError, train
+
+    overrides = list(args.overrides)
+    if args.allow_data_change:
+        overrides.append("training.on_data_change=next_epoch")
+    cfg = load_config(args.config, overrides)
+    try:
+        best = train(cfg, args.resume)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(best)
+    return 0
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    return run_cli(_train, argv)
+
+
+# --- preprocess ---
+
+
+def _preprocess(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="transformer-preprocess",
+        description="Build the tokenizer and the memory-mapped corpus store of each "
+        "training corpus (transformer-train builds them on first use otherwise).",
+    )
+    parser.add_argument("--config", required=True, help="experiment YAML file")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides"
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+    from transformer.checkpoint import load_checkpoint
+    from transformer.data.download import ensure_corpus
+    from transformer.tokenizer import Tokenizer
+    from transformer.training.build import build_stores, build_tokenizer, run_dir_of
+    from transformer.training.distributed import Distributed
+
+    cfg = load_config(args.config, args.overrides)
+    ensure_corpus(cfg.data)
+    run_dir = run_dir_of(cfg)
+    last = run_dir / "last.pt"
+    if last.exists() and cfg.training.resume == "auto":  # the run's own tokenizer
+        tokenizer = Tokenizer.from_state_dict(load_checkpoint(last)["tokenizer"])
+    else:
+        tokenizer = build_tokenizer(cfg, run_dir, Distributed())
+    for store in build_stores(cfg, tokenizer):
+        meta, stats = store.meta, store.filter_stats
+        tokens = meta["src_tokens"] + meta["tgt_tokens"]
+        size = sum(f.stat().st_size for f in store.path.iterdir())
+        print(
+            f"{store.path}: {meta['source']}: {len(store)} pairs kept, dropped "
+            f"{stats.empty} empty, {stats.too_long} over data.max_length, "
+            f"{stats.bad_ratio} over data.max_length_ratio; {tokens} tokens, "
+            f"{size / max(tokens, 1):.2f} bytes a token"
+        )
+    return 0
+
+
+def preprocess_main(argv: list[str] | None = None) -> int:
+    return run_cli(_preprocess, argv)
+
+
+# --- average ---
+
+
+def _average(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="transformer-average",
+        description="Average the weights of the last N step checkpoints of a run.",
+    )
+    parser.add_argument("--run-dir", help="folder with step_<N>.pt checkpoints")
+    parser.add_argument("--last", type=int, default=5, help="how many (default 5)")
+    parser.add_argument("--inputs", nargs="*", help="explicit checkpoint files")
+    parser.add_argument("--output", required=True, help="the averaged checkpoint")
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.inputs:
+        paths = [Path(p) for p in args.inputs]
+    elif args.run_dir:
+        steps = sorted(
+            Path(args.run_dir).glob("step_*.pt"),
+            key=lambda p: int(p.stem.split("_")[1]),
+        )
+        paths = steps[-args.last :]
+    else:
+        raise ConfigError("give --run-dir or --inputs")
+    if not paths:
+        raise CheckpointError(f"no step_*.pt checkpoints in {args.run_dir}")
+    out = average_checkpoints(paths, args.output)
+    print(f"averaged {len(paths)} checkpoints into {out}")
+    return 0
+
+
+def average_main(argv: list[str] | None = None) -> int:
+    return run_cli(_average, argv)
