@@ -256,6 +256,9 @@ class TrainingConfig:
     warmup_steps: int = 4000
     cooldown_steps: int = 0  # last updates before max_steps: rate falls linearly to 0
     label_smoothing: float = 0.1
+    # target positions whose logits the loss reduces at a time: its float32
+    # temporaries are loss_chunk_rows x vocabulary, never batch x vocabulary
+    loss_chunk_rows: int = 4096
     clip_grad_norm: float = 0.0  # 0 = no clipping
     accumulate: int = 1  # batches per update
     max_steps: int = 100_000
@@ -289,6 +292,7 @@ class TrainingConfig:
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be positive")
         for name in (
             "accumulate",
+            "loss_chunk_rows",
             "max_steps",
             "log_every",
             "validate_every",
