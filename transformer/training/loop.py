@@ -31,9 +31,9 @@ from transformer.config import Config, save_config
 from transformer.data import Batch
 from transformer.model import count_parameters
 from transformer.plots import plot_metrics
+from transformer.precision import autocast, effective_precision
 from transformer.tokenizer import Tokenizer
 from transformer.training.build import (
-    autocast,
     build_device,
     build_model,
     build_tokenizer,
@@ -73,6 +73,27 @@ class StepResult:
     stop: bool  # a rank was asked to stop: every rank stops after this step
 
 
+def forward_loss(
+    model: torch.nn.Module,
+    src: torch.Tensor,
+    tgt_in: torch.Tensor,
+    tgt_out: torch.Tensor,
+    device: torch.device,
+    precision: str,
+    label_smoothing: float,
+    chunk_rows: int,
+) -> torch.Tensor:
+    """Teacher-forced forward and summed label-smoothed loss of one batch: the
+    unit that ``training.compile`` turns into one graph.
+
+    Args:
+        src: (B, S) source ids; tgt_in, tgt_out: (B, T) decoder input and target.
+    """
+    with autocast(device, precision):
+        logits = model(src, tgt_in)  # (B, T, V)
+    return label_smoothed_loss(logits, tgt_out, label_smoothing, chunk_rows)
+
+
 class Trainer:
     """Owns the model, optimizer, data position and run directory of one run."""
 
@@ -102,6 +123,11 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
 
         self.model, self.train_model = build_model(cfg, self.device, self.dist)
+        # bf16 without native bf16 runs fp32 (with a warning), never emulated
+        self.precision = effective_precision(
+            self.device, t.precision, "training.precision"
+        )
+        self._objective = torch.compile(forward_loss) if t.compile else forward_loss
         self.optimizer, self.scheduler, self.scaler = build_optimizer(
             cfg, self.model, self.device
         )
@@ -173,10 +199,20 @@ class Trainer:
     # --- one update ---
 
     def _forward_loss(self, batch: Batch) -> torch.Tensor:
-        with autocast(self.device, self.cfg.training.precision):
-            logits = self.train_model(batch.src, batch.tgt_in)
-        return label_smoothed_loss(
-            logits, batch.tgt_out, self.cfg.training.label_smoothing
+        """The summed loss of one batch (on the device); compiled with
+        ``training.compile``, where batch sizes and lengths are dynamic."""
+        t = self.cfg.training
+        ids = (batch.src, batch.tgt_in, batch.tgt_out)
+        if t.compile:
+            for x in ids:
+                torch._dynamo.maybe_mark_dynamic(x, [0, 1])
+        return self._objective(
+            self.train_model,
+            *ids,
+            self.device,
+            self.precision,
+            t.label_smoothing,
+            t.loss_chunk_rows,
         )
 
     def train_step(
