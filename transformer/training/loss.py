@@ -7,18 +7,19 @@ With smoothing eps over V classes, a target y and logits z, a row's loss is
 and its gradient is softmax(z) - (1 - eps) * onehot(y) - eps / V. Both are
 computed ``chunk_rows`` rows at a time: each chunk is cast to float32 and reduced,
 so no float32 copy, log-softmax or float32 gradient of the whole (B * T, V) logits
-ever exists. The logits stay in the dtype the model made them in (bf16 under
-autocast); only their logsumexp (B * T floats) is kept for the backward pass, which
-writes the gradient in that dtype.
+ever exists. The gradient is written in the logits' dtype (bf16 under autocast) by
+the forward pass, from the same exponentials as the loss (one pass of exp, not
+two); it is kept in place of the logits, which are not needed again, and the
+backward pass only scales it.
 
 Why over logits and not fused with the output projection: ``Transformer.forward``
 returns logits, and DDP and ``torch.compile`` wrap that forward. A fused loss that
 takes the decoder states and the tied embedding would never hold the logits at all,
 but needs the model's training entry point to change for every caller.
 
-The two passes are custom operators (``torch.library``): ``torch.compile`` sees one
-node each, whatever the number of rows, so a new batch shape does not change the
-graph, and the Python loop over chunks runs as it is.
+The loss is a custom operator (``torch.library``): ``torch.compile`` sees one node
+whatever the number of rows, so a new batch shape does not change the graph, and
+the Python loop over chunks runs as it is.
 """
 
 from __future__ import annotations
@@ -31,75 +32,57 @@ from transformer.config import PAD_ID
 
 @torch.library.custom_op("transformer::smoothed_ce", mutates_args=())
 def _smoothed_ce(
-    logits: Tensor, target: Tensor, epsilon: float, ignore: int, chunk_rows: int
-) -> tuple[Tensor, Tensor]:
-    """(N, V) logits, (N,) targets -> the summed loss and the lse (N,), both in
-    float32 (float64 for float64 logits)."""
-    n, v = logits.shape
-    acc = torch.promote_types(logits.dtype, torch.float32)
-    total = torch.zeros((), dtype=acc, device=logits.device)
-    lse = torch.empty(n, dtype=acc, device=logits.device)
-    with torch.autocast(logits.device.type, enabled=False):
-        for start in range(0, n, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            z = logits[rows].to(acc)  # (C, V), the only float32 copy
-            y = target[rows]
-            real = y != ignore
-            lse[rows] = torch.logsumexp(z, dim=-1)
-            picked = z.gather(1, torch.where(real, y, 0)[:, None]).squeeze(1)
-            loss = lse[rows] - (1.0 - epsilon) * picked - epsilon * z.mean(dim=-1)
-            total += torch.where(real, loss, 0.0).sum()
-    return total, lse
-
-
-@_smoothed_ce.register_fake
-def _smoothed_ce_fake(logits, target, epsilon, ignore, chunk_rows):
-    acc = torch.promote_types(logits.dtype, torch.float32)
-    return logits.new_empty((), dtype=acc), logits.new_empty(logits.shape[0], dtype=acc)
-
-
-@torch.library.custom_op("transformer::smoothed_ce_backward", mutates_args=())
-def _smoothed_ce_backward(
-    grad: Tensor,
     logits: Tensor,
     target: Tensor,
-    lse: Tensor,
     epsilon: float,
     ignore: int,
     chunk_rows: int,
-) -> Tensor:
-    """The gradient of the summed loss w.r.t. the logits, (N, V) in their dtype."""
+    with_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """(N, V) logits, (N,) targets -> the summed loss, in float32 (float64 for
+    float64 logits), and, ``with_grad``, its gradient (N, V) in the logits' dtype
+    (else an empty tensor)."""
     n, v = logits.shape
-    out = torch.empty_like(logits)
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    total = torch.zeros((), dtype=acc, device=logits.device)
+    grad = torch.empty_like(logits) if with_grad else logits.new_empty(0)
+    in_place = with_grad and logits.dtype == acc  # the chunk's exp goes into grad
     with torch.autocast(logits.device.type, enabled=False):
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
+            z = logits[rows].to(acc)  # (C, V): the only float32 copy, of a chunk
             y = target[rows]
             real = y != ignore
-            p = torch.exp(logits[rows].to(lse.dtype) - lse[rows, None])  # softmax
-            p -= epsilon / v
-            hit = torch.full_like(p[:, :1], epsilon - 1.0)
-            p.scatter_add_(1, torch.where(real, y, 0)[:, None], hit)
-            p *= torch.where(real, grad.to(lse.dtype), 0.0)[:, None]
-            out[rows] = p
-    return out
+            top = z.amax(dim=-1, keepdim=True)  # (C, 1)
+            e = torch.sub(z, top, out=grad[rows] if in_place else None).exp_()
+            mass = e.sum(dim=-1)  # (C,)
+            lse = top.squeeze(1) + mass.log()
+            picked = z.gather(1, torch.where(real, y, 0)[:, None]).squeeze(1)
+            loss = lse - (1.0 - epsilon) * picked - epsilon * z.mean(dim=-1)
+            total += torch.where(real, loss, 0.0).sum()
+            if with_grad:  # softmax - (1 - eps) onehot - eps / V on real rows
+                keep = real.to(acc)[:, None]  # (C, 1)
+                e.mul_(keep / mass[:, None]).sub_(keep * (epsilon / v))
+                e.scatter_add_(1, y[:, None].clamp(0, v - 1), keep * (epsilon - 1.0))
+                if not in_place:
+                    grad[rows] = e
+    return total, grad
 
 
-@_smoothed_ce_backward.register_fake
-def _smoothed_ce_backward_fake(grad, logits, target, lse, epsilon, ignore, chunk_rows):
-    return torch.empty_like(logits)
+@_smoothed_ce.register_fake
+def _smoothed_ce_fake(logits, target, epsilon, ignore, chunk_rows, with_grad):
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    grad = torch.empty_like(logits) if with_grad else logits.new_empty(0)
+    return logits.new_empty((), dtype=acc), grad
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, target, epsilon, ignore, chunk_rows = inputs
-    ctx.save_for_backward(logits, target, output[1])
-    ctx.settings = (epsilon, ignore, chunk_rows)
+    ctx.save_for_backward(output[1])
 
 
-def _backward(ctx, grad_total: Tensor, grad_lse: Tensor):
-    logits, target, lse = ctx.saved_tensors
-    grad = _smoothed_ce_backward(grad_total, logits, target, lse, *ctx.settings)
-    return grad, None, None, None, None
+def _backward(ctx, grad_total: Tensor, _):
+    (grad,) = ctx.saved_tensors
+    return grad * grad_total, None, None, None, None, None  # bf16 grad, fp32 scale
 
 
 _smoothed_ce.register_autograd(_backward, setup_context=_setup_context)
@@ -122,7 +105,8 @@ def label_smoothed_loss(
     Returns:
         A float32 scalar (float64 for float64 logits).
     """
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
     total, _ = _smoothed_ce(
-        logits.flatten(0, 1), target.flatten(), epsilon, PAD_ID, chunk_rows
+        logits.flatten(0, 1), target.flatten(), epsilon, PAD_ID, chunk_rows, with_grad
     )
     return total
