@@ -7,6 +7,7 @@ use dynamo's eager backends, which trace the same graphs without generating code
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,10 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounter
 
 from tests.conftest import tiny, tiny_model
+from tests.test_search import SRC
+from transformer.config import DecodingConfig
 from transformer.data import collate
+from transformer.search import generate
 from transformer.training import Trainer
 from transformer.training.loop import forward_loss
 
@@ -72,3 +76,30 @@ def test_training_step_compiles_once_for_all_batch_shapes(
     # the bound: one graph for every batch of two or more sentences of two or more
     # tokens (sizes 0 and 1 are specialised by dynamo and would add one each)
     assert counter.frame_count == 1
+
+
+def test_compiled_decoding_step_gives_the_same_results(monkeypatch, half_trained):
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setattr(
+        torch, "compile", functools.partial(torch.compile, backend=counter)
+    )
+
+    def run(cfg, src, compile):
+        seed = torch.Generator().manual_seed(1)
+        out = generate(half_trained, src, replace(cfg, compile=compile), generator=seed)
+        return [[(h.tokens, h.score) for h in hyps] for hyps in out]
+
+    cases = [
+        (DecodingConfig(strategy=strategy, beam_size=3, nbest=2), src)
+        for strategy in ("greedy", "sample", "beam")
+        for src in (SRC, SRC[1:, :4])
+    ]
+    for cfg, src in cases:
+        assert run(cfg, src, True) == run(cfg, src, False)
+    graphs = counter.frame_count
+    for cfg, src in cases:  # the same shapes again compile nothing
+        run(cfg, src, True)
+    # the bound (README): greedy and sampling share 3 graphs (no pending reorder, a
+    # reorder, a single row); beam search adds 2 (beams sharing a source row)
+    assert counter.frame_count == graphs <= 5

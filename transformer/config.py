@@ -361,6 +361,9 @@ class DecodingConfig:
     # weights and activations of transformer-eval / -translate; bf16 decodes 1.15-1.5x
     # faster on AVX-512-bf16 CPUs (benchmarks/decode.json); scores stay float32
     precision: Literal["fp32", "bf16"] = "fp32"
+    # torch.compile the cached decoding step (dynamic shapes, a few graphs per
+    # model); on CPU the compile takes about a minute, see the README's benchmarks
+    compile: bool = False
 
     def validate(self, prefix: str = "decoding") -> None:
         _check(self.beam_size >= 1, f"{prefix}.beam_size", self.beam_size, ">= 1")

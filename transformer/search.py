@@ -34,17 +34,29 @@ class _Stepper:
 
     With ``use_cache`` the decoder consumes only the new token; without, it re-runs
     the whole prefix every step (the slow reference, for tests and benchmarks).
+    ``compile`` runs the cached steps through ``torch.compile`` with dynamic shapes
+    from the third step on (the first two differ in kind: no past, and a past of
+    one position, a size dynamo specialises); dynamo keeps the graphs for later
+    batches.
     """
 
-    def __init__(self, model: Transformer, memory: Memory, use_cache: bool) -> None:
+    def __init__(
+        self, model: Transformer, memory: Memory, use_cache: bool, compile: bool
+    ) -> None:
         self.model, self.memory = model, memory
         self.cache = model.new_cache() if use_cache else None
         self.prefix: Tensor | None = None
+        self.compiled = None
+        if use_cache and compile:
+            self.compiled = torch.compile(model.decode, dynamic=True)
 
     def step(self, tokens: Tensor) -> Tensor:
         """tokens (n,) -> log-probabilities (n, V) in float32."""
         if self.cache is not None:
-            logits = self.model.decode(tokens[:, None], self.memory, self.cache)
+            decode = self.model.decode
+            if self.compiled is not None and self.cache.length >= 2:
+                decode = self.compiled
+            logits = decode(tokens[:, None], self.memory, self.cache)
         else:
             new = tokens[:, None]
             self.prefix = (
@@ -106,14 +118,14 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     logits = logits.clone()
     if 0 < top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (n, 1)
-        logits[logits < kth] = -math.inf
+        logits.masked_fill_(logits < kth, -math.inf)
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs  # mass of strictly better tokens
         drop_sorted = mass_before >= top_p  # the first token is always kept
         drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits[drop] = -math.inf
+        logits.masked_fill_(drop, -math.inf)
     return logits
 
 
@@ -144,7 +156,7 @@ def _greedy_or_sample(
     batch = src.size(0)
     limit = max_lengths(src, cfg, model.cfg.max_positions)
     shortest, longest = _limit_range(limit)
-    stepper = _Stepper(model, model.encode(src), use_cache)
+    stepper = _Stepper(model, model.encode(src), use_cache, cfg.compile)
     alive = torch.arange(batch, device=src.device)  # original row of each live row
     out = torch.full((batch, longest), PAD_ID, dtype=torch.long, device=src.device)
     scores = torch.zeros(batch, device=src.device)
@@ -178,62 +190,40 @@ class _Finished:
     """Finished beam hypotheses, kept on the device until the batch is done.
 
     Each sentence has ``2K`` slots: a live sentence holds fewer than K finished
-    hypotheses and a step finishes at most K more. Scores are float64
-    log-probabilities divided by the length penalty, as the Python floats were.
-    Slot ``2K`` takes the writes of candidates that did not finish.
+    hypotheses and a step finishes at most K more. Scores are log-probabilities
+    divided by the length penalty in float64, the precision of Python floats, so
+    that ties and bounds compare as in a plain Python beam search. Slot ``2K``
+    takes the writes of candidates that did not finish.
     """
 
     def __init__(self, batch: int, k: int, longest: int, device: torch.device):
         self.slots = 2 * k
-        self.scores = torch.full(
-            (batch, self.slots + 1), -math.inf, dtype=torch.float64, device=device
-        )
-        self.lengths = torch.zeros(
-            batch, self.slots + 1, dtype=torch.long, device=device
-        )
-        self.tokens = torch.zeros(
-            batch, self.slots + 1, longest, dtype=torch.long, device=device
-        )
-        self.count = torch.zeros(batch, dtype=torch.long, device=device)
+        size, ids = (batch, self.slots + 1), {"dtype": torch.long, "device": device}
+        self.scores = torch.full(size, -math.inf, dtype=torch.float64, device=device)
+        self.lengths = torch.zeros(size, **ids)
+        self.tokens = torch.zeros(*size, longest, **ids)
+        self.count = torch.zeros(batch, **ids)
 
-    def add(
-        self,
-        sent: Tensor,
-        ends: Tensor,
-        scores: Tensor,
-        prefixes: Tensor,
-        penalty: float,
-    ) -> None:
-        """Store the candidates ``ends`` (n, K) of sentences ``sent`` (n,).
-
-        Args:
-            scores: (n, K) log-probabilities, <eos> included.
-            prefixes: (n, K, L) their tokens before <eos>.
-            penalty: the length penalty of L + 1 tokens.
-        """
+    def add(self, sent: Tensor, ends: Tensor, scores: Tensor, prefixes: Tensor, lp):
+        """Store the candidates ``ends`` (n, K) of sentences ``sent`` (n,): their
+        log-probabilities ``scores`` (n, K), tokens before <eos> ``prefixes``
+        (n, K, L), and ``lp`` the length penalty of L + 1 tokens."""
         rank = ends.long().cumsum(1) - 1  # (n, K) order among the row's new ones
         slot = torch.where(ends, self.count[sent, None] + rank, self.slots)
         rows = sent[:, None].expand_as(slot)
-        self.scores[rows, slot] = scores.double() / penalty
+        self.scores[rows, slot] = scores.double() / lp
         self.lengths[rows, slot] = prefixes.size(2)
         self.tokens[rows, slot, : prefixes.size(2)] = prefixes
         self.count[sent] += ends.sum(1)
 
-    def done(
-        self,
-        sent: Tensor,
-        best_alive: Tensor,
-        bound_penalty: Tensor,
-        k: int,
-        nbest: int,
-    ) -> Tensor:
+    def done(self, sent: Tensor, best_alive: Tensor, bound_lp: Tensor, k, nbest):
         """(n,) bool: sentence is done with ``k`` finished hypotheses, with no live
         beam left, or when no live beam can beat its ``nbest``-th finished one even
         at full length (live scores only fall; the penalty grows up to the limit,
-        whose penalty is ``bound_penalty``)."""
+        whose penalty is ``bound_lp``)."""
         count = self.count[sent]
         nth = self.scores[sent, : self.slots].topk(nbest, dim=1).values[:, -1]
-        bound = best_alive.double() / bound_penalty
+        bound = best_alive.double() / bound_lp
         return (
             (count >= k)
             | (best_alive == -math.inf)
@@ -276,7 +266,7 @@ def beam_search(
         dtype=torch.float64,
         device=device,
     )
-    stepper = _Stepper(model, model.encode(src), use_cache)
+    stepper = _Stepper(model, model.encode(src), use_cache, cfg.compile)
     finished = _Finished(batch, k, longest, device)
     sent = torch.arange(batch, device=device)  # original sentence of each live one
     beam_scores = torch.zeros(batch, k, device=device)
