@@ -111,3 +111,12 @@ def test_loss_memory_stays_below_one_float32_copy_of_the_logits():
     # the bf16 gradient (n * v * 2 bytes) plus a few float32 chunks, well below the
     # n * v * 4 bytes of one float32 copy (the old loss held three of them)
     assert extra < n * v * 2 + 8 * chunk * v * 4 < n * v * 4
+
+
+def test_a_second_backward_through_the_same_loss_is_refused():
+    logits, target = batch()
+    logits.requires_grad_()
+    loss = label_smoothed_loss(logits, target, EPS)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -82,7 +82,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_total: Tensor, _):
     (grad,) = ctx.saved_tensors
-    return grad * grad_total, None, None, None, None, None  # bf16 grad, fp32 scale
+    # in place: no second (B * T, V) tensor; a second backward through the same
+    # graph fails autograd's version check instead of scaling twice. The scale
+    # stays float32 on a bf16 gradient.
+    return grad.mul_(grad_total), None, None, None, None, None
 
 
 _smoothed_ce.register_autograd(_backward, setup_context=_setup_context)
