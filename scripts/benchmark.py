@@ -22,8 +22,11 @@ second for greedy with and without the KV cache and for beam 5, in one run:
     python scripts/benchmark.py decode --checkpoint checkpoints/multi30k_de_en/best.pt
 
 With --precision fp32 bf16 the same run also times the model cast to bf16
-(decoding.precision: bf16) and reports its speed-up; peak RSS is the process peak
-so far, so a bf16 run's figure includes the float32 runs before it.
+(decoding.precision: bf16; float32 where the CPU has no native bf16, see each row's
+"weights") and reports its speed-up; peak RSS is the process peak so far, so a
+bf16 run's figure includes the float32 runs before it. With --compile it also
+times the cached searches with decoding.compile: a first run, which compiles, and
+a second one.
 
 When ctranslate2 is installed (pip install -e ".[export]"; --no-ctranslate2 skips
 it), the checkpoint is also exported to CTranslate2 with float32 and int8 weights and
@@ -39,6 +42,7 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -106,6 +110,26 @@ def bench_ctranslate2(
     return results
 
 
+def bench_compiled_decoding(model, tokenizer, sources, refs, dcfg, device) -> dict:
+    """decoding.compile: the first run (which compiles) and a second, timed."""
+    from transformer.evaluation import score_corpus, translate
+
+    dcfg = replace(dcfg, compile=True)
+    start = time.perf_counter()
+    translate(model, tokenizer, sources, dcfg, device)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    out = translate(model, tokenizer, sources, dcfg, device)
+    seconds = time.perf_counter() - start
+    return {
+        "first_run_seconds": first,
+        "seconds": seconds,
+        "sentences_per_s": len(sources) / seconds,
+        "bleu": score_corpus([h[0].text for h in out], refs)["bleu"],
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
 def bench_decode(args) -> dict:
     from transformer.checkpoint import load_model, set_precision
     from transformer.data import read_pairs
@@ -161,7 +185,12 @@ def bench_decode(args) -> dict:
                         model, tokenizer, sources, c, device, u
                     )
                 )
+            results[name + suffix]["weights"] = str(next(model.parameters()).dtype)
             logging.info("%s: %.1f sentences/s", name + suffix, len(sources) / seconds)
+            if args.compile and use_cache and not suffix:
+                results[f"{name}_compile"] = bench_compiled_decoding(
+                    model, tokenizer, sources, refs, dcfg, device
+                )
     result = {
         "benchmark": "decode",
         "checkpoint": str(args.checkpoint),
@@ -247,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     decode.add_argument(
         "--no-ctranslate2", action="store_true", help="skip the CTranslate2 rows"
+    )
+    decode.add_argument(
+        "--compile", action="store_true", help="also time decoding.compile (fp32)"
     )
     for p in (train, decode):
         p.add_argument("--device", default="auto")
