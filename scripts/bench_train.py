@@ -29,7 +29,7 @@ def train_flops_per_token(trainer) -> tuple[float, int]:
     pass per target token, counted on the first batch, and its target tokens."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from transformer.training.loop import forward_loss
+    from transformer.training.loss import forward_loss
 
     t = trainer.cfg.training
     _, _, batch = next(trainer._batches())

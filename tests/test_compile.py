@@ -20,7 +20,7 @@ from transformer.config import DecodingConfig
 from transformer.data import collate
 from transformer.search import generate
 from transformer.training import Trainer
-from transformer.training.loop import forward_loss
+from transformer.training.loss import forward_loss
 
 
 def random_ids(b, t, vocab=23, seed=0):

@@ -31,7 +31,7 @@ from transformer.config import Config, save_config
 from transformer.data import Batch
 from transformer.model import count_parameters
 from transformer.plots import plot_metrics
-from transformer.precision import autocast, effective_precision
+from transformer.precision import effective_precision
 from transformer.tokenizer import Tokenizer
 from transformer.training.build import (
     build_device,
@@ -47,7 +47,7 @@ from transformer.training.checkpointing import (
     restore_rng,
 )
 from transformer.training.distributed import Distributed
-from transformer.training.loss import label_smoothed_loss
+from transformer.training.loss import forward_loss
 from transformer.training.optim import build_optimizer
 from transformer.training.progress import MetricsLog, Progress
 from transformer.training.signals import StopSignals
@@ -71,27 +71,6 @@ class StepResult:
     grad_norm: float  # of the per-token gradient, before clipping
     skipped: bool  # a non-finite loss or gradient: no rank updated
     stop: bool  # a rank was asked to stop: every rank stops after this step
-
-
-def forward_loss(
-    model: torch.nn.Module,
-    src: torch.Tensor,
-    tgt_in: torch.Tensor,
-    tgt_out: torch.Tensor,
-    device: torch.device,
-    precision: str,
-    label_smoothing: float,
-    chunk_rows: int,
-) -> torch.Tensor:
-    """Teacher-forced forward and summed label-smoothed loss of one batch: the
-    unit that ``training.compile`` turns into one graph.
-
-    Args:
-        src: (B, S) source ids; tgt_in, tgt_out: (B, T) decoder input and target.
-    """
-    with autocast(device, precision):
-        logits = model(src, tgt_in)  # (B, T, V)
-    return label_smoothed_loss(logits, tgt_out, label_smoothing, chunk_rows)
 
 
 class Trainer:

@@ -1,4 +1,5 @@
-"""The training objective: label-smoothed cross-entropy, computed in row chunks.
+"""The training objective: label-smoothed cross-entropy, computed in row chunks,
+and ``forward_loss``, the teacher-forced forward pass and loss of a batch.
 
 With smoothing eps over V classes, a target y and logits z, a row's loss is
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from transformer.config import PAD_ID
+from transformer.precision import autocast
 
 
 @torch.library.custom_op("transformer::smoothed_ce", mutates_args=())
@@ -113,3 +115,24 @@ def label_smoothed_loss(
         logits.flatten(0, 1), target.flatten(), epsilon, PAD_ID, chunk_rows, with_grad
     )
     return total
+
+
+def forward_loss(
+    model: torch.nn.Module,
+    src: torch.Tensor,
+    tgt_in: torch.Tensor,
+    tgt_out: torch.Tensor,
+    device: torch.device,
+    precision: str,
+    label_smoothing: float,
+    chunk_rows: int,
+) -> torch.Tensor:
+    """Teacher-forced forward and summed label-smoothed loss of one batch: the
+    unit that ``training.compile`` turns into one graph.
+
+    Args:
+        src: (B, S) source ids; tgt_in, tgt_out: (B, T) decoder input and target.
+    """
+    with autocast(device, precision):
+        logits = model(src, tgt_in)  # (B, T, V)
+    return label_smoothed_loss(logits, tgt_out, label_smoothing, chunk_rows)
