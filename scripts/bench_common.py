@@ -1,9 +1,11 @@
-"""What every benchmark records: the machine, and the process's peak RSS."""
+"""Helpers shared by the benchmarks: the machine, peak memory, and the
+arithmetic side (FLOP formulas for CPU attention, the same-dtype matmul rate)."""
 
 from __future__ import annotations
 
 import platform
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -16,10 +18,54 @@ def peak_rss_mib() -> float:
 
 
 def machine() -> dict:
+    from transformer.precision import cpu_flags, native_bf16
+
     return {
         "cpu": platform.processor() or platform.machine(),
+        "cpu_flags": cpu_flags(),
+        "cpu_native_bf16": native_bf16(torch.device("cpu")),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def sdpa_flop_mapping() -> dict:
+    """FLOP formulas for the CPU flash-attention kernels, which torch's table lacks
+    (the same formulas as its CUDA kernels: q k^T and weights @ v, and backward)."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(q, k, v, *args, **kwargs) -> int:  # shapes (B, H, T, Dh)
+        return sdpa_flop_count(q, k, v)
+
+    def backward(grad_out, q, k, v, *args, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, q, k, v)
+
+    aten = torch.ops.aten
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
+    """GFLOP/s of a (1024 x 1024) @ (1024 x 1024) product in ``dtype``."""
+    a, b = (torch.randn(1024, 1024, device=device).to(dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    products, start = 0, time.perf_counter()
+    while True:
+        for _ in range(4):
+            a @ b
+        products += 4
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * 1024**3 * products / elapsed / 1e9

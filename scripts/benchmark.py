@@ -9,7 +9,12 @@ per second over windows of 25 updates, the first window skipped:
 
 With --peer it first runs ../shared/bench/joeynmt_peer.sh with the same number of
 updates, so that the ratio against JoeyNMT 2.3.0 is measured in one sitting. Each
-precision runs in its own process, so that each peak RSS is its own.
+precision (and, with --compile off on, each compile setting) runs in its own
+process, so that each peak RSS is its own. Each run also reports the model FLOPs per
+target token (counted once with FlopCounterMode on the forward and backward pass of
+a real batch), the achieved model GFLOP/s, and its fraction of a 1024-wide matrix
+product in the same dtype timed right after it in the same process (and, with
+--peak-tflops, of that peak: the MFU).
 
 The corpus store at 1x / 10x / 100x Multi30k (preprocessing, bytes per token, time
 to the first update, peak RSS) and numpy files against Arrow (scripts/bench_data.py):
@@ -22,8 +27,11 @@ second for greedy with and without the KV cache and for beam 5, in one run:
     python scripts/benchmark.py decode --checkpoint checkpoints/multi30k_de_en/best.pt
 
 With --precision fp32 bf16 the same run also times the model cast to bf16
-(decoding.precision: bf16) and reports its speed-up; peak RSS is the process peak
-so far, so a bf16 run's figure includes the float32 runs before it.
+(decoding.precision: bf16; float32 where the CPU has no native bf16, see each row's
+"weights") and reports its speed-up; peak RSS is the process peak so far, so a
+bf16 run's figure includes the float32 runs before it. With --compile it also
+times the cached searches with decoding.compile: a first run, which compiles, and
+a second one.
 
 When ctranslate2 is installed (pip install -e ".[export]"; --no-ctranslate2 skips
 it), the checkpoint is also exported to CTranslate2 with float32 and int8 weights and
@@ -40,12 +48,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -56,141 +62,17 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_data  # noqa: E402  (scripts/bench_data.py)
 import bench_serve  # noqa: E402  (scripts/bench_serve.py)
-from bench_common import machine, peak_rss_mib  # noqa: E402
+from bench_common import machine, peak_rss_mib, sdpa_flop_mapping  # noqa: E402
+from bench_train import bench_train, bench_train_all  # noqa: E402
 
-from transformer.config import DecodingConfig, load_config  # noqa: E402
-
-WINDOW = 25  # updates per throughput window, as in the peer script
-PEER = ROOT.parent / "shared" / "bench" / "joeynmt_peer.sh"
-
-
-def bench_train(args) -> dict:
-    from transformer.training import Trainer
-
-    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="bench-train-"))
-    overrides = [
-        f"data.dir={args.data_dir}",
-        f"training.run_dir={run_dir}",
-        f"training.precision={args.precision}",
-        f"training.device={args.device}",
-        f"data.max_tokens={args.max_tokens}",
-        # the peer's reference model and optimiser settings
-        "model.d_model=256",
-        "model.n_heads=4",
-        "model.encoder_layers=3",
-        "model.decoder_layers=3",
-        "model.d_ff=1024",
-        "model.norm_first=true",
-        "model.dropout=0.1",
-        "model.attention_dropout=0.1",
-        "data.tokenizer.vocab_size=8000",
-        "data.tokenizer.model_type=unigram",
-        "training.schedule=inverse_sqrt",
-        "training.lr=0.0007",
-        "training.warmup_steps=1000",
-        "training.label_smoothing=0.1",
-        "training.clip_grad_norm=1.0",
-        "training.resume=never",
-        "training.tensorboard=false",
-        *args.overrides,
-    ]
-    if args.threads:
-        overrides.append(f"training.threads={args.threads}")
-    cfg = load_config(ROOT / "configs" / "multi30k_de_en.yaml", overrides)
-    trainer = Trainer(cfg, resume=False)
-    trainer.model.train()
-    windows, tokens, steps = [], 0, 0
-    batches = trainer._batches()
-    pending = []
-    start = time.perf_counter()
-    while steps < args.updates:
-        _, _, batch = next(batches)
-        pending.append(batch)
-        if len(pending) < cfg.training.accumulate:
-            continue
-        result = trainer.train_step(pending)
-        pending = []
-        steps += 1
-        tokens += 0 if result.skipped else result.tokens
-        if steps % WINDOW == 0:
-            now = time.perf_counter()
-            windows.append(tokens / (now - start))
-            tokens, start = 0, now
-    measured = windows[1:] if len(windows) > 1 else windows
-    return {
-        "benchmark": "train",
-        "model": "d256 3+3 4h ff1024 pre-norm, 8k joint unigram, Multi30k de-en",
-        "precision": args.precision,
-        "device": str(trainer.device),
-        "max_tokens": args.max_tokens,
-        "updates": args.updates,
-        "target_tokens_per_s_median": statistics.median(measured),
-        "target_tokens_per_s_windows": measured,
-        "padding_efficiency": trainer.train_data.efficiency(0),
-        "peak_rss_mib": peak_rss_mib(),
-        "cuda_max_allocated_mib": (
-            torch.cuda.max_memory_allocated() / 2**20
-            if torch.cuda.is_available()
-            else None
-        ),
-        "machine": machine(),
-    }
-
-
-def run_peer(updates: int) -> dict:
-    """JoeyNMT 2.3.0 on the same model, data and batch size (its own script)."""
-    logging.info("running %s %d (JoeyNMT 2.3.0)", PEER, updates)
-    out = subprocess.run(
-        ["bash", str(PEER), str(updates)], capture_output=True, text=True, check=False
-    )
-    found = re.search(r"tokens/s \(median of (\d+) windows.*?\): (\d+)", out.stdout)
-    if out.returncode != 0 or not found:
-        raise SystemExit(f"{PEER}: failed\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
-    return {
-        "name": "joeynmt-2.3.0",
-        "command": f"bash {PEER.relative_to(ROOT.parent)} {updates}",
-        "windows": int(found.group(1)),
-        "target_tokens_per_s_median": float(found.group(2)),
-    }
-
-
-def bench_train_all(args) -> dict:
-    """The peer (when asked) then each precision in a fresh process."""
-    result = {
-        "benchmark": "train",
-        "peer": run_peer(args.updates) if args.peer else None,
-    }
-    runs = {}
-    for precision in args.precision:
-        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            cmd = [sys.executable, __file__, "train", "--single", "--output", tmp.name]
-            cmd += ["--precision", precision, "--updates", str(args.updates)]
-            cmd += ["--data-dir", args.data_dir, "--max-tokens", str(args.max_tokens)]
-            cmd += ["--device", args.device, "--threads", str(args.threads)]
-            if args.run_dir:
-                cmd += ["--run-dir", args.run_dir]
-            subprocess.run([*cmd, *args.overrides], check=True)
-            runs[precision] = json.loads(Path(tmp.name).read_text())
-    result["runs"] = runs
-    if result["peer"]:
-        peer = result["peer"]["target_tokens_per_s_median"]
-        result["ratio_over_peer"] = {
-            p: r["target_tokens_per_s_median"] / peer for p, r in runs.items()
-        }
-    return result
+from transformer.config import DecodingConfig  # noqa: E402
 
 
 def decode_gflop(decode) -> float:
     """Model FLOPs of one call of ``decode()``: matrix products and attention, GFLOP."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    def attention(q, k, v, *args, **kwargs) -> int:  # shapes (B, H, T, Dh)
-        b, h, tq, d = q
-        return 2 * 2 * b * h * tq * k[2] * d  # q k^T and weights @ v
-
-    # the CPU flash-attention kernel has no formula in torch's table
-    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    with FlopCounterMode(display=False, custom_mapping={cpu_sdpa: attention}) as count:
+    with FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping()) as count:
         decode()
     return count.get_total_flops() / 1e9
 
@@ -237,6 +119,26 @@ def bench_ctranslate2(
             }
             logging.info("%s: %.1f sentences/s", key, len(sources) / seconds)
     return results
+
+
+def bench_compiled_decoding(model, tokenizer, sources, refs, dcfg, device) -> dict:
+    """decoding.compile: the first run (which compiles) and a second, timed."""
+    from transformer.evaluation import score_corpus, translate
+
+    dcfg = replace(dcfg, compile=True)
+    start = time.perf_counter()
+    translate(model, tokenizer, sources, dcfg, device)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    out = translate(model, tokenizer, sources, dcfg, device)
+    seconds = time.perf_counter() - start
+    return {
+        "first_run_seconds": first,
+        "seconds": seconds,
+        "sentences_per_s": len(sources) / seconds,
+        "bleu": score_corpus([h[0].text for h in out], refs)["bleu"],
+        "peak_rss_mib": peak_rss_mib(),
+    }
 
 
 def bench_decode(args) -> dict:
@@ -294,7 +196,12 @@ def bench_decode(args) -> dict:
                         model, tokenizer, sources, c, device, u
                     )
                 )
+            results[name + suffix]["weights"] = str(next(model.parameters()).dtype)
             logging.info("%s: %.1f sentences/s", name + suffix, len(sources) / seconds)
+            if args.compile and use_cache and not suffix:
+                results[f"{name}_compile"] = bench_compiled_decoding(
+                    model, tokenizer, sources, refs, dcfg, device
+                )
     result = {
         "benchmark": "decode",
         "checkpoint": str(args.checkpoint),
@@ -348,6 +255,25 @@ def main(argv: list[str] | None = None) -> int:
         "--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"]
     )
     train.add_argument("--peer", action="store_true", help="run JoeyNMT's first")
+    train.add_argument(
+        "--compile",
+        nargs="+",
+        default=["off"],
+        choices=["off", "on"],
+        help="training.compile settings to run (off on: both, as separate rows)",
+    )
+    train.add_argument(
+        "--matmul-seconds",
+        type=float,
+        default=2.0,
+        help="how long the reference 1024-wide matrix product is timed",
+    )
+    train.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=0.0,
+        help="the device's dense peak in the run's dtype, for the MFU (0: none)",
+    )
     train.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     train.add_argument("--run-dir", help="where the tokenizer and cache go")
     train.add_argument("overrides", nargs="*", help="extra config overrides")
@@ -361,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     decode.add_argument(
         "--no-ctranslate2", action="store_true", help="skip the CTranslate2 rows"
+    )
+    decode.add_argument(
+        "--compile", action="store_true", help="also time decoding.compile (fp32)"
     )
     for p in (train, decode):
         p.add_argument("--device", default="auto")
@@ -378,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "serve":
         result = bench_serve.bench_serve(args)
     elif args.single:
-        args.precision = args.precision[0]
+        args.precision, args.compile = args.precision[0], args.compile[0]
         result = bench_train(args)
     else:
         result = bench_train_all(args)

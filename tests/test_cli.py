@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import transformer.precision
 from transformer.checkpoint import load_model, set_precision
 from transformer.cli import average_main, eval_main, train_main, translate_main
 from transformer.config import load_config
@@ -166,7 +167,9 @@ def test_eval_reproduces_validation_bleu(toy_run, tmp_path, capsys):
         assert hyps == (toy_run / "valid_hyps.txt").read_text().splitlines()
 
 
-def test_eval_in_bf16_matches_float32(toy_run, tmp_path, capsys):
+def test_eval_in_bf16_matches_float32(toy_run, tmp_path, capsys, monkeypatch):
+    # the bf16 path on any CPU (without native bf16 it would run float32 instead)
+    monkeypatch.setattr(transformer.precision, "native_bf16", lambda device: True)
     reports = {}
     for precision in ("fp32", "bf16"):
         report = tmp_path / f"{precision}.json"

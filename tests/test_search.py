@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -185,3 +186,84 @@ def test_decode_corpus_keeps_input_order(half_trained):
 def test_length_penalty_formula():
     assert length_penalty(1, 0.0) == 1.0
     assert math.isclose(length_penalty(7, 0.6), (12 / 6) ** 0.6)
+
+
+READS = ("item", "tolist", "nonzero", "__int__", "__index__", "__float__", "__bool__")
+
+
+def count_reads(monkeypatch, model, src, cfg):
+    """Host reads of tensor values (``READS``) and steps of one ``generate``."""
+    from transformer.search import _Stepper
+
+    counts = {"reads": 0, "steps": 0}
+
+    def counting(original, key):
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    with monkeypatch.context() as patch:
+        for name in READS:
+            patch.setattr(
+                torch.Tensor, name, counting(getattr(torch.Tensor, name), "reads")
+            )
+        patch.setattr(_Stepper, "step", counting(_Stepper.step, "steps"))
+        results = generate(model, src, cfg)
+    return counts["reads"], counts["steps"], results
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_step_loop_reads_the_device_once_per_step(strategy, half_trained, monkeypatch):
+    # one sentence, then the same sentence 16 times: the same steps, 16 times the
+    # finished hypotheses. A read per finished hypothesis would show as a difference.
+    cfg = DecodingConfig(strategy=strategy, beam_size=5, nbest=5, max_len_b=12)
+    one = SRC[:1]
+    reads_one, steps, results = count_reads(monkeypatch, half_trained, one, cfg)
+    many = one.expand(16, -1).contiguous()
+    reads_many, steps_many, results_many = count_reads(
+        monkeypatch, half_trained, many, cfg
+    )
+    assert steps_many == steps > 3
+    assert tokens(results_many) == tokens(results) * 16
+    finished = sum(len(hyps) for hyps in results_many)
+    assert finished >= 16 * cfg.nbest if strategy == "beam" else finished == 16
+    assert reads_many == reads_one
+    # per step: the search's "all done?" read and the model's own CPU id check of
+    # the new tokens (a device-side assert on GPUs); per batch: the source check,
+    # the length limits and the results (two reads for greedy, four for beam)
+    assert reads_one <= 2 * steps + 6
+
+
+def test_decode_corpus_rejects_ids_outside_the_vocabulary(half_trained):
+    vocab = half_trained.cfg.src_vocab_size
+    with pytest.raises(
+        ValueError, match=rf"sentence 2: source ids must be in \[0, {vocab}\)"
+    ):
+        decode_corpus(
+            half_trained, [[5, 6], [7, vocab]], DecodingConfig(), torch.device("cpu")
+        )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda_decoding_step_and_training_forward_do_not_sync(half_trained):
+    from transformer.training.loss import label_smoothed_loss
+
+    model = copy.deepcopy(half_trained).cuda()
+    src = SRC.cuda()
+    memory = model.encode(src)
+    cache = model.new_cache()
+    tokens = torch.full((src.size(0), 1), BOS_ID, device="cuda")
+    model.decode(tokens, memory, cache)  # the first step fills the cross K/V
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            logits = model.decode(tokens, memory, cache)
+            tokens = logits[:, -1].argmax(-1, keepdim=True)
+        model.train()
+        loss = label_smoothed_loss(model(src, src), src, 0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()

@@ -44,7 +44,8 @@ def _gather_cat(past: Tensor, new: Tensor, rows: Tensor | None) -> Tensor:
     """cat([past[rows], new], dim=2) with a single copy of ``past``."""
     if rows is None:
         return torch.cat([past, new], dim=2)
-    if past.requires_grad or new.requires_grad:  # out= does not support autograd
+    # out= supports neither autograd nor torch.compile (which fuses the two anyway)
+    if past.requires_grad or new.requires_grad or torch.compiler.is_compiling():
         return torch.cat([past.index_select(0, rows), new], dim=2)
     b, (h, t, d) = rows.numel(), past.shape[1:]
     out = past.new_empty(b, h, t + new.size(2), d)

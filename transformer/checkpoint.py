@@ -19,6 +19,7 @@ from transformer.config import (
     migrate,
 )
 from transformer.model import Transformer
+from transformer.precision import effective_precision
 from transformer.tokenizer import Tokenizer
 
 # 2: training.lr is the peak rate for every schedule (1: noam's lr was a factor)
@@ -158,8 +159,10 @@ def load_model(
 def set_precision(model: Transformer, precision: str) -> Transformer:
     """Cast a loaded model for decoding (``decoding.precision``): bf16 weights and
     activations use the bf16 matmuls of AVX-512 CPUs and GPUs; the search still
-    ranks float32 log-probabilities."""
-    if precision == "bf16":
+    ranks float32 log-probabilities. Without native bf16 (``precision.native_bf16``)
+    the model stays float32, with a warning."""
+    device = next(model.parameters()).device
+    if effective_precision(device, precision, "decoding.precision") == "bf16":
         model.to(torch.bfloat16)
     return model
 

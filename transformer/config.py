@@ -324,6 +324,9 @@ class TrainingConfig:
     warmup_steps: int = 4000
     cooldown_steps: int = 0  # last updates before max_steps: rate falls linearly to 0
     label_smoothing: float = 0.1
+    # target positions whose logits the loss reduces at a time: its float32
+    # temporaries are loss_chunk_rows x vocabulary, never batch x vocabulary
+    loss_chunk_rows: int = 4096
     clip_grad_norm: float = 0.0  # 0 = no clipping
     accumulate: int = 1  # batches per update
     max_steps: int = 100_000
@@ -357,6 +360,7 @@ class TrainingConfig:
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be positive")
         for name in (
             "accumulate",
+            "loss_chunk_rows",
             "max_steps",
             "log_every",
             "validate_every",
@@ -425,6 +429,9 @@ class DecodingConfig:
     # weights and activations of transformer-eval / -translate; bf16 decodes 1.15-1.5x
     # faster on AVX-512-bf16 CPUs (benchmarks/decode.json); scores stay float32
     precision: Literal["fp32", "bf16"] = "fp32"
+    # torch.compile the cached decoding step (dynamic shapes, a few graphs per
+    # model); on CPU the compile takes about a minute, see the README's benchmarks
+    compile: bool = False
 
     def validate(self, prefix: str = "decoding") -> None:
         _check(self.beam_size >= 1, f"{prefix}.beam_size", self.beam_size, ">= 1")

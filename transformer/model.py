@@ -15,6 +15,33 @@ from transformer.embeddings import PositionalEncoding, TokenEmbedding
 from transformer.layers import DecoderLayer, EncoderLayer
 
 
+def check_ids(ids: Tensor, vocab_size: int, what: str) -> None:
+    """Reject ids that are not a (B, T) integer tensor in [0, ``vocab_size``).
+
+    On CPU in eager mode a bad id is a ``ValueError`` that names the range found.
+    On other devices, and inside ``torch.compile``, the range check is
+    ``torch._assert_async``: reading the minimum and maximum back would be a
+    device-to-host sync on every forward (and a graph break), so the check runs on
+    the device and a bad id fails the next synchronising call with the same
+    message. Ids enter through the tokenizer (training data) and ``decode_corpus``
+    (translation), which check them on the host.
+    """
+    if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(
+            f"{what} ids must be a (B, T) integer tensor, "
+            f"got {tuple(ids.shape)} {ids.dtype}"
+        )
+    in_range = ((ids >= 0) & (ids < vocab_size)).all()
+    if ids.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(in_range, f"{what} ids must be in [0, {vocab_size})")
+    elif not in_range:  # one read of a flag; on CPU there is no device to wait for
+        low, high = ids.aminmax()
+        raise ValueError(
+            f"{what} ids must be in [0, {vocab_size}), "
+            f"got range [{int(low)}, {int(high)}]"
+        )
+
+
 @dataclass
 class Memory:
     """Encoder output: ``states`` (B, S, D) and ``mask`` (B, S), True at real tokens."""
@@ -83,7 +110,7 @@ class Transformer(nn.Module):
 
     def encode(self, src: Tensor) -> Memory:
         """(B, S) source ids -> ``Memory`` with states (B, S, D)."""
-        self._check_ids(src, self.cfg.src_vocab_size, "source")
+        check_ids(src, self.cfg.src_vocab_size, "source")
         mask = padding_mask(src, self.cfg.pad_id)  # (B, S)
         x = self.dropout(self.src_pos(self.src_embed(src)))
         attn_mask = mask[:, None, None, :]  # (B, 1, 1, S)
@@ -102,7 +129,7 @@ class Transformer(nn.Module):
         new positions; the cache supplies the past (and, after the first call, the
         source mask and cross-attention K/V) and is extended in place.
         """
-        self._check_ids(tgt, self.cfg.tgt_vocab_size, "target")
+        check_ids(tgt, self.cfg.tgt_vocab_size, "target")
         offset = 0
         memory_mask = memory.mask
         if cache is not None:
@@ -143,19 +170,6 @@ class Transformer(nn.Module):
             if isinstance(module, MultiHeadAttention):
                 module.record_weights = enabled
                 module.weights = None
-
-    @staticmethod
-    def _check_ids(ids: Tensor, vocab_size: int, what: str) -> None:
-        if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
-            raise ValueError(
-                f"{what} ids must be a (B, T) integer tensor, "
-                f"got {tuple(ids.shape)} {ids.dtype}"
-            )
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-            raise ValueError(
-                f"{what} ids must be in [0, {vocab_size}), "
-                f"got range [{int(ids.min())}, {int(ids.max())}]"
-            )
 
 
 def count_parameters(model: nn.Module) -> int:

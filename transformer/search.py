@@ -2,6 +2,11 @@
 
 Every sentence of a batch stops at its own <eos>; finished sentences are dropped
 from the batch (and from the cache) so that they stop costing compute.
+
+The step loops read one thing back from the device per step: which rows are still
+live (one ``nonzero``), the "all done?" check. Finished hypotheses stay on the
+device until the batch is done; length limits, bans and scores are tensor
+operations.
 """
 
 from __future__ import annotations
@@ -29,17 +34,29 @@ class _Stepper:
 
     With ``use_cache`` the decoder consumes only the new token; without, it re-runs
     the whole prefix every step (the slow reference, for tests and benchmarks).
+    ``compile`` runs the cached steps through ``torch.compile`` with dynamic shapes
+    from the third step on (the first two differ in kind: no past, and a past of
+    one position, a size dynamo specialises); dynamo keeps the graphs for later
+    batches.
     """
 
-    def __init__(self, model: Transformer, memory: Memory, use_cache: bool) -> None:
+    def __init__(
+        self, model: Transformer, memory: Memory, use_cache: bool, compile: bool
+    ) -> None:
         self.model, self.memory = model, memory
         self.cache = model.new_cache() if use_cache else None
         self.prefix: Tensor | None = None
+        self.compiled = None
+        if use_cache and compile:
+            self.compiled = torch.compile(model.decode, dynamic=True)
 
     def step(self, tokens: Tensor) -> Tensor:
         """tokens (n,) -> log-probabilities (n, V) in float32."""
         if self.cache is not None:
-            logits = self.model.decode(tokens[:, None], self.memory, self.cache)
+            decode = self.model.decode
+            if self.compiled is not None and self.cache.length >= 2:
+                decode = self.compiled
+            logits = decode(tokens[:, None], self.memory, self.cache)
         else:
             new = tokens[:, None]
             self.prefix = (
@@ -67,18 +84,32 @@ def max_lengths(src: Tensor, cfg: DecodingConfig, max_positions: int) -> Tensor:
     return budget.clamp(min=1, max=max_positions)
 
 
-def _constrain(logp: Tensor, step: int, limit: Tensor, min_len: int) -> Tensor:
-    """Ban <pad>/<bos>; ban <eos> before ``min_len``; force it at the length limit."""
+def _constrain(
+    logp: Tensor, step: int, limit: Tensor, min_len: int, near_limit: bool
+) -> Tensor:
+    """Ban <pad>/<bos>; ban <eos> before ``min_len``; force it at the length limit.
+
+    ``near_limit`` (known on the host: ``step`` has reached the batch's shortest
+    limit) turns on the forcing, a masked fill of the rows at their limit.
+    """
     logp[:, PAD_ID] = -math.inf
     logp[:, BOS_ID] = -math.inf
     if step < min_len:
         logp[:, EOS_ID] = -math.inf
-    at_limit = step >= limit - 1  # (n,)
-    if bool(at_limit.any()):
-        eos = logp[at_limit, EOS_ID].clone()
-        logp[at_limit] = -math.inf
-        logp[at_limit, EOS_ID] = torch.where(torch.isfinite(eos), eos, 0.0)
+    if near_limit:
+        at_limit = step >= limit - 1  # (n,)
+        eos = logp[:, EOS_ID].clone()
+        logp.masked_fill_(at_limit[:, None], -math.inf)
+        forced = torch.where(torch.isfinite(eos), eos, 0.0)
+        logp[:, EOS_ID] = torch.where(at_limit, forced, eos)
     return logp
+
+
+def _limit_range(limit: Tensor) -> tuple[int, int]:
+    """The shortest and longest length limit of a batch (one read per batch)."""
+    low, high = limit.aminmax()
+    shortest, longest = torch.stack([low, high]).tolist()
+    return shortest, longest
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -87,14 +118,14 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     logits = logits.clone()
     if 0 < top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (n, 1)
-        logits[logits < kth] = -math.inf
+        logits.masked_fill_(logits < kth, -math.inf)
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs  # mass of strictly better tokens
         drop_sorted = mass_before >= top_p  # the first token is always kept
         drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits[drop] = -math.inf
+        logits.masked_fill_(drop, -math.inf)
     return logits
 
 
@@ -124,21 +155,21 @@ def _greedy_or_sample(
 ) -> list[list[Hypothesis]]:
     batch = src.size(0)
     limit = max_lengths(src, cfg, model.cfg.max_positions)
-    stepper = _Stepper(model, model.encode(src), use_cache)
+    shortest, longest = _limit_range(limit)
+    stepper = _Stepper(model, model.encode(src), use_cache, cfg.compile)
     alive = torch.arange(batch, device=src.device)  # original row of each live row
-    out = torch.full(
-        (batch, int(limit.max())), PAD_ID, dtype=torch.long, device=src.device
-    )
+    out = torch.full((batch, longest), PAD_ID, dtype=torch.long, device=src.device)
     scores = torch.zeros(batch, device=src.device)
     tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
-    for step in range(out.size(1)):
-        logp = _constrain(stepper.step(tokens), step, limit[alive], cfg.min_len)
+    for step in range(longest):
+        logp = _constrain(
+            stepper.step(tokens), step, limit[alive], cfg.min_len, step >= shortest - 1
+        )
         tokens = pick(logp, generator)
         out[alive, step] = tokens
         scores[alive] += logp.gather(1, tokens[:, None]).squeeze(1)
-        done = tokens == EOS_ID
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
+        keep = (tokens != EOS_ID).nonzero().squeeze(1)  # the step's one host read
+        if keep.numel() < tokens.numel():
             if keep.numel() == 0:
                 break
             stepper.reorder(keep)
@@ -155,24 +186,60 @@ def length_penalty(length: int | Tensor, alpha: float):
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def _sentence_done(
-    hyps: list[tuple[float, list[int]]],
-    best_alive: float,
-    limit: int,
-    k: int,
-    nbest: int,
-    alpha: float,
-) -> bool:
-    """A sentence is done with ``k`` finished hypotheses, with no live beam left, or
-    when no live beam can beat its ``nbest``-th finished one even at full length
-    (live scores only fall; the length penalty only grows up to ``limit``)."""
-    if len(hyps) >= k or best_alive == -math.inf:
-        return True
-    if len(hyps) < nbest:
-        return False
-    nth = sorted((h[0] for h in hyps), reverse=True)[nbest - 1]
-    bound = best_alive / length_penalty(limit, alpha) if alpha > 0 else best_alive
-    return nth >= bound
+class _Finished:
+    """Finished beam hypotheses, kept on the device until the batch is done.
+
+    Each sentence has ``2K`` slots: a live sentence holds fewer than K finished
+    hypotheses and a step finishes at most K more. Scores are log-probabilities
+    divided by the length penalty in float64, the precision of Python floats, so
+    that ties and bounds compare as in a plain Python beam search. Slot ``2K``
+    takes the writes of candidates that did not finish.
+    """
+
+    def __init__(self, batch: int, k: int, longest: int, device: torch.device):
+        self.slots = 2 * k
+        size, ids = (batch, self.slots + 1), {"dtype": torch.long, "device": device}
+        self.scores = torch.full(size, -math.inf, dtype=torch.float64, device=device)
+        self.lengths = torch.zeros(size, **ids)
+        self.tokens = torch.zeros(*size, longest, **ids)
+        self.count = torch.zeros(batch, **ids)
+
+    def add(self, sent: Tensor, ends: Tensor, scores: Tensor, prefixes: Tensor, lp):
+        """Store the candidates ``ends`` (n, K) of sentences ``sent`` (n,): their
+        log-probabilities ``scores`` (n, K), tokens before <eos> ``prefixes``
+        (n, K, L), and ``lp`` the length penalty of L + 1 tokens."""
+        rank = ends.long().cumsum(1) - 1  # (n, K) order among the row's new ones
+        slot = torch.where(ends, self.count[sent, None] + rank, self.slots)
+        rows = sent[:, None].expand_as(slot)
+        self.scores[rows, slot] = scores.double() / lp
+        self.lengths[rows, slot] = prefixes.size(2)
+        self.tokens[rows, slot, : prefixes.size(2)] = prefixes
+        self.count[sent] += ends.sum(1)
+
+    def done(self, sent: Tensor, best_alive: Tensor, bound_lp: Tensor, k, nbest):
+        """(n,) bool: sentence is done with ``k`` finished hypotheses, with no live
+        beam left, or when no live beam can beat its ``nbest``-th finished one even
+        at full length (live scores only fall; the penalty grows up to the limit,
+        whose penalty is ``bound_lp``)."""
+        count = self.count[sent]
+        nth = self.scores[sent, : self.slots].topk(nbest, dim=1).values[:, -1]
+        bound = best_alive.double() / bound_lp
+        return (
+            (count >= k)
+            | (best_alive == -math.inf)
+            | ((count >= nbest) & (nth >= bound))
+        )
+
+    def results(self, nbest: int) -> list[list[Hypothesis]]:
+        """The ``nbest`` best of each sentence (ties in the order they finished)."""
+        counts, scores = self.count.tolist(), self.scores.tolist()
+        lengths, tokens = self.lengths.tolist(), self.tokens.tolist()
+        results = []
+        for s, count in enumerate(counts):
+            hyps = [(scores[s][j], tokens[s][j][: lengths[s][j]]) for j in range(count)]
+            best = sorted(hyps, key=lambda h: h[0], reverse=True)[:nbest]
+            results.append([Hypothesis(ids, score) for score, ids in best])
+        return results
 
 
 @torch.no_grad()
@@ -191,19 +258,32 @@ def beam_search(
     k, alpha = cfg.beam_size, cfg.length_penalty
     batch, device = src.size(0), src.device
     limit_all = max_lengths(src, cfg, model.cfg.max_positions)
-    limits = limit_all.tolist()
-    stepper = _Stepper(model, model.encode(src), use_cache)
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    shortest, longest = _limit_range(limit_all)
+    # the penalty at each length limit bounds what a live beam can still reach
+    # (alpha <= 0: the raw score does); computed in Python as for finished ones
+    limit_penalty = torch.tensor(
+        [length_penalty(n, alpha) if alpha > 0 else 1.0 for n in range(longest + 1)],
+        dtype=torch.float64,
+        device=device,
+    )
+    stepper = _Stepper(model, model.encode(src), use_cache, cfg.compile)
+    finished = _Finished(batch, k, longest, device)
     sent = torch.arange(batch, device=device)  # original sentence of each live one
     beam_scores = torch.zeros(batch, k, device=device)
     beam_scores[:, 1:] = -math.inf  # all beams start equal: expand only the first
     beam_tokens = torch.zeros(batch, k, 0, dtype=torch.long, device=device)
     tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
     rows_per_sentence = 1  # the first step runs once per sentence, not once per beam
-    for step in range(int(limit_all.max())):
+    for step in range(longest):
         n = sent.numel()
-        limit = limit_all[sent].repeat_interleave(rows_per_sentence)
-        logp = _constrain(stepper.step(tokens), step, limit, cfg.min_len)
+        limit = limit_all[sent]  # (n,)
+        logp = _constrain(
+            stepper.step(tokens),
+            step,
+            limit.repeat_interleave(rows_per_sentence),
+            cfg.min_len,
+            step >= shortest - 1,
+        )
         # a sentence's best 2K candidates are among the best 2K of each of its rows
         width = min(2 * k, logp.size(-1))
         row_scores, row_tokens = logp.topk(width, dim=-1)  # (n * rows, W)
@@ -219,13 +299,14 @@ def beam_search(
         finite = torch.isfinite(top_scores)
         is_eos = (top_tokens == EOS_ID) & finite
         # finalize <eos> candidates ranked within the top K
-        eos_rows, eos_cols = (is_eos[:, :k]).nonzero(as_tuple=True)
-        if eos_rows.numel():
-            prefixes = beam_tokens[eos_rows, origin[eos_rows, eos_cols]].tolist()
-            raw = top_scores[eos_rows, eos_cols].tolist()
-            for r, prefix, score in zip(eos_rows.tolist(), prefixes, raw, strict=True):
-                norm = score / length_penalty(len(prefix) + 1, alpha)
-                finished[int(sent[r])].append((norm, prefix))
+        prefixes = beam_tokens[torch.arange(n, device=device)[:, None], origin[:, :k]]
+        finished.add(
+            sent,
+            is_eos[:, :k],
+            top_scores[:, :k],
+            prefixes,  # (n, K, step)
+            length_penalty(step + 1, alpha),
+        )
         # the best K candidates that do not end here continue
         rank = torch.where(is_eos | ~finite, math.inf, 0.0) + torch.arange(
             top_scores.size(1), device=device
@@ -237,18 +318,12 @@ def beam_search(
         )
         next_origin = origin.gather(1, keep_cols)
         next_tokens = top_tokens.gather(1, keep_cols)
-        # which sentences are done
-        best_alive = next_scores.max(dim=1).values.tolist()
-        live_list = [
-            not _sentence_done(
-                finished[s], best_alive[r], limits[s], k, cfg.nbest, alpha
-            )
-            for r, s in enumerate(sent.tolist())
-        ]
-        if not any(live_list):
+        best_alive = next_scores.max(dim=1).values  # (n,)
+        done = finished.done(sent, best_alive, limit_penalty[limit], k, cfg.nbest)
+        live_rows = (~done).nonzero().squeeze(1)  # the step's one host read
+        if live_rows.numel() == 0:
             break
-        all_live = all(live_list)
-        live_rows = torch.tensor(live_list, device=device).nonzero().squeeze(1)
+        all_live = live_rows.numel() == n
         # cache rows to keep: sentence r, beam origin b -> row r * rows + b
         base = live_rows[:, None] * rows_per_sentence  # (n', 1)
         if rows_per_sentence > 1:
@@ -268,11 +343,7 @@ def beam_search(
         tokens = next_tokens[live_rows].reshape(-1)
         sent = sent[live_rows]
         rows_per_sentence = k
-    results = []
-    for hyps in finished:
-        best = sorted(hyps, key=lambda h: h[0], reverse=True)[: cfg.nbest]
-        results.append([Hypothesis(tokens, score) for score, tokens in best])
-    return results
+    return finished.results(cfg.nbest)
 
 
 def generate(
@@ -288,6 +359,16 @@ def generate(
     if cfg.strategy == "sample":
         return _greedy_or_sample(model, src, cfg, _sampler(cfg), use_cache, generator)
     return _greedy_or_sample(model, src, cfg, _pick_greedy, use_cache, generator)
+
+
+def _check_sources(sources: list[list[int]], vocab_size: int) -> None:
+    """Ids enter here: check their range on the host, once, not in every step."""
+    for i, ids in enumerate(sources):
+        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+            raise ValueError(
+                f"sentence {i + 1}: source ids must be in [0, {vocab_size}), "
+                f"got range [{min(ids)}, {max(ids)}]"
+            )
 
 
 def decode_corpus(
@@ -307,6 +388,7 @@ def decode_corpus(
 
     from transformer.data import pad_sources, token_batches
 
+    _check_sources(sources, model.cfg.src_vocab_size)
     lengths = [len(s) + 1 for s in sources]
     budget = cfg.max_tokens // (cfg.beam_size if cfg.strategy == "beam" else 1)
     batches = token_batches(lengths, lengths, max(budget, max(lengths, default=1)))

@@ -6,7 +6,8 @@ position; ``distributed`` the ranks; ``checkpointing`` the writes; ``validation`
 the scores; ``progress`` what is shown and logged; ``loop`` ties them together.
 """
 
-from transformer.training.build import autocast, resolve_device
+from transformer.precision import autocast
+from transformer.training.build import resolve_device
 from transformer.training.loop import StepResult, Trainer, train
 from transformer.training.loss import label_smoothed_loss
 from transformer.training.optim import lr_factor

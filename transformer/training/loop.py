@@ -32,9 +32,9 @@ from transformer.data import Batch
 from transformer.data.download import ensure_corpus
 from transformer.model import count_parameters
 from transformer.plots import plot_metrics
+from transformer.precision import effective_precision
 from transformer.tokenizer import Tokenizer
 from transformer.training.build import (
-    autocast,
     build_device,
     build_model,
     build_tokenizer,
@@ -49,7 +49,7 @@ from transformer.training.checkpointing import (
     restore_rng,
 )
 from transformer.training.distributed import Distributed
-from transformer.training.loss import label_smoothed_loss
+from transformer.training.loss import forward_loss
 from transformer.training.optim import build_optimizer
 from transformer.training.progress import MetricsLog, Progress
 from transformer.training.signals import StopSignals
@@ -102,6 +102,11 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
 
         self.model, self.train_model = build_model(cfg, self.device, self.dist)
+        # bf16 without native bf16 runs fp32 (with a warning), never emulated
+        self.precision = effective_precision(
+            self.device, t.precision, "training.precision"
+        )
+        self._objective = torch.compile(forward_loss) if t.compile else forward_loss
         self.optimizer, self.scheduler, self.scaler = build_optimizer(
             cfg, self.model, self.device
         )
@@ -174,10 +179,20 @@ class Trainer:
     # --- one update ---
 
     def _forward_loss(self, batch: Batch) -> torch.Tensor:
-        with autocast(self.device, self.cfg.training.precision):
-            logits = self.train_model(batch.src, batch.tgt_in)
-        return label_smoothed_loss(
-            logits, batch.tgt_out, self.cfg.training.label_smoothing
+        """The summed loss of one batch (on the device); compiled with
+        ``training.compile``, where batch sizes and lengths are dynamic."""
+        t = self.cfg.training
+        ids = (batch.src, batch.tgt_in, batch.tgt_out)
+        if t.compile:
+            for x in ids:
+                torch._dynamo.maybe_mark_dynamic(x, [0, 1])
+        return self._objective(
+            self.train_model,
+            *ids,
+            self.device,
+            self.precision,
+            t.label_smoothing,
+            t.loss_chunk_rows,
         )
 
     def train_step(

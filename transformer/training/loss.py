@@ -1,25 +1,138 @@
-"""The training objective: label-smoothed cross-entropy."""
+"""The training objective: label-smoothed cross-entropy, computed in row chunks,
+and ``forward_loss``, the teacher-forced forward pass and loss of a batch.
+
+With smoothing eps over V classes, a target y and logits z, a row's loss is
+
+    (1 - eps) * (lse(z) - z_y) + eps * (lse(z) - mean(z)),  lse = logsumexp,
+
+and its gradient is softmax(z) - (1 - eps) * onehot(y) - eps / V. Both are
+computed ``chunk_rows`` rows at a time: each chunk is cast to float32 and reduced,
+so no float32 copy, log-softmax or float32 gradient of the whole (B * T, V) logits
+ever exists. The gradient is written in the logits' dtype (bf16 under autocast) by
+the forward pass, from the same exponentials as the loss (one pass of exp, not
+two); it is kept in place of the logits, which are not needed again, and the
+backward pass only scales it.
+
+Why over logits and not fused with the output projection: ``Transformer.forward``
+returns logits, and DDP and ``torch.compile`` wrap that forward. A fused loss that
+takes the decoder states and the tied embedding would never hold the logits at all,
+but needs the model's training entry point to change for every caller.
+
+The loss is a custom operator (``torch.library``): ``torch.compile`` sees one node
+whatever the number of rows, so a new batch shape does not change the graph, and
+the Python loop over chunks runs as it is.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch import Tensor
 
 from transformer.config import PAD_ID
+from transformer.precision import autocast
+
+
+@torch.library.custom_op("transformer::smoothed_ce", mutates_args=())
+def _smoothed_ce(
+    logits: Tensor,
+    target: Tensor,
+    epsilon: float,
+    ignore: int,
+    chunk_rows: int,
+    with_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """(N, V) logits, (N,) targets -> the summed loss, in float32 (float64 for
+    float64 logits), and, ``with_grad``, its gradient (N, V) in the logits' dtype
+    (else an empty tensor)."""
+    n, v = logits.shape
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    total = torch.zeros((), dtype=acc, device=logits.device)
+    grad = torch.empty_like(logits) if with_grad else logits.new_empty(0)
+    in_place = with_grad and logits.dtype == acc  # the chunk's exp goes into grad
+    with torch.autocast(logits.device.type, enabled=False):
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            z = logits[rows].to(acc)  # (C, V): the only float32 copy, of a chunk
+            y = target[rows]
+            real = y != ignore
+            top = z.amax(dim=-1, keepdim=True)  # (C, 1)
+            e = torch.sub(z, top, out=grad[rows] if in_place else None).exp_()
+            mass = e.sum(dim=-1)  # (C,)
+            lse = top.squeeze(1) + mass.log()
+            picked = z.gather(1, torch.where(real, y, 0)[:, None]).squeeze(1)
+            loss = lse - (1.0 - epsilon) * picked - epsilon * z.mean(dim=-1)
+            total += torch.where(real, loss, 0.0).sum()
+            if with_grad:  # softmax - (1 - eps) onehot - eps / V on real rows
+                keep = real.to(acc)[:, None]  # (C, 1)
+                e.mul_(keep / mass[:, None]).sub_(keep * (epsilon / v))
+                e.scatter_add_(1, y[:, None].clamp(0, v - 1), keep * (epsilon - 1.0))
+                if not in_place:
+                    grad[rows] = e
+    return total, grad
+
+
+@_smoothed_ce.register_fake
+def _smoothed_ce_fake(logits, target, epsilon, ignore, chunk_rows, with_grad):
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    grad = torch.empty_like(logits) if with_grad else logits.new_empty(0)
+    return logits.new_empty((), dtype=acc), grad
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_total: Tensor, _):
+    (grad,) = ctx.saved_tensors
+    # in place: no second (B * T, V) tensor; a second backward through the same
+    # graph fails autograd's version check instead of scaling twice. The scale
+    # stays float32 on a bf16 gradient.
+    return grad.mul_(grad_total), None, None, None, None, None
+
+
+_smoothed_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
 def label_smoothed_loss(
-    logits: torch.Tensor, target: torch.Tensor, epsilon: float
-) -> torch.Tensor:
+    logits: Tensor, target: Tensor, epsilon: float, chunk_rows: int = 4096
+) -> Tensor:
     """Summed cross-entropy against (1 - eps) one-hot + eps / V uniform, pads ignored.
 
+    Equals ``F.cross_entropy(logits.float(), target, ignore_index=PAD_ID,
+    label_smoothing=eps, reduction="sum")`` without its full-size float32 tensors.
+
     Args:
-        logits: (B, T, V); target: (B, T) with ``PAD_ID`` where there is no token.
+        logits: (B, T, V) in any float dtype; target: (B, T) with ``PAD_ID`` where
+            there is no token.
+        chunk_rows: rows (target positions) reduced at a time
+            (``training.loss_chunk_rows``).
+
+    Returns:
+        A float32 scalar (float64 for float64 logits).
     """
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(),  # (B * T, V)
-        target.flatten(),
-        ignore_index=PAD_ID,
-        label_smoothing=epsilon,
-        reduction="sum",
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
+    total, _ = _smoothed_ce(
+        logits.flatten(0, 1), target.flatten(), epsilon, PAD_ID, chunk_rows, with_grad
     )
+    return total
+
+
+def forward_loss(
+    model: torch.nn.Module,
+    src: torch.Tensor,
+    tgt_in: torch.Tensor,
+    tgt_out: torch.Tensor,
+    device: torch.device,
+    precision: str,
+    label_smoothing: float,
+    chunk_rows: int,
+) -> torch.Tensor:
+    """Teacher-forced forward and summed label-smoothed loss of one batch: the
+    unit that ``training.compile`` turns into one graph.
+
+    Args:
+        src: (B, S) source ids; tgt_in, tgt_out: (B, T) decoder input and target.
+    """
+    with autocast(device, precision):
+        logits = model(src, tgt_in)  # (B, T, V)
+    return label_smoothed_loss(logits, tgt_out, label_smoothing, chunk_rows)

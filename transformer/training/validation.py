@@ -13,9 +13,9 @@ from transformer.config import PAD_ID, Config, DecodingConfig
 from transformer.data import ParallelCorpus, collate, load_corpus, token_batches
 from transformer.evaluation import score_corpus
 from transformer.model import Transformer
+from transformer.precision import autocast, effective_precision
 from transformer.search import decode_corpus
 from transformer.tokenizer import Tokenizer
-from transformer.training.build import autocast
 from transformer.training.loss import label_smoothed_loss
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def evaluate_loss(
     max_tokens: int,
     device: torch.device,
     precision: str,
+    chunk_rows: int = 4096,
 ) -> dict[str, float]:
     """Cross-entropy without smoothing per target token, perplexity, accuracy."""
     model.eval()
@@ -75,7 +76,7 @@ def evaluate_loss(
         ).to(device)
         with autocast(device, precision):
             logits = model(batch.src, batch.tgt_in)
-        loss_sum += label_smoothed_loss(logits, batch.tgt_out, 0.0).item()
+        loss_sum += label_smoothed_loss(logits, batch.tgt_out, 0.0, chunk_rows).item()
         real = batch.tgt_out != PAD_ID
         correct += ((logits.argmax(-1) == batch.tgt_out) & real).sum().item()
         tokens += batch.n_tokens
@@ -95,8 +96,10 @@ def validate(
 
     ``corpus`` must already fit the model's positions (``fit_positions``).
     """
+    t = cfg.training
+    precision = effective_precision(device, t.precision, "training.precision")
     metrics: dict[str, Any] = evaluate_loss(
-        model, corpus, cfg.data.valid_max_tokens, device, cfg.training.precision
+        model, corpus, cfg.data.valid_max_tokens, device, precision, t.loss_chunk_rows
     )
     if cfg.training.valid_bleu:
         greedy = DecodingConfig(
@@ -105,7 +108,7 @@ def validate(
             max_len_b=cfg.decoding.max_len_b,
             max_tokens=cfg.decoding.max_tokens,
         )
-        with autocast(device, cfg.training.precision):
+        with autocast(device, precision):
             results = decode_corpus(model, corpus.src, greedy, device)
         hyps = [tokenizer.decode_tgt(r[0].tokens) for r in results]
         metrics.update(score_corpus(hyps, corpus.refs))
