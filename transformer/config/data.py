@@ -1,0 +1,193 @@
+"""The data section: corpora, their formats and filters, batching, tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformer.config.base import _check
+
+
+@dataclass
+class TokenizerConfig:
+    """SentencePiece settings: train one on the training data, or load given models."""
+
+    model: str | None = None  # path to a trained model (joint); None = train one
+    src_model: str | None = None  # separate source model, with joint: false
+    tgt_model: str | None = None
+    joint: bool = True
+    vocab_size: int = 8000
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    character_coverage: float = 1.0
+    # pairs drawn at random from the training data (read in a stream) to train on
+    sample_sentences: int = 1_000_000
+
+    def validate(self, prefix: str = "data.tokenizer") -> None:
+        _check(
+            self.vocab_size >= 8,
+            f"{prefix}.vocab_size",
+            self.vocab_size,
+            "must be at least 8",
+        )
+        _check(
+            self.sample_sentences >= 1,
+            f"{prefix}.sample_sentences",
+            self.sample_sentences,
+            "must be positive",
+        )
+        _check(
+            0.0 < self.character_coverage <= 1.0,
+            f"{prefix}.character_coverage",
+            self.character_coverage,
+            "must be in (0, 1]",
+        )
+        if self.joint:
+            _check(
+                self.src_model is None and self.tgt_model is None,
+                f"{prefix}.src_model",
+                self.src_model or self.tgt_model,
+                "separate models need joint: false (use 'model' for a joint one)",
+            )
+        else:
+            _check(
+                self.model is None,
+                f"{prefix}.model",
+                self.model,
+                "a joint model needs joint: true (use src_model/tgt_model)",
+            )
+
+
+Format = Literal["text", "tsv", "jsonl", "hub", "copy", "reverse"]
+
+
+@dataclass
+class CorpusConfig:
+    """One training corpus of ``data.train``; a field left unset takes data's."""
+
+    dir: str | None = None
+    format: Format | None = None
+    split: str | None = None  # default: data.train_split
+    hub_name: str | None = None
+    hub_config: str | None = None
+    src_field: str | None = None
+    tgt_field: str | None = None
+    # times per epoch: 4 = every pair four times, 0.5 = a random half each epoch
+    weight: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        _check(self.weight > 0, f"{prefix}.weight", self.weight, "must be positive")
+
+
+@dataclass
+class DataConfig:
+    """Where the parallel corpus comes from and how it is filtered and batched."""
+
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    # 'text': {dir}/{split}.{lang}[.gz]; 'tsv': {dir}/{split}.tsv[.gz] (src<TAB>tgt);
+    # 'jsonl': {dir}/{split}.jsonl[.gz]; 'hub': a Hugging Face dataset by name;
+    # 'copy' / 'reverse': synthetic toy tasks that need no files.
+    format: Format = "text"
+    dir: str | None = None
+    # when data.dir does not exist: download these files (name: sha256) from
+    # source_url into download_dir (default ~/.cache/transformer_nmt/corpora/...)
+    source_url: str | None = None
+    source_files: dict[str, str] = field(default_factory=dict)
+    download_dir: str | None = None
+    hub_name: str | None = None
+    hub_config: str | None = None
+    src_field: str | None = None  # JSONL/hub: column of the source, or translation.X
+    tgt_field: str | None = None
+    train_split: str = "train"
+    valid_split: str = "val"
+    test_split: str | None = "test"
+    # several training corpora, each with its own files and weight (default: the
+    # one corpus above); validation and test splits come from the fields above
+    train: list[CorpusConfig] = field(default_factory=list)
+    workers: int = 1  # DataLoader processes collating batches; 0 = in the loop
+    max_length: int = 100  # pieces per side, filtered beyond
+    max_length_ratio: float = 3.0  # longer/shorter piece count, filtered beyond
+    max_tokens: int = 4096  # token budget per batch, padding included
+    valid_max_tokens: int = 8192
+    max_sentences: int = 0  # cap on sentences per batch; 0 = none
+    cache_dir: str | None = None  # corpus stores; default: <run_dir>/cache
+    # synthetic tasks
+    toy_vocab: int = 20
+    toy_min_len: int = 3
+    toy_max_len: int = 12
+    toy_train_size: int = 4000
+    toy_valid_size: int = 200
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    @property
+    def synthetic(self) -> bool:
+        return self.format in ("copy", "reverse")
+
+    def train_corpora(self) -> list[tuple[DataConfig, str, float]]:
+        """(settings, split, weight) of each training corpus."""
+        if not self.train:
+            return [(self, self.train_split, 1.0)]
+        out = []
+        for corpus in self.train:
+            values = {
+                k: v
+                for k, v in vars(corpus).items()
+                if v is not None and k not in ("split", "weight")
+            }
+            settings = dataclasses.replace(self, **values, train=[])
+            out.append((settings, corpus.split or self.train_split, corpus.weight))
+        return out
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.format == "hub":
+            _check(bool(self.hub_name), f"{prefix}.hub_name", self.hub_name, "needed")
+        _check(
+            self.max_length >= 1,
+            f"{prefix}.max_length",
+            self.max_length,
+            "must be >= 1",
+        )
+        _check(
+            self.max_length_ratio >= 1.0,
+            f"{prefix}.max_length_ratio",
+            self.max_length_ratio,
+            "must be >= 1",
+        )
+        for name in ("max_tokens", "valid_max_tokens"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{prefix}.{name}", value, "must be positive")
+        _check(
+            not self.source_files or bool(self.source_url),
+            f"{prefix}.source_url",
+            self.source_url,
+            "needed to download data.source_files",
+        )
+        for name, digest in self.source_files.items():
+            _check(
+                len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
+                f"{prefix}.source_files.{name}",
+                digest,
+                "must be a sha256 sum (64 lowercase hex digits)",
+            )
+        for name in ("max_sentences", "workers"):
+            value = getattr(self, name)
+            _check(value >= 0, f"{prefix}.{name}", value, "must not be negative")
+        for i, corpus in enumerate(self.train):
+            corpus.validate(f"{prefix}.train[{i}]")
+            if (corpus.format or self.format) == "hub":
+                _check(
+                    bool(corpus.hub_name or self.hub_name),
+                    f"{prefix}.train[{i}].hub_name",
+                    None,
+                    "needed for format hub",
+                )
+        if self.synthetic:
+            _check(self.toy_vocab >= 2, f"{prefix}.toy_vocab", self.toy_vocab, ">= 2")
+            _check(
+                1 <= self.toy_min_len <= self.toy_max_len,
+                f"{prefix}.toy_min_len",
+                self.toy_min_len,
+                "must be in [1, toy_max_len]",
+            )
+        self.tokenizer.validate(f"{prefix}.tokenizer")

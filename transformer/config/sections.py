@@ -1,0 +1,278 @@
+"""The model, training and decoding sections, and the whole experiment
+(``Config``) with the checks across sections."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from transformer.config.base import PAD_ID, _check
+from transformer.config.data import DataConfig
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the encoder-decoder Transformer.
+
+    Vocabulary sizes of 0 are filled in from the tokenizer before the model is built.
+    """
+
+    src_vocab_size: int = 0
+    tgt_vocab_size: int = 0
+    d_model: int = 512
+    n_heads: int = 8
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    d_ff: int = 2048
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+    norm_first: bool = False  # False: post-norm as in the paper; True: pre-norm
+    positional: Literal["sinusoidal", "learned"] = "sinusoidal"
+    max_positions: int = 1024
+    tie_src_tgt_embeddings: bool = True  # needs a shared (joint) vocabulary
+    tie_output_embeddings: bool = True
+    pad_id: int = PAD_ID
+
+    def validate(self, prefix: str = "model") -> None:
+        for name in ("d_model", "n_heads", "d_ff", "max_positions"):
+            value = getattr(self, name)
+            _check(value > 0, f"{prefix}.{name}", value, "must be positive")
+        for name in ("encoder_layers", "decoder_layers"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{prefix}.{name}", value, "must be at least 1")
+        _check(
+            self.d_model % self.n_heads == 0,
+            f"{prefix}.d_model",
+            self.d_model,
+            f"must be divisible by {prefix}.n_heads={self.n_heads}",
+        )
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"{prefix}.{name}", value, "must be in [0, 1)")
+        for name in ("src_vocab_size", "tgt_vocab_size"):
+            value = getattr(self, name)
+            _check(value >= 0, f"{prefix}.{name}", value, "must not be negative")
+        if self.src_vocab_size and self.tgt_vocab_size:
+            _check(
+                not self.tie_src_tgt_embeddings
+                or self.src_vocab_size == self.tgt_vocab_size,
+                f"{prefix}.tie_src_tgt_embeddings",
+                True,
+                "needs equal source and target vocabularies "
+                f"({self.src_vocab_size} != {self.tgt_vocab_size}); "
+                "use a joint tokenizer or set it to false",
+            )
+            _check(
+                0 <= self.pad_id < min(self.src_vocab_size, self.tgt_vocab_size),
+                f"{prefix}.pad_id",
+                self.pad_id,
+                "must be a valid token id",
+            )
+
+
+@dataclass
+class TrainingConfig:
+    """The optimisation loop, validation, checkpoints and hardware."""
+
+    run_dir: str = "checkpoints/run"
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype
+    compile: bool = False
+    threads: int = 0  # CPU threads; 0 = all cores
+    optimizer: Literal["adam", "adamw"] = "adam"
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    # noam: the paper's d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), rescaled
+    # so that it peaks at lr (at step warmup_steps); inverse_sqrt: linear warm-up to
+    # lr, then lr * sqrt(warmup / step) (the same curve); constant: lr throughout
+    schedule: Literal["noam", "inverse_sqrt", "constant"] = "noam"
+    lr: float = 7e-4  # the peak learning rate, for every schedule
+    warmup_steps: int = 4000
+    cooldown_steps: int = 0  # last updates before max_steps: rate falls linearly to 0
+    label_smoothing: float = 0.1
+    # target positions whose logits the loss reduces at a time: its float32
+    # temporaries are loss_chunk_rows x vocabulary, never batch x vocabulary
+    loss_chunk_rows: int = 4096
+    clip_grad_norm: float = 0.0  # 0 = no clipping
+    accumulate: int = 1  # batches per update
+    max_steps: int = 100_000
+    max_epochs: int = 0  # 0 = no limit
+    log_every: int = 50  # steps between metrics.jsonl rows
+    log_seconds: float = 30.0  # seconds between progress lines when not on a terminal
+    validate_every: int = 1000
+    save_every: int = 0  # step checkpoints; 0 = only at validation
+    keep_last: int = 5  # step checkpoints kept
+    best_metric: Literal["bleu", "chrf", "loss", "accuracy"] = "bleu"
+    patience: int = 0  # validations without improvement before stopping; 0 = never
+    valid_bleu: bool = True  # greedy-decode the validation set for BLEU / chrF
+    max_nonfinite: int = 5  # consecutive skipped (non-finite) updates before stopping
+    resume: Literal["auto", "never"] = "auto"
+    # when resuming after a change to what the data position depends on (batching
+    # keys, world size, the training corpus): refuse, or restart at the next epoch
+    on_data_change: Literal["error", "next_epoch"] = "error"
+    dist_timeout: float = 1800.0  # seconds a collective may wait (process group)
+    # seconds other ranks wait for rank 0's one-off work (tokenizer, corpus cache,
+    # validation decoding), on a separate group so that it never races dist_timeout
+    prepare_timeout: float = 86400.0
+    tensorboard: bool = True  # used when installed
+
+    def validate(self, prefix: str = "training") -> None:
+        _check(
+            0.0 <= self.label_smoothing < 1.0,
+            f"{prefix}.label_smoothing",
+            self.label_smoothing,
+            "must be in [0, 1)",
+        )
+        _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be positive")
+        for name in (
+            "accumulate",
+            "loss_chunk_rows",
+            "max_steps",
+            "log_every",
+            "validate_every",
+            "max_nonfinite",
+        ):
+            value = getattr(self, name)
+            _check(value >= 1, f"{prefix}.{name}", value, "must be at least 1")
+        for name in (
+            "warmup_steps",
+            "cooldown_steps",
+            "max_epochs",
+            "save_every",
+            "keep_last",
+            "patience",
+            "threads",
+        ):
+            value = getattr(self, name)
+            _check(value >= 0, f"{prefix}.{name}", value, "must not be negative")
+        _check(
+            self.schedule != "noam" or self.warmup_steps > 0,
+            f"{prefix}.warmup_steps",
+            self.warmup_steps,
+            "the noam schedule needs warmup_steps > 0",
+        )
+        _check(
+            self.cooldown_steps <= self.max_steps,
+            f"{prefix}.cooldown_steps",
+            self.cooldown_steps,
+            f"must not exceed training.max_steps ({self.max_steps})",
+        )
+        _check(
+            all(0.0 <= b < 1.0 for b in self.betas),
+            f"{prefix}.betas",
+            self.betas,
+            "must be in [0, 1)",
+        )
+        for name in ("dist_timeout", "prepare_timeout", "log_seconds"):
+            value = getattr(self, name)
+            _check(value > 0, f"{prefix}.{name}", value, "must be positive")
+        _check(
+            self.device == "auto"
+            or self.device == "cpu"
+            or self.device.startswith("cuda"),
+            f"{prefix}.device",
+            self.device,
+            "must be auto, cpu, cuda or cuda:N",
+        )
+
+
+@dataclass
+class DecodingConfig:
+    """Search settings shared by validation, evaluation and translation."""
+
+    strategy: Literal["greedy", "beam", "sample"] = "beam"
+    beam_size: int = 5
+    length_penalty: float = 0.6  # GNMT alpha; 0 = raw log-probability
+    nbest: int = 1
+    max_len_a: float = 1.5  # max output length = a * source length + b
+    max_len_b: int = 10
+    min_len: int = 0
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    max_tokens: int = 8192  # source tokens per decoding batch
+    seed: int = 0  # for sampling
+    # weights and activations of transformer-eval / -translate; bf16 decodes 1.15-1.5x
+    # faster on AVX-512-bf16 CPUs (benchmarks/decode.json); scores stay float32
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # torch.compile the cached decoding step (dynamic shapes, a few graphs per
+    # model); on CPU the compile takes about a minute, see the README's benchmarks
+    compile: bool = False
+
+    def validate(self, prefix: str = "decoding") -> None:
+        _check(self.beam_size >= 1, f"{prefix}.beam_size", self.beam_size, ">= 1")
+        _check(self.nbest >= 1, f"{prefix}.nbest", self.nbest, "must be >= 1")
+        _check(
+            self.strategy != "beam" or self.nbest <= self.beam_size,
+            f"{prefix}.nbest",
+            self.nbest,
+            f"must not exceed beam_size={self.beam_size}",
+        )
+        _check(self.max_len_a >= 0, f"{prefix}.max_len_a", self.max_len_a, ">= 0")
+        _check(
+            self.max_len_b >= 1 or self.max_len_a > 0,
+            f"{prefix}.max_len_b",
+            self.max_len_b,
+            "max length would be zero",
+        )
+        _check(self.min_len >= 0, f"{prefix}.min_len", self.min_len, ">= 0")
+        _check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "> 0")
+        _check(self.top_k >= 0, f"{prefix}.top_k", self.top_k, "must be >= 0")
+        _check(0 < self.top_p <= 1.0, f"{prefix}.top_p", self.top_p, "in (0, 1]")
+        _check(self.max_tokens >= 1, f"{prefix}.max_tokens", self.max_tokens, ">= 1")
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+
+    def validate(self) -> None:
+        self.data.validate()
+        self.model.validate()
+        self.training.validate()
+        self.decoding.validate()
+        self._check_across_sections()
+
+    def _check_across_sections(self) -> None:
+        """Settings that are fine alone but fail together, found at load time."""
+        d, m, t = self.data, self.model, self.training
+        _check(
+            d.max_length < m.max_positions,
+            "data.max_length",
+            d.max_length,
+            f"must be below model.max_positions={m.max_positions} "
+            "(a sequence also holds <bos> or <eos>)",
+        )
+        _check(
+            t.valid_bleu or t.best_metric not in ("bleu", "chrf"),
+            "training.best_metric",
+            t.best_metric,
+            "needs training.valid_bleu: true (or choose loss / accuracy)",
+        )
+        _check(
+            d.tokenizer.joint or not m.tie_src_tgt_embeddings,
+            "model.tie_src_tgt_embeddings",
+            True,
+            "needs a joint tokenizer (data.tokenizer.joint: true); "
+            "set it to false for separate vocabularies",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
