@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from pathlib import Path
@@ -57,13 +56,6 @@ def build_device(t: TrainingConfig, ranks: Distributed) -> torch.device:
     if t.threads:
         torch.set_num_threads(t.threads)
     return device
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def sample_pairs(cfg: Config) -> tuple[list[str], list[str], int]:
@@ -143,7 +135,8 @@ def set_vocab_sizes(cfg: Config, tokenizer: Tokenizer) -> None:
 def build_model(
     cfg: Config, device: torch.device, ranks: Distributed
 ) -> tuple[Transformer, torch.nn.Module]:
-    """The model, and the module the training step calls (DDP and/or compiled)."""
+    """The model, and the module the training step calls (DDP when distributed;
+    the trainer compiles the whole forward + loss with ``training.compile``)."""
     torch.manual_seed(cfg.training.seed)
     model = Transformer(cfg.model).to(device)
     train_model: torch.nn.Module = model
@@ -151,8 +144,6 @@ def build_model(
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if cfg.training.compile:
-        train_model = torch.compile(train_model)
     return model, train_model
 
 
