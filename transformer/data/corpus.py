@@ -4,7 +4,7 @@ training filters with their counts (shared with the corpus store)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from transformer.config import DataConfig
 from transformer.data.readers import DataError, read_pairs, split_origin
@@ -21,10 +21,6 @@ class FilterStats:
     empty: int = 0
     too_long: int = 0
     bad_ratio: int = 0
-
-    def add(self, other: FilterStats) -> None:
-        for key, value in asdict(other).items():
-            setattr(self, key, getattr(self, key) + value)
 
     def log(self, split: str) -> None:
         dropped = self.empty + self.too_long + self.bad_ratio

@@ -43,7 +43,7 @@ import numpy as np
 
 from transformer.config import DataConfig
 from transformer.data.corpus import FilterStats, keep_pair
-from transformer.data.readers import read_pairs, split_files, split_origin
+from transformer.data.readers import DataError, read_pairs, split_files, split_origin
 from transformer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -264,8 +264,6 @@ def build_store(
         seconds = report.close()
         seen = stats.kept + stats.empty + stats.too_long + stats.bad_ratio
         if not seen:
-            from transformer.data.readers import DataError
-
             raise DataError(f"{split_origin(cfg, split)}: the {split!r} split is empty")
         if not stats.kept:
             raise stats.nothing_kept(cfg, split)

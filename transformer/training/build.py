@@ -179,10 +179,5 @@ def build_train_data(
         workers=d.workers,
         pin_memory=device.type == "cuda",
     )
-    log.info(
-        "training data: %d pairs in %d corpus store(s); padding efficiency %.3f",
-        data.n_pairs,
-        len(stores),
-        data.efficiency(0),
-    )
+    log.info("training data: %d pairs in %d corpus store(s)", data.n_pairs, len(stores))
     return data

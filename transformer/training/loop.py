@@ -138,10 +138,14 @@ class Trainer:
             log.info("resumed from %s at step %d", last, self.state.step)
         self._rng = rng_state(self.device)  # the RNG state at the last step boundary
         log.info(
-            "model: %s parameters; device %s; %d training pairs",
+            "model: %s parameters; device %s; %d training pairs; padding "
+            "efficiency %.3f (epoch %d)",
             f"{count_parameters(self.model):,}",
             self.device,
             self.n_train,
+            # the epoch the run continues in: its batches are kept for the stream
+            self.train_data.efficiency(self.state.epoch),
+            self.state.epoch,
         )
 
     @property
