@@ -8,10 +8,10 @@ the scores; ``progress`` what is shown and logged; ``loop`` ties them together.
 
 from transformer.precision import autocast
 from transformer.training.build import resolve_device
-from transformer.training.loop import StepResult, Trainer, train
+from transformer.training.loop import Trainer, train
 from transformer.training.loss import label_smoothed_loss
 from transformer.training.optim import lr_factor
-from transformer.training.state import TrainingError, TrainState
+from transformer.training.state import StepResult, TrainingError, TrainState
 
 __all__ = [
     "StepResult",

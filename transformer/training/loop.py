@@ -14,7 +14,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ from transformer.training.optim import build_optimizer
 from transformer.training.progress import MetricsLog, Progress
 from transformer.training.signals import StopSignals
 from transformer.training.state import (
+    StepResult,
     TrainingError,
     TrainState,
     check_data_position,
@@ -62,17 +62,6 @@ from transformer.training.state import (
 from transformer.training.validation import load_valid, validate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepResult:
-    """What one update did, the same on every rank."""
-
-    loss: float  # per target token over all ranks (not finite when skipped)
-    tokens: int  # target tokens over all ranks
-    grad_norm: float  # of the per-token gradient, before clipping
-    skipped: bool  # a non-finite loss or gradient: no rank updated
-    stop: bool  # a rank was asked to stop: every rank stops after this step
 
 
 class Trainer:

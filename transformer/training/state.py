@@ -13,6 +13,17 @@ from transformer.config import Config
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class StepResult:
+    """What one update did, the same on every rank."""
+
+    loss: float  # per target token over all ranks (not finite when skipped)
+    tokens: int  # target tokens over all ranks
+    grad_norm: float  # of the per-token gradient, before clipping
+    skipped: bool  # a non-finite loss or gradient: no rank updated
+    stop: bool  # a rank was asked to stop: every rank stops after this step
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (for example, every update keeps being non-finite)."""
 
