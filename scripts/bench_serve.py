@@ -43,7 +43,7 @@ def random_multi30k_checkpoint(args, folder: Path) -> tuple[Path, dict]:
     weights and a joint SentencePiece model trained on the Multi30k training text;
     greedy decoding of exactly ``args.output_pieces`` pieces per sentence."""
     from transformer.checkpoint import FORMAT_VERSION, atomic_save
-    from transformer.model import Transformer
+    from transformer.models import Transformer
     from transformer.tokenizer import Tokenizer
 
     cfg = load_config(ROOT / "configs" / "multi30k_de_en.yaml")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from transformer.config import ModelConfig, TokenizerConfig, load_config
-from transformer.model import Transformer
+from transformer.models import Transformer
 from transformer.tokenizer import Tokenizer
 
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"

@@ -33,7 +33,7 @@ from transformer.export import (
     main,
     translate_with_ctranslate2,
 )
-from transformer.model import Transformer
+from transformer.models import Transformer
 from transformer.search import decode_corpus, max_lengths
 from transformer.tokenizer import Tokenizer
 

@@ -11,7 +11,7 @@ from tests.conftest import tiny_config, tiny_model
 from transformer.attention import causal_mask, reference_attention
 from transformer.config import ConfigError, ModelConfig
 from transformer.embeddings import sinusoidal_table
-from transformer.model import Transformer, count_parameters
+from transformer.models import Transformer, count_parameters
 
 
 def random_batch(lengths, vocab=23, pad=0, seed=1):

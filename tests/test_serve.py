@@ -33,7 +33,7 @@ from transformer.config import (
     TokenizerConfig,
 )
 from transformer.evaluation import translate
-from transformer.model import Transformer
+from transformer.models import Transformer
 from transformer.serve import Batcher, QueueFull, ServeConfig, load_models, main
 from transformer.tokenizer import Tokenizer
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from transformer.config import (
     Config,
@@ -18,7 +19,7 @@ from transformer.config import (
     config_from_dict,
     migrate,
 )
-from transformer.model import Transformer
+from transformer.models import create_model
 from transformer.precision import effective_precision
 from transformer.tokenizer import Tokenizer
 
@@ -123,7 +124,7 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
 
 
 # may change between a checkpoint and a resumed or fine-tuned run
-_NOT_ARCHITECTURE = {"dropout", "attention_dropout"}
+_NOT_ARCHITECTURE = {"dropout", "attention_dropout", "gumbel_temperature"}
 
 
 def check_compatible(saved: ModelConfig, wanted: ModelConfig, path: str | Path) -> None:
@@ -141,11 +142,11 @@ def check_compatible(saved: ModelConfig, wanted: ModelConfig, path: str | Path) 
 
 def load_model(
     path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[Transformer, Config, Tokenizer, dict]:
+) -> tuple[nn.Module, Config, Tokenizer, dict]:
     """A ready-to-use model (eval mode), its config and tokenizer, from a checkpoint."""
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, path)
-    model = Transformer(cfg.model)
+    model = create_model(cfg.model)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -156,7 +157,7 @@ def load_model(
     return model.to(device).eval(), cfg, tokenizer, ckpt
 
 
-def set_precision(model: Transformer, precision: str) -> Transformer:
+def set_precision(model: nn.Module, precision: str) -> nn.Module:
     """Cast a loaded model for decoding (``decoding.precision``): bf16 weights and
     activations use the bf16 matmuls of AVX-512 CPUs and GPUs; the search still
     ranks float32 log-probabilities. Without native bf16 (``precision.native_bf16``)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import sacrebleu
 import torch
+from torch import nn
 
 from transformer.config import DecodingConfig
-from transformer.model import Transformer
 from transformer.search import Hypothesis, decode_corpus
 from transformer.tokenizer import Tokenizer
 
@@ -73,7 +73,7 @@ def reference_warnings(references: list[str]) -> list[str]:
 
 
 def translate(
-    model: Transformer,
+    model: nn.Module,
     tokenizer: Tokenizer,
     sentences: list[str],
     cfg: DecodingConfig,

@@ -7,32 +7,16 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from transformer.config import BOS_ID, DecodingConfig
 from transformer.data import pad_sources
-from transformer.model import Transformer
 from transformer.search import generate
 from transformer.tokenizer import Tokenizer
 
 
-@torch.no_grad()
-def cross_attention(
-    model: Transformer, src: torch.Tensor, output: list[int], layer: int
-) -> torch.Tensor:
-    """Teacher-force ``<bos> output`` and return one layer's cross-attention,
-    (H, T + 1, S) for T output tokens: row t is the query that predicts token t."""
-    tgt = torch.tensor([[BOS_ID, *output]], device=src.device)
-    model.record_attention(True)
-    try:
-        model(src, tgt)
-        weights = model.decoder[layer].cross_attn.weights  # (1, H, T + 1, S)
-    finally:
-        model.record_attention(False)
-    return weights[0].float().cpu()
-
-
 def attention_png(
-    model: Transformer,
+    model: nn.Module,
     tokenizer: Tokenizer,
     sentence: str,
     cfg: DecodingConfig,
@@ -47,17 +31,15 @@ def attention_png(
     """
     from matplotlib.figure import Figure
 
-    n_layers = len(model.decoder)
-    if not -n_layers <= layer < n_layers:
-        raise ValueError(f"layer must be in [{-n_layers}, {n_layers - 1}]")
-    if head is not None and not 0 <= head < model.cfg.n_heads:
-        raise ValueError(f"head must be in [0, {model.cfg.n_heads - 1}]")
     ids = tokenizer.encode_src([sentence])[0][: model.cfg.max_positions - 1]
     src = pad_sources([ids]).to(device)
     output = generate(model, src, cfg)[0][0].tokens
     # row t is the step that produced output[t] (from <bos> output[:t]); the last
     # row produced </s>
-    weights = cross_attention(model, src, output, layer)  # (H, T + 1, S)
+    tgt = torch.tensor([[BOS_ID, *output]], device=device)
+    weights = model.alignment(src, tgt, layer).float().cpu()  # (H, T + 1, S)
+    if head is not None and not 0 <= head < weights.size(0):
+        raise ValueError(f"head must be in [0, {weights.size(0) - 1}]")
     matrix = weights.mean(0) if head is None else weights[head]
     src_labels = tokenizer.src_pieces(sentence)[: len(ids)] + ["</s>"]
     tgt_labels = tokenizer.tgt_pieces(output) + ["</s>"]
@@ -68,7 +50,8 @@ def attention_png(
     ax.set_xticks(range(len(src_labels)), src_labels, rotation=60, ha="right")
     ax.set_yticks(range(len(tgt_labels)), tgt_labels)
     which = "mean over heads" if head is None else f"head {head}"
-    ax.set_title(f"cross-attention, layer {layer % n_layers}, {which}")
+    title = "attention" if weights.size(0) == 1 else f"layer {layer}, {which}"
+    ax.set_title(f"cross-attention, {title}")
     fig.tight_layout()
     out = io.BytesIO()
     fig.savefig(out, format="png", dpi=110)
@@ -76,7 +59,7 @@ def attention_png(
 
 
 def plot_attention(
-    model: Transformer,
+    model: nn.Module,
     tokenizer: Tokenizer,
     sentence: str,
     cfg: DecodingConfig,

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, DecodingConfig
-from transformer.model import Memory, Transformer
+from transformer.models import Memory
 
 
 @dataclass
@@ -41,7 +41,7 @@ class _Stepper:
     """
 
     def __init__(
-        self, model: Transformer, memory: Memory, use_cache: bool, compile: bool
+        self, model: nn.Module, memory: Memory, use_cache: bool, compile: bool
     ) -> None:
         self.model, self.memory = model, memory
         self.cache = model.new_cache() if use_cache else None
@@ -146,7 +146,7 @@ def _sampler(cfg: DecodingConfig) -> Callable[[Tensor, torch.Generator | None], 
 
 @torch.no_grad()
 def _greedy_or_sample(
-    model: Transformer,
+    model: nn.Module,
     src: Tensor,
     cfg: DecodingConfig,
     pick: Callable[[Tensor, torch.Generator | None], Tensor],
@@ -244,7 +244,7 @@ class _Finished:
 
 @torch.no_grad()
 def beam_search(
-    model: Transformer,
+    model: nn.Module,
     src: Tensor,
     cfg: DecodingConfig,
     use_cache: bool = True,
@@ -347,7 +347,7 @@ def beam_search(
 
 
 def generate(
-    model: Transformer,
+    model: nn.Module,
     src: Tensor,
     cfg: DecodingConfig,
     use_cache: bool = True,
@@ -372,7 +372,7 @@ def _check_sources(sources: list[list[int]], vocab_size: int) -> None:
 
 
 def decode_corpus(
-    model: Transformer,
+    model: nn.Module,
     sources: list[list[int]],
     cfg: DecodingConfig,
     device: torch.device,

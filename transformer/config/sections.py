@@ -13,11 +13,18 @@ from transformer.config.data import DataConfig
 
 @dataclass
 class ModelConfig:
-    """Architecture of the encoder-decoder Transformer.
+    """The architecture: ``arch`` picks the model, the rest sizes it.
 
     Vocabulary sizes of 0 are filled in from the tokenizer before the model is built.
+    ``rnn`` uses d_model (embeddings), rnn_hidden, encoder_layers, decoder_layers,
+    dropout and the rnn_* / attention* keys; ``decoder_only`` the Transformer keys
+    of its one stack (decoder_layers, d_model, n_heads, d_ff, ...).
     """
 
+    # transformer: the paper's encoder-decoder; rnn: a bidirectional LSTM/GRU
+    # encoder and an attentional decoder; decoder_only: one causal Transformer
+    # over "source <eos> <bos> target" (GPT-style)
+    arch: Literal["transformer", "rnn", "decoder_only"] = "transformer"
     src_vocab_size: int = 0
     tgt_vocab_size: int = 0
     d_model: int = 512
@@ -34,9 +41,19 @@ class ModelConfig:
     tie_src_tgt_embeddings: bool = True  # needs a shared (joint) vocabulary
     tie_output_embeddings: bool = True
     pad_id: int = PAD_ID
+    # rnn only
+    rnn_type: Literal["lstm", "gru"] = "lstm"
+    rnn_hidden: int = 512  # decoder state; each encoder direction has half
+    # none: the fixed-vector model (the decoder starts from the final encoder
+    # state and sees nothing else); soft: a weighted sum of encoder states; hard:
+    # one encoder state, sampled from the weights in training (Gumbel-softmax,
+    # straight-through) and the argmax at inference
+    attention: Literal["none", "soft", "hard"] = "soft"
+    attention_score: Literal["additive", "dot", "general"] = "additive"
+    gumbel_temperature: float = 1.0  # hard attention's Gumbel-softmax temperature
 
     def validate(self, prefix: str = "model") -> None:
-        for name in ("d_model", "n_heads", "d_ff", "max_positions"):
+        for name in ("d_model", "n_heads", "d_ff", "max_positions", "rnn_hidden"):
             value = getattr(self, name)
             _check(value > 0, f"{prefix}.{name}", value, "must be positive")
         for name in ("encoder_layers", "decoder_layers"):
@@ -47,6 +64,18 @@ class ModelConfig:
             f"{prefix}.d_model",
             self.d_model,
             f"must be divisible by {prefix}.n_heads={self.n_heads}",
+        )
+        _check(
+            self.gumbel_temperature > 0,
+            f"{prefix}.gumbel_temperature",
+            self.gumbel_temperature,
+            "must be positive",
+        )
+        _check(
+            self.arch != "rnn" or self.rnn_hidden % 2 == 0,
+            f"{prefix}.rnn_hidden",
+            self.rnn_hidden,
+            "must be even (each encoder direction has half)",
         )
         for name in ("dropout", "attention_dropout"):
             value = getattr(self, name)
@@ -251,6 +280,14 @@ class Config:
             d.max_length,
             f"must be below model.max_positions={m.max_positions} "
             "(a sequence also holds <bos> or <eos>)",
+        )
+        _check(
+            m.arch != "decoder_only" or 2 * d.max_length + 2 <= m.max_positions,
+            "data.max_length",
+            d.max_length,
+            f"a decoder_only model reads source and target in one sequence: "
+            f"2 * data.max_length + 2 must be at most model.max_positions="
+            f"{m.max_positions}",
         )
         _check(
             t.valid_bleu or t.best_metric not in ("bleu", "chrf"),

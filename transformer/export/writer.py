@@ -30,7 +30,7 @@ from transformer import __version__
 from transformer.checkpoint import load_model
 from transformer.config import DecodingConfig, ModelConfig
 from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
-from transformer.model import Transformer
+from transformer.models import Transformer
 from transformer.tokenizer import SPECIAL_IDS, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,11 @@ def export_model(
         decoding: search defaults recorded in ``export.json``.
         source: provenance recorded in ``export.json`` (checkpoint, step).
     """
+    if not isinstance(model, Transformer):
+        raise ExportError(
+            f"model.arch: {model.cfg.arch} cannot be exported; CTranslate2's "
+            "TransformerSpec holds the transformer encoder-decoder only"
+        )
     ct2 = import_ctranslate2()
     output = Path(output)
     _check_options(output, quantization, force)

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from transformer.checkpoint import CheckpointError, load_model, set_precision
 from transformer.config import ConfigError, DecodingConfig
-from transformer.model import Transformer
 from transformer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class LoadedModel:
     source: str
     target: str
     checkpoint: str
-    model: Transformer
+    model: nn.Module
     tokenizer: Tokenizer
     decoding: DecodingConfig  # the checkpoint's search settings: the defaults
     device: torch.device

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from transformer.config import Config, ConfigError, TrainingConfig
 from transformer.data import (
@@ -17,7 +18,7 @@ from transformer.data import (
     read_pairs,
     split_origin,
 )
-from transformer.model import Transformer
+from transformer.models import create_model
 from transformer.tokenizer import Tokenizer
 from transformer.training.distributed import Distributed
 
@@ -134,11 +135,11 @@ def set_vocab_sizes(cfg: Config, tokenizer: Tokenizer) -> None:
 
 def build_model(
     cfg: Config, device: torch.device, ranks: Distributed
-) -> tuple[Transformer, torch.nn.Module]:
+) -> tuple[nn.Module, torch.nn.Module]:
     """The model, and the module the training step calls (DDP when distributed;
     the trainer compiles the whole forward + loss with ``training.compile``)."""
     torch.manual_seed(cfg.training.seed)
-    model = Transformer(cfg.model).to(device)
+    model = create_model(cfg.model).to(device)
     train_model: torch.nn.Module = model
     if ranks.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(

@@ -29,7 +29,7 @@ from transformer.checkpoint import (
 from transformer.config import Config, save_config
 from transformer.data import Batch
 from transformer.data.download import ensure_corpus
-from transformer.model import count_parameters
+from transformer.models import count_parameters
 from transformer.plots import plot_metrics
 from transformer.precision import effective_precision
 from transformer.tokenizer import Tokenizer

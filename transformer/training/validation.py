@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from transformer.config import PAD_ID, Config, DecodingConfig
 from transformer.data import ParallelCorpus, collate, load_corpus, token_batches
 from transformer.evaluation import score_corpus
-from transformer.model import Transformer
 from transformer.precision import autocast, effective_precision
 from transformer.search import decode_corpus
 from transformer.tokenizer import Tokenizer
@@ -58,7 +58,7 @@ def load_valid(cfg: Config, tokenizer: Tokenizer) -> ParallelCorpus:
 
 @torch.no_grad()
 def evaluate_loss(
-    model: Transformer,
+    model: nn.Module,
     corpus: ParallelCorpus,
     max_tokens: int,
     device: torch.device,
@@ -85,7 +85,7 @@ def evaluate_loss(
 
 
 def validate(
-    model: Transformer,
+    model: nn.Module,
     corpus: ParallelCorpus,
     tokenizer: Tokenizer,
     cfg: Config,

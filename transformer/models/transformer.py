@@ -13,33 +13,7 @@ from transformer.cache import KVCache
 from transformer.config import ModelConfig
 from transformer.embeddings import PositionalEncoding, TokenEmbedding
 from transformer.layers import DecoderLayer, EncoderLayer
-
-
-def check_ids(ids: Tensor, vocab_size: int, what: str) -> None:
-    """Reject ids that are not a (B, T) integer tensor in [0, ``vocab_size``).
-
-    On CPU in eager mode a bad id is a ``ValueError`` that names the range found.
-    On other devices, and inside ``torch.compile``, the range check is
-    ``torch._assert_async``: reading the minimum and maximum back would be a
-    device-to-host sync on every forward (and a graph break), so the check runs on
-    the device and a bad id fails the next synchronising call with the same
-    message. Ids enter through the tokenizer (training data) and ``decode_corpus``
-    (translation), which check them on the host.
-    """
-    if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
-        raise ValueError(
-            f"{what} ids must be a (B, T) integer tensor, "
-            f"got {tuple(ids.shape)} {ids.dtype}"
-        )
-    in_range = ((ids >= 0) & (ids < vocab_size)).all()
-    if ids.device.type != "cpu" or torch.compiler.is_compiling():
-        torch._assert_async(in_range, f"{what} ids must be in [0, {vocab_size})")
-    elif not in_range:  # one read of a flag; on CPU there is no device to wait for
-        low, high = ids.aminmax()
-        raise ValueError(
-            f"{what} ids must be in [0, {vocab_size}), "
-            f"got range [{int(low)}, {int(high)}]"
-        )
+from transformer.models.common import check_ids
 
 
 @dataclass
@@ -164,14 +138,24 @@ class Transformer(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache.empty(len(self.decoder))
 
+    @torch.no_grad()
+    def alignment(self, src: Tensor, tgt: Tensor, layer: int = -1) -> Tensor:
+        """Teacher-force ``tgt`` (1, T) and return decoder layer ``layer``'s
+        cross-attention (H, T, S): row t is the query that predicts token t + 1."""
+        n = len(self.decoder)
+        if not -n <= layer < n:
+            raise ValueError(f"layer must be in [{-n}, {n - 1}]")
+        self.record_attention(True)
+        try:
+            self(src, tgt)
+            weights = self.decoder[layer].cross_attn.weights  # (1, H, T, S)
+        finally:
+            self.record_attention(False)
+        return weights[0]
+
     def record_attention(self, enabled: bool = True) -> None:
         """Switch every attention module to the reference path that keeps weights."""
         for module in self.modules():
             if isinstance(module, MultiHeadAttention):
                 module.record_weights = enabled
                 module.weights = None
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of distinct trainable parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
