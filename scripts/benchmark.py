@@ -38,6 +38,12 @@ it), the checkpoint is also exported to CTranslate2 with float32 and int8 weight
 each export decodes the same sources greedily and with beam 5 (alpha 1.0), on the
 same number of threads, through transformer.export.ExportedModel.
 
+The architectures (Transformer, RNN with soft / hard / no attention, decoder-only)
+trained for the same minutes each, then BLEU, speeds and BLEU by source length
+(scripts/bench_compare.py):
+
+    python scripts/benchmark.py compare --minutes 12 --lanes 2
+
 Serving throughput and latency under concurrent clients (scripts/bench_serve.py):
 
     python scripts/benchmark.py serve --clients 32 --seconds 30 --max-wait-ms 5 20
@@ -60,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import bench_compare  # noqa: E402  (scripts/bench_compare.py)
 import bench_data  # noqa: E402  (scripts/bench_data.py)
 import bench_serve  # noqa: E402  (scripts/bench_serve.py)
 from bench_common import machine, peak_rss_mib, sdpa_flop_mapping  # noqa: E402
@@ -296,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--threads", type=int, default=0)
     bench_data.add_parser(sub)
     bench_serve.add_parser(sub)
+    bench_compare.add_parser(sub)
     for p in sub.choices.values():
         p.add_argument("--output", help="JSON file (default: benchmarks/<what>.json)")
     args = parser.parse_args(argv)
@@ -306,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_decode(args)
     elif args.what == "serve":
         result = bench_serve.bench_serve(args)
+    elif args.what == "compare":
+        result = bench_compare.bench_compare(args)
     elif args.single:
         args.precision, args.compile = args.precision[0], args.compile[0]
         result = bench_train(args)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from transformer.config import ModelConfig, TokenizerConfig, load_config
-from transformer.models import Transformer
+from transformer.models import Transformer, create_model
 from transformer.tokenizer import Tokenizer
 
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
@@ -130,7 +130,7 @@ def tiny_config(**overrides) -> ModelConfig:
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(tiny_config(**overrides)).eval()
+    return create_model(tiny_config(**overrides)).eval()
 
 
 @pytest.fixture
@@ -141,7 +141,7 @@ def multi30k_dir() -> Path:
 
 
 def train_copy_model(
-    steps: int, seed: int = 0, vocab: int = 14, **overrides
+    steps: int, seed: int = 0, vocab: int = 14, lr: float = 3e-3, **overrides
 ) -> Transformer:
     """A small model trained for ``steps`` updates on the copy task (ids 4..vocab-1).
 
@@ -157,8 +157,8 @@ def train_copy_model(
         tgt_vocab_size=vocab,
     )
     cfg = tiny_config(**{**values, **overrides})
-    model = Transformer(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
+    model = create_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
     shared = min(cfg.src_vocab_size, cfg.tgt_vocab_size)
     for _ in range(steps):
         length = int(torch.randint(3, 9, (1,)))

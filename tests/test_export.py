@@ -140,7 +140,8 @@ def sources(tokenizer: Tokenizer) -> list[list[int]]:
 def limits(srcs: list[list[int]], cfg: DecodingConfig) -> list[int]:
     """Our length limit of each source: tokens with the forced <eos>."""
     padded = [torch.tensor([*s, EOS_ID] + [PAD_ID] * (20 - len(s))) for s in srcs]
-    return max_lengths(torch.stack(padded), cfg, 1024).tolist()
+    positions = torch.full((len(srcs),), 1024)
+    return max_lengths(torch.stack(padded), cfg, positions).tolist()
 
 
 def tokens(results) -> list[list[list[int]]]:

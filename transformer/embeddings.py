@@ -71,3 +71,10 @@ class PositionalEncoding(nn.Module):
             pos = torch.arange(offset, end, device=x.device)
             return x + self.learned(pos)
         return x + self.table[offset:end].to(x.dtype)
+
+    def at(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x: (B, T, D) plus the encodings of ``positions`` (B, T), one per row
+        (callers keep them below ``max_positions``)."""
+        if self.learned is not None:
+            return x + self.learned(positions)
+        return x + self.table[positions].to(x.dtype)

@@ -82,15 +82,15 @@ def translate(
     progress: bool = False,
 ) -> list[list[Translation]]:
     """Raw source sentences -> n-best detokenized translations, in input order."""
-    limit = model.cfg.max_positions - 1  # room for <eos>
+    limit = model.cfg.max_pieces()
     ids = tokenizer.encode_src(sentences)
     too_long = [i for i, s in enumerate(ids) if len(s) > limit]
     if too_long:
         log.warning(
-            "%d sentence(s) longer than the model's %d positions were truncated "
+            "%d sentence(s) longer than the model's %d pieces were truncated "
             "(first: #%d)",
             len(too_long),
-            model.cfg.max_positions,
+            limit,
             too_long[0] + 1,
         )
         ids = [s[:limit] for s in ids]

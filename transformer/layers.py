@@ -25,7 +25,7 @@ class FeedForward(nn.Module):
         return self.fc2(self.activation(self.fc1(x)))
 
 
-class _Residual(nn.Module):
+class Residual(nn.Module):
     """Residual connection around a sublayer with dropout and LayerNorm.
 
     Post-norm (paper): LayerNorm(x + Dropout(f(x))). Pre-norm: x + Dropout(f(LN(x))).
@@ -50,8 +50,8 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
         self.ffn = FeedForward(cfg)
-        self.attn_res = _Residual(cfg)
-        self.ffn_res = _Residual(cfg)
+        self.attn_res = Residual(cfg)
+        self.ffn_res = Residual(cfg)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x: (B, S, D); mask: (B, 1, 1, S) bool, True at real source tokens."""
@@ -69,9 +69,9 @@ class DecoderLayer(nn.Module):
             cfg.d_model, cfg.n_heads, cfg.attention_dropout
         )
         self.ffn = FeedForward(cfg)
-        self.self_res = _Residual(cfg)
-        self.cross_res = _Residual(cfg)
-        self.ffn_res = _Residual(cfg)
+        self.self_res = Residual(cfg)
+        self.cross_res = Residual(cfg)
+        self.ffn_res = Residual(cfg)
 
     def forward(
         self,

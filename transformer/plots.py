@@ -31,7 +31,7 @@ def attention_png(
     """
     from matplotlib.figure import Figure
 
-    ids = tokenizer.encode_src([sentence])[0][: model.cfg.max_positions - 1]
+    ids = tokenizer.encode_src([sentence])[0][: model.cfg.max_pieces()]
     src = pad_sources([ids]).to(device)
     output = generate(model, src, cfg)[0][0].tokens
     # row t is the step that produced output[t] (from <bos> output[:t]); the last
@@ -50,8 +50,12 @@ def attention_png(
     ax.set_xticks(range(len(src_labels)), src_labels, rotation=60, ha="right")
     ax.set_yticks(range(len(tgt_labels)), tgt_labels)
     which = "mean over heads" if head is None else f"head {head}"
-    title = "attention" if weights.size(0) == 1 else f"layer {layer}, {which}"
-    ax.set_title(f"cross-attention, {title}")
+    if model.cfg.arch == "rnn":
+        title = f"{model.cfg.attention} attention"
+    else:
+        kind = "cross-" if model.cfg.arch == "transformer" else "source "
+        title = f"{kind}attention, layer {layer}, {which}"
+    ax.set_title(title)
     fig.tight_layout()
     out = io.BytesIO()
     fig.savefig(out, format="png", dpi=110)

@@ -77,11 +77,12 @@ class _Stepper:
             self.memory = self.memory.index_select(index)
 
 
-def max_lengths(src: Tensor, cfg: DecodingConfig, max_positions: int) -> Tensor:
-    """Per-sentence output budget a * |src| + b (tokens, <eos> included), (B,)."""
+def max_lengths(src: Tensor, cfg: DecodingConfig, positions: Tensor) -> Tensor:
+    """Per-sentence output budget a * |src| + b (tokens, <eos> included), at most
+    the target positions the model has left, ``positions`` (B,); (B,)."""
     src_len = (src != PAD_ID).sum(1).float()
     budget = (cfg.max_len_a * src_len + cfg.max_len_b).floor().long()
-    return budget.clamp(min=1, max=max_positions)
+    return torch.minimum(budget, positions).clamp(min=1)
 
 
 def _constrain(
@@ -154,7 +155,7 @@ def _greedy_or_sample(
     generator: torch.Generator | None,
 ) -> list[list[Hypothesis]]:
     batch = src.size(0)
-    limit = max_lengths(src, cfg, model.cfg.max_positions)
+    limit = max_lengths(src, cfg, model.target_positions(src))
     shortest, longest = _limit_range(limit)
     stepper = _Stepper(model, model.encode(src), use_cache, cfg.compile)
     alive = torch.arange(batch, device=src.device)  # original row of each live row
@@ -257,7 +258,7 @@ def beam_search(
     """
     k, alpha = cfg.beam_size, cfg.length_penalty
     batch, device = src.size(0), src.device
-    limit_all = max_lengths(src, cfg, model.cfg.max_positions)
+    limit_all = max_lengths(src, cfg, model.target_positions(src))
     shortest, longest = _limit_range(limit_all)
     # the penalty at each length limit bounds what a live beam can still reach
     # (alpha <= 0: the raw score does); computed in Python as for finished ones

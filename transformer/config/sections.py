@@ -52,6 +52,13 @@ class ModelConfig:
     attention_score: Literal["additive", "dot", "general"] = "additive"
     gumbel_temperature: float = 1.0  # hard attention's Gumbel-softmax temperature
 
+    def max_pieces(self) -> int:
+        """Pieces a source (or target) sentence may hold: one position is kept
+        for <eos> / <bos>; a decoder_only model reads both in one sequence."""
+        if self.arch == "decoder_only":
+            return self.max_positions // 2 - 1
+        return self.max_positions - 1
+
     def validate(self, prefix: str = "model") -> None:
         for name in ("d_model", "n_heads", "d_ff", "max_positions", "rnn_hidden"):
             value = getattr(self, name)
@@ -130,6 +137,10 @@ class TrainingConfig:
     accumulate: int = 1  # batches per update
     max_steps: int = 100_000
     max_epochs: int = 0  # 0 = no limit
+    # stop after this many minutes of updates (state.train_seconds: validation and
+    # checkpoint writes not counted, every sitting of a resumed run counted);
+    # 0 = no limit. The last update is followed by a validation, as at max_steps.
+    max_minutes: float = 0.0
     log_every: int = 50  # steps between metrics.jsonl rows
     log_seconds: float = 30.0  # seconds between progress lines when not on a terminal
     validate_every: int = 1000
@@ -195,6 +206,12 @@ class TrainingConfig:
             f"{prefix}.betas",
             self.betas,
             "must be in [0, 1)",
+        )
+        _check(
+            self.max_minutes >= 0,
+            f"{prefix}.max_minutes",
+            self.max_minutes,
+            "must not be negative",
         )
         for name in ("dist_timeout", "prepare_timeout", "log_seconds"):
             value = getattr(self, name)
@@ -295,6 +312,17 @@ class Config:
             t.best_metric,
             "needs training.valid_bleu: true (or choose loss / accuracy)",
         )
+        for key, value in (
+            ("training.compile", t.compile),
+            ("decoding.compile", self.decoding.compile),
+        ):
+            _check(
+                m.arch != "rnn" or not value,
+                key,
+                value,
+                "is not supported for model.arch: rnn (its decoder is a Python "
+                "loop over time steps: one graph per target length)",
+            )
         _check(
             d.tokenizer.joint or not m.tie_src_tgt_embeddings,
             "model.tie_src_tgt_embeddings",

@@ -8,6 +8,8 @@ An architecture is an ``nn.Module`` with
 - ``decode(tgt, memory, state=None) -> logits (B, T, V)``: without a state, ``tgt``
   is the whole prefix; with one (from ``new_cache()``), only the new positions, and
   the state is extended in place;
+- ``target_positions(src) -> (B,)``: how many target tokens each sentence may
+  have (the search's length limit never passes it);
 - ``new_cache()``: a decoding state with ``reorder(index, sources, keep_sources)``
   (see ``KVCache.reorder``);
 - ``forward(src, tgt_in) -> logits``: teacher forcing, for training;

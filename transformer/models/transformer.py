@@ -135,6 +135,10 @@ class Transformer(nn.Module):
         """Teacher-forced training: all target positions in parallel, (B, T, V)."""
         return self.decode(tgt_in, self.encode(src))
 
+    def target_positions(self, src: Tensor) -> Tensor:
+        """(B, S) sources -> (B,) target positions available to each sentence."""
+        return torch.full_like(src[:, 0], self.cfg.max_positions)
+
     def new_cache(self) -> KVCache:
         return KVCache.empty(len(self.decoder))
 

@@ -73,7 +73,7 @@ class LoadedModel:
     @property
     def max_source(self) -> int:
         """Source pieces a sentence may have (one position is <eos>'s)."""
-        return self.model.cfg.max_positions - 1
+        return self.model.cfg.max_pieces()
 
 
 def load_models(

@@ -219,7 +219,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)  # fp16 only
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads).to(torch.float64)
-        extra = [float(tokens), float(self.signals.requested)]
+        extra = [float(tokens), float(self.signals.requested), float(self._timed_out())]
         packed = torch.cat(
             [
                 torch.stack(
@@ -228,7 +228,7 @@ class Trainer:
                 torch.tensor(extra, dtype=torch.float64, device=self.device),
             ]
         )
-        loss_sum, norm_sum, bad_loss, bad_grad, n_tokens, stop = self.dist.sum(
+        loss_sum, norm_sum, bad_loss, bad_grad, n_tokens, stop, late = self.dist.sum(
             packed
         ).tolist()  # the one host sync of the step
         skipped = bool(bad_loss or bad_grad)
@@ -252,8 +252,19 @@ class Trainer:
                 self.state.epoch, self.state.batch_in_epoch = position
             self._rng = rng_state(self.device)
         return StepResult(
-            loss_sum / max(n_tokens, 1.0), int(n_tokens), grad_norm, skipped, bool(stop)
+            loss_sum / max(n_tokens, 1.0),
+            int(n_tokens),
+            grad_norm,
+            skipped,
+            bool(stop),
+            bool(late),
         )
+
+    def _timed_out(self) -> bool:
+        """``training.max_minutes`` spent, by rank 0's clock (the all-reduce
+        tells the other ranks, so that they stop at the same step)."""
+        limit = self.cfg.training.max_minutes
+        return bool(limit) and self.dist.main and self.state.train_seconds >= 60 * limit
 
     # --- the loop ---
 
@@ -294,6 +305,7 @@ class Trainer:
         pending: list[Batch] = []
         skipped_in_row = 0
         window_tokens, window_start = 0, time.perf_counter()
+        clock = time.perf_counter()  # state.train_seconds counts from here
         self.model.train()
         for epoch, index, batch in self._batches():
             if self.state.step >= t.max_steps:
@@ -304,6 +316,9 @@ class Trainer:
             result = self.train_step(pending, position=(epoch, index + 1))
             pending = []
             step = self.state.step
+            now = time.perf_counter()
+            self.state.train_seconds += now - clock
+            clock = now
             if result.skipped:
                 # an fp16 gradient overflow with a finite loss is the scaler's job
                 if not (self.scaler.is_enabled() and math.isfinite(result.loss)):
@@ -328,6 +343,7 @@ class Trainer:
                     speed = window_tokens / max(elapsed, 1e-9)
                     lr = self.scheduler.get_last_lr()[0]
                     row = {"loss": result.loss, "lr": lr, "tokens_per_s": speed}
+                    row["train_seconds"] = round(self.state.train_seconds, 2)
                     row |= {"grad_norm": result.grad_norm, "epoch": epoch}
                     self._metrics.record("train", step, row)
                     values = dict(
@@ -342,12 +358,22 @@ class Trainer:
                 continue
             if t.save_every and step % t.save_every == 0:
                 self._save()
-            if step % t.validate_every == 0 or step == t.max_steps:
-                if self.validate_and_save():
+            if result.out_of_time:
+                log.info(
+                    "training.max_minutes=%g spent after step %d", t.max_minutes, step
+                )
+            if (
+                step % t.validate_every == 0
+                or step == t.max_steps
+                or result.out_of_time
+            ):
+                if self.validate_and_save() and not result.out_of_time:
                     log.info("early stopping at step %d", step)
                     return None
-                window_start = time.perf_counter()
+                window_start = clock = time.perf_counter()
                 self.model.train()
+            if result.out_of_time:
+                return None
         return None
 
     def _save_at_exit(self, together: bool) -> None:
@@ -384,7 +410,8 @@ class Trainer:
         s = self.state
         better = s.record_score(metrics[t.best_metric], t.best_metric != "loss")
         if self._metrics is not None:
-            self._metrics.record("valid", s.step, {**metrics, "best": better})
+            row = {**metrics, "best": better, "train_seconds": s.train_seconds}
+            self._metrics.record("valid", s.step, row)
         if self.dist.main:
             summary = ", ".join(
                 f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)

@@ -22,6 +22,7 @@ class StepResult:
     grad_norm: float  # of the per-token gradient, before clipping
     skipped: bool  # a non-finite loss or gradient: no rank updated
     stop: bool  # a rank was asked to stop: every rank stops after this step
+    out_of_time: bool = False  # training.max_minutes spent: validate, save, stop
 
 
 class TrainingError(RuntimeError):
@@ -37,6 +38,9 @@ class TrainState:
     batch_in_epoch: int = 0  # ``epoch`` (batches of skipped updates count too)
     best_score: float | None = None
     bad_validations: int = 0  # validations in a row without a new best
+    # wall-clock seconds spent on updates (data included; validation and
+    # checkpoint writes not), over every sitting of the run
+    train_seconds: float = 0.0
 
     def record_score(self, score: float, higher_is_better: bool) -> bool:
         """Count a validation score; True when it is the best so far."""

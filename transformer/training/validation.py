@@ -21,13 +21,10 @@ from transformer.training.loss import label_smoothed_loss
 log = logging.getLogger(__name__)
 
 
-def fit_positions(
-    corpus: ParallelCorpus, max_positions: int, name: str
-) -> ParallelCorpus:
+def fit_positions(corpus: ParallelCorpus, limit: int, name: str) -> ParallelCorpus:
     """Cut sentences to the model's positions (one is kept for <bos> / <eos>), with
     a warning: an evaluation set is never filtered, and must never crash the run.
     The raw references stay whole, so BLEU still counts what was cut."""
-    limit = max_positions - 1
     long = sum(
         len(s) > limit or len(t) > limit
         for s, t in zip(corpus.src, corpus.tgt, strict=True)
@@ -35,7 +32,7 @@ def fit_positions(
     if not long:
         return corpus
     log.warning(
-        "%s: %d sentence pair(s) longer than model.max_positions - 1 = %d pieces "
+        "%s: %d sentence pair(s) longer than the model's %d pieces "
         "were truncated for validation",
         name,
         long,
@@ -53,7 +50,7 @@ def load_valid(cfg: Config, tokenizer: Tokenizer) -> ParallelCorpus:
     """The validation split, unfiltered, cut to the model's positions."""
     d = cfg.data
     corpus = load_corpus(d, d.valid_split, tokenizer, seed=cfg.training.seed)
-    return fit_positions(corpus, cfg.model.max_positions, d.valid_split)
+    return fit_positions(corpus, cfg.model.max_pieces(), d.valid_split)
 
 
 @torch.no_grad()

@@ -1,0 +1,236 @@
+"""The decoder-only (GPT-style) translator: one causal Transformer stack over the
+source and the target as one sequence.
+
+The sequence is ``source <eos> <bos> target``: the source as the encoder-decoder
+models read it (ending in <eos>), then the decoder input, whose <bos> is the
+separator that says "translate now". Every position attends to the real
+(non-pad) positions at or before it; source padding sits between the source and
+the target and is never attended, and each row's target positions continue from
+its own source length, so padding changes no output. The loss covers the target
+positions only: ``forward`` returns their logits and no others.
+
+Decoding encodes the source prefix in one pass (``encode``: the stack's keys and
+values at every layer), then extends it token by token with the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transformer.attention import SelfAttention, causal_mask, padding_mask
+from transformer.cache import LayerCache
+from transformer.config import ModelConfig
+from transformer.embeddings import PositionalEncoding, TokenEmbedding
+from transformer.layers import FeedForward, Residual
+from transformer.models.common import check_ids
+
+
+class CausalLayer(nn.Module):
+    """Masked self-attention and feed-forward (post-norm or pre-norm)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.ffn = FeedForward(cfg)
+        self.attn_res = Residual(cfg)
+        self.ffn_res = Residual(cfg)
+
+    def forward(
+        self, x: Tensor, mask: Tensor, cache: LayerCache | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x: (B, T, D) new positions; mask: (B, 1, T, P + T) bool over the past P
+        (in ``cache``) and new keys. Returns the output and this call's K/V."""
+        h = self.attn_res.pre(x)
+        q, k, v = self.self_attn.project(h)  # (B, H, T, Dh)
+        new_kv = (k, v)
+        if cache is not None:
+            k, v = cache.extend(k, v)  # (B, H, P + T, Dh)
+        x = self.attn_res.post(x, self.self_attn.attend(q, k, v, mask, False))
+        return self.ffn_res.post(x, self.ffn(self.ffn_res.pre(x))), new_kv
+
+
+@dataclass
+class PrefixMemory:
+    """The encoded source: ids (B, S), mask (B, S) True at real tokens, lengths
+    (B,), and each layer's keys and values (B, H, S, Dh)."""
+
+    src: Tensor
+    mask: Tensor
+    lengths: Tensor
+    kv: list[tuple[Tensor, Tensor]]
+
+    def index_select(self, index: Tensor) -> PrefixMemory:
+        return PrefixMemory(
+            self.src.index_select(0, index),
+            self.mask.index_select(0, index),
+            self.lengths.index_select(0, index),
+            [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.kv],
+        )
+
+
+@dataclass
+class PrefixCache:
+    """Decoding state: per layer, the keys/values of the source prefix and the
+    target so far (one row per hypothesis; ``LayerCache`` applies reorders
+    lazily); ``key_mask`` (B', S + T) True at attendable keys; ``positions`` (B',)
+    the position of the next target token."""
+
+    layers: list[LayerCache] = field(default_factory=list)
+    key_mask: Tensor | None = None
+    positions: Tensor | None = None
+    length: int = 0
+
+    def reorder(
+        self, index: Tensor, sources: Tensor | None = None, keep_sources: bool = False
+    ) -> None:
+        """Keep rows ``index``. The prefix is part of each row's own keys, so it
+        follows ``index`` whatever ``sources`` says."""
+        for layer in self.layers:
+            layer.select(index)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, index)
+            self.positions = self.positions.index_select(0, index)
+
+
+class DecoderOnly(nn.Module):
+    """A causal Transformer that translates by continuing its source
+    (``model.arch: decoder_only``; ``decoder_layers`` layers).
+
+    Shape:
+        src: (B, S) source ids padded with ``cfg.pad_id``.
+        tgt: (B, T) target ids, starting with <bos> for teacher forcing.
+        logits: (B, T, V_tgt), for the target positions only.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        if cfg.src_vocab_size <= 0 or cfg.tgt_vocab_size <= 0:
+            raise ValueError(
+                "model.src_vocab_size and model.tgt_vocab_size must be set "
+                f"(got {cfg.src_vocab_size}, {cfg.tgt_vocab_size})"
+            )
+        self.cfg = cfg
+        d = cfg.d_model
+        self.tgt_embed = TokenEmbedding(cfg.tgt_vocab_size, d, cfg.pad_id)
+        if cfg.tie_src_tgt_embeddings:
+            self.src_embed = self.tgt_embed
+        else:
+            self.src_embed = TokenEmbedding(cfg.src_vocab_size, d, cfg.pad_id)
+        learned = cfg.positional == "learned"
+        self.pos = PositionalEncoding(cfg.max_positions, d, learned)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(CausalLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.norm = nn.LayerNorm(d) if cfg.norm_first else None
+        if cfg.tie_output_embeddings:
+            self.output_proj = None
+        else:
+            self.output_proj = nn.Linear(d, cfg.tgt_vocab_size, bias=False)
+            nn.init.normal_(self.output_proj.weight, std=d**-0.5)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module is not self.output_proj:
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def _source(self, src: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Embedded source (B, S, D), its mask (B, S) and lengths (B,)."""
+        check_ids(src, self.cfg.src_vocab_size, "source")
+        mask = padding_mask(src, self.cfg.pad_id)
+        x = self.pos(self.src_embed(src))
+        return self.dropout(x), mask, mask.sum(1)
+
+    def _target(self, tgt: Tensor, first: Tensor) -> Tensor:
+        """Embedded target (B, T, D) at positions ``first`` (B,) onwards."""
+        check_ids(tgt, self.cfg.tgt_vocab_size, "target")
+        steps = torch.arange(tgt.size(1), device=tgt.device)
+        positions = (first[:, None] + steps).clamp(max=self.cfg.max_positions - 1)
+        return self.dropout(self.pos.at(self.tgt_embed(tgt), positions))
+
+    def _output(self, x: Tensor) -> Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.output_proj is None:
+            return F.linear(x, self.tgt_embed.weight)
+        return self.output_proj(x)
+
+    def encode(self, src: Tensor) -> PrefixMemory:
+        """Run the source prefix once: (B, S) ids -> ``PrefixMemory``."""
+        x, mask, lengths = self._source(src)
+        s = src.size(1)
+        attn = causal_mask(s, s, src.device) & mask[:, None, None, :]  # (B,1,S,S)
+        kv = []
+        for layer in self.layers:
+            x, layer_kv = layer(x, attn)
+            kv.append(layer_kv)
+        return PrefixMemory(src, mask, lengths, kv)
+
+    def _full(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """Source and target in one pass -> the target positions' logits."""
+        xs, mask, lengths = self._source(src)
+        x = torch.cat([xs, self._target(tgt, lengths)], dim=1)  # (B, S + T, D)
+        n = x.size(1)
+        keys = torch.cat([mask, mask.new_ones(tgt.shape)], dim=1)  # (B, S + T)
+        attn = causal_mask(n, n, src.device) & keys[:, None, None, :]
+        for layer in self.layers:
+            x, _ = layer(x, attn)
+        return self._output(x[:, src.size(1) :])
+
+    def decode(
+        self, tgt: Tensor, memory: PrefixMemory, cache: PrefixCache | None = None
+    ) -> Tensor:
+        """Target ids -> next-token logits (B, T, V).
+
+        Without a cache, ``tgt`` is the whole prefix and source and target run
+        again from scratch. With one, ``tgt`` holds only the new positions.
+        """
+        if cache is None:
+            return self._full(memory.src, tgt)
+        if not cache.layers:
+            cache.layers = [LayerCache(self_k=k, self_v=v) for k, v in memory.kv]
+            cache.key_mask, cache.positions = memory.mask, memory.lengths
+        t = tgt.size(1)
+        x = self._target(tgt, cache.positions)
+        past = cache.key_mask.size(1)
+        cache.key_mask = torch.cat(
+            [cache.key_mask, cache.key_mask.new_ones(tgt.shape)], 1
+        )
+        attn = causal_mask(t, past + t, x.device) & cache.key_mask[:, None, None, :]
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x, _ = layer(x, attn, layer_cache)
+        cache.positions = cache.positions + t
+        cache.length += t
+        return self._output(x)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced training: the target positions' logits (B, T, V)."""
+        return self._full(src, tgt_in)
+
+    def new_cache(self) -> PrefixCache:
+        return PrefixCache()
+
+    def target_positions(self, src: Tensor) -> Tensor:
+        """(B, S) sources -> (B,) positions left after each source."""
+        return self.cfg.max_positions - padding_mask(src, self.cfg.pad_id).sum(1)
+
+    @torch.no_grad()
+    def alignment(self, src: Tensor, tgt: Tensor, layer: int = -1) -> Tensor:
+        """Teacher-force ``tgt`` (1, T) and return layer ``layer``'s attention of
+        each target position to the source positions (H, T, S)."""
+        n = len(self.layers)
+        if not -n <= layer < n:
+            raise ValueError(f"layer must be in [{-n}, {n - 1}]")
+        attention = self.layers[layer].self_attn
+        attention.record_weights = True
+        try:
+            self._full(src, tgt)
+            weights = attention.weights  # (1, H, S + T, S + T)
+        finally:
+            attention.record_weights = False
+            attention.weights = None
+        s = src.size(1)
+        return weights[0, :, s:, :s]
