@@ -19,7 +19,7 @@ from transformer.config import (
     config_from_dict,
     migrate,
 )
-from transformer.models import create_model
+from transformer.models import Ensemble, create_model
 from transformer.precision import effective_precision
 from transformer.tokenizer import Tokenizer
 
@@ -140,21 +140,86 @@ def check_compatible(saved: ModelConfig, wanted: ModelConfig, path: str | Path) 
         )
 
 
+WEIGHTS = ("raw", "ema")  # the trained weights, or their moving average
+
+
+def model_weights(
+    ckpt: dict, path: str | Path, weights: str = "raw"
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``raw`` weights or their ``ema`` (``training.ema_decay``),
+    floating-point tensors in float32 (a published file may hold float16)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS} (got {weights!r})")
+    if weights == "ema" and "ema" not in ckpt:
+        why = "trained with training.ema_decay: 0"
+        if ckpt.get("weights") == "ema":
+            why = "its weights already are the EMA (written with --weights ema)"
+        raise CheckpointError(
+            f"{path}: holds no EMA weights ({why}); use --weights raw"
+        )
+    state = ckpt["ema" if weights == "ema" else "model"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", weights: str = "raw"
 ) -> tuple[nn.Module, Config, Tokenizer, dict]:
-    """A ready-to-use model (eval mode), its config and tokenizer, from a checkpoint."""
+    """A ready-to-use model (eval mode), its config and tokenizer, from a checkpoint.
+
+    Args:
+        weights: ``raw`` (the trained weights) or ``ema`` (their moving average).
+    """
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, path)
     model = create_model(cfg.model)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(model_weights(ckpt, path, weights))
     except RuntimeError as e:
         raise CheckpointError(
             f"{path}: weights do not fit the stored config: {e}"
         ) from e
     tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
     return model.to(device).eval(), cfg, tokenizer, ckpt
+
+
+def _same_tokenizer(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Do two stored tokenizers hold the same SentencePiece model bytes?"""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def load_ensemble(
+    paths: list[str | Path], device: str | torch.device = "cpu", weights: str = "raw"
+) -> tuple[nn.Module, Config, Tokenizer, list[dict[str, Any]]]:
+    """One checkpoint's model as ``load_model`` gives it, or several as an
+    ``Ensemble``; the first checkpoint's config (decoding defaults, data) and the
+    tokenizer they must all share.
+
+    Returns:
+        the model, config, tokenizer, and per checkpoint what a report names:
+        its path, step and, for an average, what went into it.
+    """
+    if not paths:
+        raise CheckpointError("no checkpoint given")
+    models, infos = [], []
+    cfg = tokenizer = first_tokenizer = None
+    for path in paths:
+        model, config, tok, ckpt = load_model(path, device, weights)
+        if first_tokenizer is None:
+            cfg, tokenizer, first_tokenizer = config, tok, ckpt["tokenizer"]
+        elif not _same_tokenizer(ckpt["tokenizer"], first_tokenizer):
+            raise CheckpointError(
+                f"{path} and {paths[0]} have different tokenizers: the models of "
+                "an ensemble must share one SentencePiece model"
+            )
+        models.append(model)
+        keys = ("step", "averaged_from", "averaged_steps")
+        infos.append(
+            {"checkpoint": str(path), **{k: ckpt[k] for k in keys if k in ckpt}}
+        )
+        del ckpt  # the optimizer state of each is not needed: free it as we go
+    if len(models) == 1:
+        return models[0], cfg, tokenizer, infos
+    return Ensemble(models).eval(), cfg, tokenizer, infos
 
 
 def set_precision(model: nn.Module, precision: str) -> nn.Module:
