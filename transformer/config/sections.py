@@ -148,6 +148,11 @@ class TrainingConfig:
     # validation decoding), on a separate group so that it never races dist_timeout
     prepare_timeout: float = 86400.0
     tensorboard: bool = True  # used when installed
+    # moving average of the weights, updated after every update in float32:
+    # ema = ema_decay * ema + (1 - ema_decay) * weights; 0 = off. Saved in every
+    # checkpoint (decode it with --weights ema)
+    ema_decay: float = 0.0
+    validate_ema: bool = False  # validate (and pick best.pt) with the EMA weights
 
     def validate(self, prefix: str = "training") -> None:
         _check(
@@ -199,6 +204,18 @@ class TrainingConfig:
         for name in ("dist_timeout", "prepare_timeout", "log_seconds"):
             value = getattr(self, name)
             _check(value > 0, f"{prefix}.{name}", value, "must be positive")
+        _check(
+            0.0 <= self.ema_decay < 1.0,
+            f"{prefix}.ema_decay",
+            self.ema_decay,
+            "must be in [0, 1)",
+        )
+        _check(
+            not self.validate_ema or self.ema_decay > 0,
+            f"{prefix}.validate_ema",
+            self.validate_ema,
+            f"needs {prefix}.ema_decay > 0 (the EMA is off)",
+        )
         _check(
             self.device == "auto"
             or self.device == "cpu"

@@ -48,6 +48,7 @@ from transformer.training.checkpointing import (
     restore_rng,
 )
 from transformer.training.distributed import Distributed
+from transformer.training.ema import build_ema
 from transformer.training.loss import forward_loss
 from transformer.training.optim import build_optimizer
 from transformer.training.progress import MetricsLog, Progress
@@ -125,6 +126,7 @@ class Trainer:
             )
             restore_rng(ckpt, last, self.dist, self.device, t.seed)
             log.info("resumed from %s at step %d", last, self.state.step)
+        self.ema = build_ema(self.model, t.ema_decay, ckpt, last)
         self._rng = rng_state(self.device)  # the RNG state at the last step boundary
         log.info(
             "model: %s parameters; device %s; %d training pairs; padding "
@@ -156,6 +158,7 @@ class Trainer:
             "data_signature": self.signature,
             "config": self.cfg.to_dict(),
             "tokenizer": self.tokenizer.state_dict(),
+            **({} if self.ema is None else {"ema": self.ema.state_dict()}),
         }
 
     def _save(self, name: str | None = None, every_rank: bool = True) -> None:
@@ -247,6 +250,8 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update()
                 self.state.step += 1
             if position is not None:
                 self.state.epoch, self.state.batch_in_epoch = position
@@ -371,14 +376,18 @@ class Trainer:
         t = self.cfg.training
 
         def run() -> dict[str, Any]:
-            return validate(
-                self.model,
-                self.valid,
-                self.tokenizer,
-                self.cfg,
-                self.device,
-                self.run_dir / "valid_hyps.txt",
-            )
+            weights = contextlib.nullcontext()
+            if t.validate_ema:  # the model holds the EMA weights while validating
+                weights = self.ema.applied()
+            with weights:
+                return validate(
+                    self.model,
+                    self.valid,
+                    self.tokenizer,
+                    self.cfg,
+                    self.device,
+                    self.run_dir / "valid_hyps.txt",
+                )
 
         metrics = self.dist.on_main(run, "validating")
         s = self.state
@@ -390,7 +399,8 @@ class Trainer:
                 f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)
             )
             log.info(
-                "validation at step %d: %s%s",
+                "validation%s at step %d: %s%s",
+                " of the EMA weights" if t.validate_ema else "",
                 s.step,
                 summary,
                 " (best)" if better else "",
