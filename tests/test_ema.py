@@ -151,6 +151,8 @@ def test_ema_of_a_checkpoint_without_one_is_a_clear_error(
         (["training.ema_decay=1.0"], "training.ema_decay"),
         (["training.ema_decay=-0.1"], "training.ema_decay"),
         (["training.validate_ema=true"], "training.validate_ema"),
+        (["training.init_weights=ema"], "training.init_weights"),
+        (["training.init_from="], "training.init_from"),
     ],
 )
 def test_config_checks(tmp_path, toy_tokenizer, overrides, key):

@@ -100,6 +100,10 @@ def _preprocess(argv: list[str] | None) -> int:
     last = run_dir / "last.pt"
     if last.exists() and cfg.training.resume == "auto":  # the run's own tokenizer
         tokenizer = Tokenizer.from_state_dict(load_checkpoint(last)["tokenizer"])
+    elif cfg.training.init_from is not None:  # fine-tuning: the parent's
+        from transformer.training.finetune import load_init
+
+        tokenizer = load_init(cfg).tokenizer
     else:
         tokenizer = build_tokenizer(cfg, run_dir, Distributed())
     for store in build_stores(cfg, tokenizer):

@@ -153,6 +153,11 @@ class TrainingConfig:
     # checkpoint (decode it with --weights ema)
     ema_decay: float = 0.0
     validate_ema: bool = False  # validate (and pick best.pt) with the EMA weights
+    # fine-tuning: a new run starts from this checkpoint's weights and tokenizer,
+    # with a fresh optimizer, schedule and data position (a run dir that already
+    # holds last.pt resumes instead); its architecture must match model
+    init_from: str | None = None
+    init_weights: Literal["raw", "ema"] = "raw"  # which of init_from's weights
 
     def validate(self, prefix: str = "training") -> None:
         _check(
@@ -215,6 +220,18 @@ class TrainingConfig:
             f"{prefix}.validate_ema",
             self.validate_ema,
             f"needs {prefix}.ema_decay > 0 (the EMA is off)",
+        )
+        _check(
+            self.init_from is None or bool(self.init_from.strip()),
+            f"{prefix}.init_from",
+            self.init_from,
+            "must be a checkpoint path (or null)",
+        )
+        _check(
+            self.init_weights == "raw" or self.init_from is not None,
+            f"{prefix}.init_weights",
+            self.init_weights,
+            f"needs {prefix}.init_from",
         )
         _check(
             self.device == "auto"

@@ -49,6 +49,7 @@ from transformer.training.checkpointing import (
 )
 from transformer.training.distributed import Distributed
 from transformer.training.ema import build_ema
+from transformer.training.finetune import load_init
 from transformer.training.loss import forward_loss
 from transformer.training.optim import build_optimizer
 from transformer.training.progress import MetricsLog, Progress
@@ -80,18 +81,30 @@ class Trainer:
         resume = t.resume == "auto" if resume is None else resume
         last = self.run_dir / "last.pt"
         ckpt = load_checkpoint(last) if resume and last.exists() else None
+        init = None  # fine-tuning applies to a fresh run only
+        if t.init_from is not None and ckpt is not None:
+            log.info("%s exists: resuming it; training.init_from is not used", last)
+        elif t.init_from is not None:
+            init = load_init(cfg)
         if ckpt is not None:
             self.tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
+        elif init is not None:
+            self.tokenizer = init.tokenizer
         else:
             self.tokenizer = build_tokenizer(cfg, self.run_dir, self.dist)
         set_vocab_sizes(cfg, self.tokenizer)
         if ckpt is not None:
             check_compatible(checkpoint_config(ckpt, last).model, cfg.model, last)
             check_lr_meaning(ckpt, cfg, last)
+        if init is not None:
+            init.check(cfg)
         if self.dist.main:
             save_config(cfg, self.run_dir / "config.yaml")
 
         self.model, self.train_model = build_model(cfg, self.device, self.dist)
+        if init is not None:
+            init.load_into(self.model)
+            del init  # its weights are in the model now
         # bf16 without native bf16 runs fp32 (with a warning), never emulated
         self.precision = effective_precision(
             self.device, t.precision, "training.precision"
