@@ -19,7 +19,7 @@ from transformer.config import (
     config_from_dict,
     migrate,
 )
-from transformer.models import create_model
+from transformer.models import Ensemble, create_model
 from transformer.precision import effective_precision
 from transformer.tokenizer import Tokenizer
 
@@ -140,21 +140,86 @@ def check_compatible(saved: ModelConfig, wanted: ModelConfig, path: str | Path) 
         )
 
 
+WEIGHTS = ("raw", "ema")  # the trained weights, or their moving average
+
+
+def model_weights(
+    ckpt: dict, path: str | Path, weights: str = "raw"
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``raw`` weights or their ``ema`` (``training.ema_decay``),
+    floating-point tensors in float32 (a published file may hold float16)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS} (got {weights!r})")
+    if weights == "ema" and "ema" not in ckpt:
+        why = "trained with training.ema_decay: 0"
+        if ckpt.get("weights") == "ema":
+            why = "its weights already are the EMA (written with --weights ema)"
+        raise CheckpointError(
+            f"{path}: holds no EMA weights ({why}); use --weights raw"
+        )
+    state = ckpt["ema" if weights == "ema" else "model"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", weights: str = "raw"
 ) -> tuple[nn.Module, Config, Tokenizer, dict]:
-    """A ready-to-use model (eval mode), its config and tokenizer, from a checkpoint."""
+    """A ready-to-use model (eval mode), its config and tokenizer, from a checkpoint.
+
+    Args:
+        weights: ``raw`` (the trained weights) or ``ema`` (their moving average).
+    """
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, path)
     model = create_model(cfg.model)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(model_weights(ckpt, path, weights))
     except RuntimeError as e:
         raise CheckpointError(
             f"{path}: weights do not fit the stored config: {e}"
         ) from e
     tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
     return model.to(device).eval(), cfg, tokenizer, ckpt
+
+
+def _same_tokenizer(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Do two stored tokenizers hold the same SentencePiece model bytes?"""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def load_ensemble(
+    paths: list[str | Path], device: str | torch.device = "cpu", weights: str = "raw"
+) -> tuple[nn.Module, Config, Tokenizer, list[dict[str, Any]]]:
+    """One checkpoint's model as ``load_model`` gives it, or several as an
+    ``Ensemble``; the first checkpoint's config (decoding defaults, data) and the
+    tokenizer they must all share.
+
+    Returns:
+        the model, config, tokenizer, and per checkpoint what a report names:
+        its path, step and, for an average, what went into it.
+    """
+    if not paths:
+        raise CheckpointError("no checkpoint given")
+    models, infos = [], []
+    cfg = tokenizer = first_tokenizer = None
+    for path in paths:
+        model, config, tok, ckpt = load_model(path, device, weights)
+        if first_tokenizer is None:
+            cfg, tokenizer, first_tokenizer = config, tok, ckpt["tokenizer"]
+        elif not _same_tokenizer(ckpt["tokenizer"], first_tokenizer):
+            raise CheckpointError(
+                f"{path} and {paths[0]} have different tokenizers: the models of "
+                "an ensemble must share one SentencePiece model"
+            )
+        models.append(model)
+        keys = ("step", "averaged_from", "averaged_steps")
+        infos.append(
+            {"checkpoint": str(path), **{k: ckpt[k] for k in keys if k in ckpt}}
+        )
+        del ckpt  # the optimizer state of each is not needed: free it as we go
+    if len(models) == 1:
+        return models[0], cfg, tokenizer, infos
+    return Ensemble(models).eval(), cfg, tokenizer, infos
 
 
 def set_precision(model: nn.Module, precision: str) -> nn.Module:
@@ -168,34 +233,92 @@ def set_precision(model: nn.Module, precision: str) -> nn.Module:
     return model
 
 
-def average_checkpoints(paths: list[str | Path], output: str | Path) -> Path:
-    """Average the weights of several checkpoints of one run into a new checkpoint."""
+class _Mean:
+    """The element-wise mean of state dicts added one at a time, summed in float64
+    and returned in the first one's dtypes; ``what`` names the weights in errors."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.total, self.dtypes, self.first, self.n = what, None, {}, "", 0
+
+    def add(self, state: dict[str, torch.Tensor], path: str | Path) -> None:
+        if self.total is None:
+            self.total = {k: v.double().clone() for k, v in state.items()}
+            self.dtypes = {k: v.dtype for k, v in state.items()}
+            self.first = path
+        else:
+            if state.keys() != self.total.keys() or any(
+                state[k].shape != self.total[k].shape for k in state
+            ):
+                raise CheckpointError(
+                    f"{path}: {self.what} weights differ in shape from {self.first}"
+                )
+            for k, v in state.items():
+                self.total[k] += v.double()
+        self.n += 1
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        return {k: (v / self.n).to(self.dtypes[k]) for k, v in self.total.items()}
+
+
+def _to_half(state: dict[str, torch.Tensor], output: Path) -> dict[str, torch.Tensor]:
+    """float16 weights. float16 rather than bfloat16: its 10 mantissa bits round
+    a weight 8x more finely (relative error 2^-11 against 2^-8), and trained
+    weights lie far inside its range (|w| < 65504), so a model cast back to float32
+    decodes as before; bfloat16's wider range buys nothing here."""
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    bad = non_finite_weights(half)
+    if bad:
+        raise CheckpointError(
+            f"{output}: weights do not fit in float16 (beyond 65504): "
+            + ", ".join(bad[:3])
+        )
+    return half
+
+
+def average_checkpoints(
+    paths: list[str | Path],
+    output: str | Path,
+    weights: str = "raw",
+    weights_only: bool = False,
+    half: bool = False,
+) -> Path:
+    """Average the weights of several checkpoints of one run (or copy one) into a
+    new checkpoint, which holds no optimizer, schedule, RNG or data position.
+
+    Args:
+        weights: which weights to average into ``model``: ``raw`` or ``ema``.
+        weights_only: a file to publish: one set of weights, the config and the
+            tokenizer. Otherwise, averaging ``raw`` weights, the EMA weights are
+            averaged too (into ``ema``) when every input holds them.
+        half: store the weights in float16 (``load_model`` casts them back).
+    """
     if not paths:
         raise CheckpointError("no checkpoints to average")
-    first = load_checkpoint(paths[0])
-    total = {k: v.double().clone() for k, v in first["model"].items()}
-    steps = [first.get("step", 0)]
-    for path in paths[1:]:
+    model, ema = _Mean(weights), _Mean("ema")
+    steps = []
+    for path in paths:  # one at a time: a checkpoint holds its optimizer state too
         ckpt = load_checkpoint(path)
-        state = ckpt["model"]
+        if model.n == 0:
+            config, tokenizer = ckpt["config"], ckpt["tokenizer"]
+        model.add(model_weights(ckpt, path, weights), path)
+        if "ema" in ckpt:
+            ema.add(ckpt["ema"], path)
         steps.append(ckpt.get("step", 0))
-        if state.keys() != total.keys() or any(
-            state[k].shape != total[k].shape for k in total
-        ):
-            raise CheckpointError(f"{path}: weights differ in shape from {paths[0]}")
-        for k in total:
-            total[k] += state[k].double()
-    averaged = {
-        k: (v / len(paths)).to(first["model"][k].dtype) for k, v in total.items()
-    }
     out = {
         "format": FORMAT_VERSION,
-        "model": averaged,
-        "config": first["config"],
-        "tokenizer": first["tokenizer"],
+        "model": model.mean(),
+        "config": config,
+        "tokenizer": tokenizer,
         "step": max(steps),  # the latest update that went into the average
         "averaged_from": [str(p) for p in paths],
         "averaged_steps": steps,
+        "weights": weights,  # what ``model`` holds
     }
+    if not weights_only and weights == "raw" and ema.n == len(paths):
+        out["ema"] = ema.mean()
+    if half:
+        for key in ("model", "ema"):
+            if key in out:
+                out[key] = _to_half(out[key], Path(output))
     atomic_save(out, output)
     return Path(output)

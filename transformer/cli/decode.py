@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import torch
 
 from transformer.checkpoint import (
-    load_model,
+    WEIGHTS,
+    load_ensemble,
     set_precision,
 )
 from transformer.cli import run_cli, setup_logging
@@ -26,7 +28,20 @@ log = logging.getLogger("transformer")
 
 
 def _add_decoding_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a .pt checkpoint")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="a .pt checkpoint; several (or the option repeated) decode as an "
+        "ensemble, the mean of their probabilities",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="raw",
+        help="raw: the trained weights; ema: their moving average (training.ema_decay)",
+    )
     parser.add_argument("--beam", type=int, help="beam size (beam search)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding")
     parser.add_argument("--sample", action="store_true", help="sample instead")
@@ -49,6 +64,23 @@ def _add_decoding_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="other decoding overrides",
     )
+
+
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Parse, then hand back the ``decoding.key=value`` overrides that followed
+    ``--checkpoint`` (which takes several values) to the overrides."""
+    args = parser.parse_args(argv)
+    overrides = [
+        c for c in args.checkpoint if _OVERRIDE.match(c) and not Path(c).exists()
+    ]
+    args.checkpoint = [c for c in args.checkpoint if c not in overrides]
+    args.decoding = overrides + args.decoding
+    if not args.checkpoint:
+        parser.error("--checkpoint needs a checkpoint file")
+    return args
 
 
 def _decoding_config(args, base: DecodingConfig) -> DecodingConfig:
@@ -110,12 +142,12 @@ def _eval(argv: list[str] | None) -> int:
     )
     parser.add_argument("--report", help="JSON report (default: <output>.json)")
     parser.add_argument("--ter", action="store_true", help="also compute TER")
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     setup_logging()
     from transformer.evaluation import reference_warnings, score_corpus, translate
 
     device = _device(args.device)
-    model, cfg, tokenizer, ckpt = load_model(args.checkpoint, device)
+    model, cfg, tokenizer, infos = load_ensemble(args.checkpoint, device, args.weights)
     dcfg = _decoding_config(args, cfg.decoding)
     set_precision(model, dcfg.precision)
     if args.src or args.ref:
@@ -152,12 +184,19 @@ def _eval(argv: list[str] | None) -> int:
     seconds = time.perf_counter() - start
     hyps = [r[0].text for r in results]
     scores = score_corpus(hyps, references, ter=args.ter)
-    output = Path(args.output or Path(args.checkpoint).with_suffix(f".{name}.hyp"))
+    # an ensemble's or the EMA's hypotheses do not overwrite the first model's
+    tag = ".ema" if args.weights == "ema" else ""
+    tag += f".ens{len(infos)}" if len(infos) > 1 else ""
+    default = Path(args.checkpoint[0]).with_suffix(f"{tag}.{name}.hyp")
+    output = Path(args.output or default)
     output.write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    first = infos[0]
     report = {
-        "checkpoint": str(args.checkpoint),
-        "step": ckpt.get("step"),
-        **{k: ckpt[k] for k in ("averaged_from", "averaged_steps") if k in ckpt},
+        "checkpoint": first["checkpoint"],
+        "step": first.get("step"),
+        **{k: first[k] for k in ("averaged_from", "averaged_steps") if k in first},
+        **({"ensemble": infos} if len(infos) > 1 else {}),
+        "weights": args.weights,
         "data": name,
         "sentences": len(hyps),
         "decoding": vars(dcfg),
@@ -250,12 +289,14 @@ def _translate(argv: list[str] | None) -> int:
     )
     parser.add_argument("--layer", type=int, default=-1, help="decoder layer to plot")
     parser.add_argument("--head", type=int, help="head to plot (default: the mean)")
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
+    if args.attention and len(args.checkpoint) > 1:
+        raise ConfigError("--attention plots one model: give one --checkpoint")
     setup_logging()
     from transformer.evaluation import translate
 
     device = _device(args.device)
-    model, cfg, tokenizer, _ = load_model(args.checkpoint, device)
+    model, cfg, tokenizer, _ = load_ensemble(args.checkpoint, device, args.weights)
     dcfg = _decoding_config(args, cfg.decoding)
     set_precision(model, dcfg.precision)
     use_cache = not args.no_cache

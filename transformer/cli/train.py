@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from transformer.checkpoint import (
+    WEIGHTS,
     CheckpointError,
     average_checkpoints,
 )
@@ -100,6 +101,10 @@ def _preprocess(argv: list[str] | None) -> int:
     last = run_dir / "last.pt"
     if last.exists() and cfg.training.resume == "auto":  # the run's own tokenizer
         tokenizer = Tokenizer.from_state_dict(load_checkpoint(last)["tokenizer"])
+    elif cfg.training.init_from is not None:  # fine-tuning: the parent's
+        from transformer.training.finetune import load_init
+
+        tokenizer = load_init(cfg).tokenizer
     else:
         tokenizer = build_tokenizer(cfg, run_dir, Distributed())
     for store in build_stores(cfg, tokenizer):
@@ -125,12 +130,30 @@ def preprocess_main(argv: list[str] | None = None) -> int:
 def _average(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="transformer-average",
-        description="Average the weights of the last N step checkpoints of a run.",
+        description="Average the weights of the last N step checkpoints of a run, "
+        "or write one checkpoint's weights alone (to publish a model).",
     )
     parser.add_argument("--run-dir", help="folder with step_<N>.pt checkpoints")
     parser.add_argument("--last", type=int, default=5, help="how many (default 5)")
     parser.add_argument("--inputs", nargs="*", help="explicit checkpoint files")
     parser.add_argument("--output", required=True, help="the averaged checkpoint")
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="raw",
+        help="average the trained weights (raw) or their moving average (ema)",
+    )
+    parser.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="one set of weights with the config and tokenizer, nothing else "
+        "(an average already holds no optimizer, schedule, RNG or data state)",
+    )
+    parser.add_argument(
+        "--half",
+        action="store_true",
+        help="store the weights in float16 (loaded back as float32)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     if args.inputs:
@@ -145,8 +168,12 @@ def _average(argv: list[str] | None) -> int:
         raise ConfigError("give --run-dir or --inputs")
     if not paths:
         raise CheckpointError(f"no step_*.pt checkpoints in {args.run_dir}")
-    out = average_checkpoints(paths, args.output)
-    print(f"averaged {len(paths)} checkpoints into {out}")
+    out = average_checkpoints(
+        paths, args.output, args.weights, args.weights_only, args.half
+    )
+    what = "float16 " if args.half else ""
+    what += f"{args.weights} weights" + (" only" if args.weights_only else "")
+    print(f"averaged {len(paths)} checkpoints into {out} ({what})")
     return 0
 
 

@@ -159,6 +159,16 @@ class TrainingConfig:
     # validation decoding), on a separate group so that it never races dist_timeout
     prepare_timeout: float = 86400.0
     tensorboard: bool = True  # used when installed
+    # moving average of the weights, updated after every update in float32:
+    # ema = ema_decay * ema + (1 - ema_decay) * weights; 0 = off. Saved in every
+    # checkpoint (decode it with --weights ema)
+    ema_decay: float = 0.0
+    validate_ema: bool = False  # validate (and pick best.pt) with the EMA weights
+    # fine-tuning: a new run starts from this checkpoint's weights and tokenizer,
+    # with a fresh optimizer, schedule and data position (a run dir that already
+    # holds last.pt resumes instead); its architecture must match model
+    init_from: str | None = None
+    init_weights: Literal["raw", "ema"] = "raw"  # which of init_from's weights
 
     def validate(self, prefix: str = "training") -> None:
         _check(
@@ -216,6 +226,30 @@ class TrainingConfig:
         for name in ("dist_timeout", "prepare_timeout", "log_seconds"):
             value = getattr(self, name)
             _check(value > 0, f"{prefix}.{name}", value, "must be positive")
+        _check(
+            0.0 <= self.ema_decay < 1.0,
+            f"{prefix}.ema_decay",
+            self.ema_decay,
+            "must be in [0, 1)",
+        )
+        _check(
+            not self.validate_ema or self.ema_decay > 0,
+            f"{prefix}.validate_ema",
+            self.validate_ema,
+            f"needs {prefix}.ema_decay > 0 (the EMA is off)",
+        )
+        _check(
+            self.init_from is None or bool(self.init_from.strip()),
+            f"{prefix}.init_from",
+            self.init_from,
+            "must be a checkpoint path (or null)",
+        )
+        _check(
+            self.init_weights == "raw" or self.init_from is not None,
+            f"{prefix}.init_weights",
+            self.init_weights,
+            f"needs {prefix}.init_from",
+        )
         _check(
             self.device == "auto"
             or self.device == "cpu"

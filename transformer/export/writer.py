@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from transformer import __version__
-from transformer.checkpoint import load_model
+from transformer.checkpoint import WEIGHTS, load_model
 from transformer.config import DecodingConfig, ModelConfig
 from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
 from transformer.models import Transformer
@@ -304,12 +304,15 @@ def export_checkpoint(
     output: str | Path,
     quantization: str | None = None,
     force: bool = False,
+    weights: str = "raw",
 ) -> Path:
-    """Export a checkpoint of this toolkit (see ``export_model``)."""
+    """Export a checkpoint of this toolkit (see ``export_model``); ``weights``:
+    the trained ones (``raw``) or their moving average (``ema``)."""
     import_ctranslate2()  # fail before the (slower) checkpoint load
     _check_options(Path(output), quantization, force)
-    model, cfg, tokenizer, ckpt = load_model(checkpoint)
-    source = {"checkpoint": str(checkpoint), "step": ckpt.get("step")}
+    model, cfg, tokenizer, ckpt = load_model(checkpoint, weights=weights)
+    step = ckpt.get("step")
+    source = {"checkpoint": str(checkpoint), "step": step, "weights": weights}
     return export_model(
         model, tokenizer, output, quantization, force, cfg.decoding, source
     )
@@ -333,11 +336,19 @@ def _export(argv: list[str] | None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="replace an earlier export in --output"
     )
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="raw",
+        help="raw: the trained weights; ema: their moving average",
+    )
     args = parser.parse_args(argv)
     from transformer.cli import setup_logging
 
     setup_logging()
-    out = export_checkpoint(args.checkpoint, args.output, args.quantization, args.force)
+    out = export_checkpoint(
+        args.checkpoint, args.output, args.quantization, args.force, args.weights
+    )
     print(out)
     return 0
 

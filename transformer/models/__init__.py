@@ -1,6 +1,7 @@
 """The architectures, one module each, behind one protocol (``models.common``):
 the Transformer encoder-decoder, an RNN encoder-decoder with soft, hard or no
-attention, and a decoder-only (GPT-style) translator."""
+attention, and a decoder-only (GPT-style) translator; and ``Ensemble``, several
+of them decoded as one."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ from torch import nn
 
 from transformer.config import ModelConfig
 from transformer.models.common import check_ids, count_parameters
+from transformer.models.ensemble import Ensemble
 from transformer.models.transformer import Memory, Transformer
 
-__all__ = ["Memory", "Transformer", "create_model", "check_ids", "count_parameters"]
+__all__ = [
+    "Ensemble",
+    "Memory",
+    "Transformer",
+    "create_model",
+    "check_ids",
+    "count_parameters",
+]
 
 
 def create_model(cfg: ModelConfig) -> nn.Module:

@@ -3,7 +3,9 @@
 ``build`` makes the device, tokenizer, model and batches; ``optim`` the optimizer
 and schedule; ``loss`` the objective; ``state`` the run's mutable state and data
 position; ``distributed`` the ranks; ``checkpointing`` the writes; ``validation``
-the scores; ``progress`` what is shown and logged; ``loop`` ties them together.
+the scores; ``ema`` the moving average of the weights; ``finetune`` the start from
+another run's checkpoint; ``progress`` what is shown and logged; ``loop`` ties them
+together.
 """
 
 from transformer.precision import autocast

@@ -48,6 +48,8 @@ from transformer.training.checkpointing import (
     restore_rng,
 )
 from transformer.training.distributed import Distributed
+from transformer.training.ema import build_ema
+from transformer.training.finetune import load_init
 from transformer.training.loss import forward_loss
 from transformer.training.optim import build_optimizer
 from transformer.training.progress import MetricsLog, Progress
@@ -79,18 +81,30 @@ class Trainer:
         resume = t.resume == "auto" if resume is None else resume
         last = self.run_dir / "last.pt"
         ckpt = load_checkpoint(last) if resume and last.exists() else None
+        init = None  # fine-tuning applies to a fresh run only
+        if t.init_from is not None and ckpt is not None:
+            log.info("%s exists: resuming it; training.init_from is not used", last)
+        elif t.init_from is not None:
+            init = load_init(cfg)
         if ckpt is not None:
             self.tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
+        elif init is not None:
+            self.tokenizer = init.tokenizer
         else:
             self.tokenizer = build_tokenizer(cfg, self.run_dir, self.dist)
         set_vocab_sizes(cfg, self.tokenizer)
         if ckpt is not None:
             check_compatible(checkpoint_config(ckpt, last).model, cfg.model, last)
             check_lr_meaning(ckpt, cfg, last)
+        if init is not None:
+            init.check(cfg)
         if self.dist.main:
             save_config(cfg, self.run_dir / "config.yaml")
 
         self.model, self.train_model = build_model(cfg, self.device, self.dist)
+        if init is not None:
+            init.load_into(self.model)
+            del init  # its weights are in the model now
         # bf16 without native bf16 runs fp32 (with a warning), never emulated
         self.precision = effective_precision(
             self.device, t.precision, "training.precision"
@@ -125,6 +139,7 @@ class Trainer:
             )
             restore_rng(ckpt, last, self.dist, self.device, t.seed)
             log.info("resumed from %s at step %d", last, self.state.step)
+        self.ema = build_ema(self.model, t.ema_decay, ckpt, last)
         self._rng = rng_state(self.device)  # the RNG state at the last step boundary
         log.info(
             "model: %s parameters; device %s; %d training pairs; padding "
@@ -156,6 +171,7 @@ class Trainer:
             "data_signature": self.signature,
             "config": self.cfg.to_dict(),
             "tokenizer": self.tokenizer.state_dict(),
+            **({} if self.ema is None else {"ema": self.ema.state_dict()}),
         }
 
     def _save(self, name: str | None = None, every_rank: bool = True) -> None:
@@ -247,6 +263,8 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update()
                 self.state.step += 1
             if position is not None:
                 self.state.epoch, self.state.batch_in_epoch = position
@@ -397,14 +415,18 @@ class Trainer:
         t = self.cfg.training
 
         def run() -> dict[str, Any]:
-            return validate(
-                self.model,
-                self.valid,
-                self.tokenizer,
-                self.cfg,
-                self.device,
-                self.run_dir / "valid_hyps.txt",
-            )
+            weights = contextlib.nullcontext()
+            if t.validate_ema:  # the model holds the EMA weights while validating
+                weights = self.ema.applied()
+            with weights:
+                return validate(
+                    self.model,
+                    self.valid,
+                    self.tokenizer,
+                    self.cfg,
+                    self.device,
+                    self.run_dir / "valid_hyps.txt",
+                )
 
         metrics = self.dist.on_main(run, "validating")
         s = self.state
@@ -417,7 +439,8 @@ class Trainer:
                 f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)
             )
             log.info(
-                "validation at step %d: %s%s",
+                "validation%s at step %d: %s%s",
+                " of the EMA weights" if t.validate_ema else "",
                 s.step,
                 summary,
                 " (best)" if better else "",

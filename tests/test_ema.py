@@ -1,0 +1,162 @@
+"""The moving average of the weights: its formula, exact resume, validation with
+it, and decoding it (``--weights ema``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny, tiny_model
+from transformer.checkpoint import CheckpointError, load_checkpoint, load_model
+from transformer.cli import eval_main, translate_main
+from transformer.config import ConfigError
+from transformer.training import Trainer
+from transformer.training.ema import EMA
+from transformer.training.validation import evaluate_loss
+
+
+def test_update_follows_the_formula_in_float64(tmp_path, toy_tokenizer):
+    trainer = Trainer(tiny(tmp_path / "run", toy_tokenizer, "training.ema_decay=0.8"))
+    reference = {k: v.double() for k, v in trainer.model.state_dict().items()}
+    for ids in (range(0, 12), range(40, 47), range(100, 110), range(7, 20)):
+        batch = trainer.train_data.collate(np.array(list(ids)))
+        assert not trainer.train_step([batch]).skipped
+        for k, v in trainer.model.state_dict().items():
+            reference[k] = 0.8 * reference[k] + 0.2 * v.double()
+    ema = trainer.ema.state_dict()
+    assert ema.keys() == reference.keys()
+    for k, v in ema.items():
+        assert v.dtype == torch.float32, k
+        torch.testing.assert_close(v.double(), reference[k], atol=1e-7, rtol=1e-6)
+    # the average lags behind the weights (it is not just a copy of them)
+    weights = trainer.model.state_dict()["tgt_embed.weight"]
+    assert (ema["tgt_embed.weight"] - weights).abs().max() > 1e-4
+    # tied embeddings are averaged once and saved as one tensor
+    assert ema["src_embed.weight"] is ema["tgt_embed.weight"]
+
+
+def test_applied_swaps_the_weights_in_and_back_exactly():
+    model = tiny_model(0)
+    ema = EMA(model, 0.5)
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update()
+    changed = {k: v.clone() for k, v in model.state_dict().items()}
+    with ema.applied():
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, ema.state_dict()[k]), k
+            expected = 0.5 * raw[k] + 0.5 * changed[k]
+            torch.testing.assert_close(v, expected)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, changed[k]), k
+
+
+def ema_run(run, tokenizer, steps: int, *extra):
+    return tiny(
+        run,
+        tokenizer,
+        f"training.max_steps={steps}",
+        "training.validate_every=3",
+        "training.ema_decay=0.9",
+        "training.validate_ema=true",
+        *extra,
+    )
+
+
+def test_resume_restores_the_ema_bit_exactly(tmp_path, toy_tokenizer):
+    straight = Trainer(ema_run(tmp_path / "a", toy_tokenizer, 8))
+    straight.train()
+    Trainer(ema_run(tmp_path / "b", toy_tokenizer, 5)).train()
+    mid = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert mid["step"] == 5 and "ema" in mid
+    resumed = Trainer(ema_run(tmp_path / "b", toy_tokenizer, 8), resume=True)
+    for name, value in mid["ema"].items():
+        assert torch.equal(resumed.ema.state_dict()[name], value), name
+    resumed.train()
+    a, b = straight.ema.state_dict(), resumed.ema.state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # validating with the EMA weights left the trained weights as they were
+    for (name, x), y in zip(
+        straight.model.state_dict().items(),
+        resumed.model.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(x, y), name
+    saved = load_checkpoint(tmp_path / "b" / "last.pt")["ema"]
+    for name in a:
+        assert torch.equal(saved[name], a[name]), name
+    assert not torch.equal(saved["tgt_embed.weight"], mid["ema"]["tgt_embed.weight"])
+
+
+def test_validation_uses_the_ema_weights(tmp_path, toy_tokenizer):
+    run = tmp_path / "run"
+    trainer = Trainer(ema_run(run, toy_tokenizer, 6))
+    trainer.train()
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if r["type"] == "valid"][-1]
+    assert logged["step"] == 6
+
+    def loss(weights: str) -> float:
+        model, _, _, _ = load_model(run / "last.pt", weights=weights)
+        cpu = torch.device("cpu")
+        return evaluate_loss(model, trainer.valid, 256, cpu, "fp32")["loss"]
+
+    assert logged["loss"] == pytest.approx(loss("ema"), rel=1e-6)
+    assert abs(logged["loss"] - loss("raw")) > 1e-4
+
+
+def test_decoding_the_ema_weights(tmp_path, toy_tokenizer, capsys):
+    run = tmp_path / "run"
+    Trainer(ema_run(run, toy_tokenizer, 6)).train()
+    last = run / "last.pt"
+    raw, _, _, ckpt = load_model(last)
+    ema, _, _, _ = load_model(last, weights="ema")
+    for name, value in ema.state_dict().items():
+        assert torch.equal(value, ckpt["ema"][name]), name
+    src = torch.tensor([[5, 6, 7, 3]])
+    tgt = torch.tensor([[2, 5, 6]])
+    assert not torch.allclose(raw(src, tgt), ema(src, tgt))
+    args = ["--checkpoint", str(last), "--weights", "ema"]
+    assert translate_main([*args, "-s", "a"]) == 0
+    report = tmp_path / "report.json"
+    assert eval_main([*args, "--split", "val", "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["weights"] == "ema" and data["hypotheses"].endswith(".ema.val.hyp")
+
+
+def test_ema_of_a_checkpoint_without_one_is_a_clear_error(
+    tmp_path, toy_tokenizer, capsys
+):
+    run = tmp_path / "run"
+    Trainer(tiny(run, toy_tokenizer, "training.max_steps=1")).train()
+    last = run / "last.pt"
+    assert "ema" not in load_checkpoint(last)
+    with pytest.raises(CheckpointError, match="holds no EMA weights"):
+        load_model(last, weights="ema")
+    args = ["--checkpoint", str(last), "--weights", "ema"]
+    assert translate_main([*args, "-s", "a"]) == 2
+    err = capsys.readouterr().err
+    assert f"{last}: holds no EMA weights" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["training.ema_decay=1.0"], "training.ema_decay"),
+        (["training.ema_decay=-0.1"], "training.ema_decay"),
+        (["training.validate_ema=true"], "training.validate_ema"),
+        (["training.init_weights=ema"], "training.init_weights"),
+        (["training.init_from="], "training.init_from"),
+    ],
+)
+def test_config_checks(tmp_path, toy_tokenizer, overrides, key):
+    with pytest.raises(ConfigError, match=rf"yaml: {key}: "):
+        tiny(tmp_path, toy_tokenizer, *overrides)
+    ok = tiny(tmp_path, toy_tokenizer, "training.ema_decay=0.999")
+    assert ok.training.ema_decay == 0.999 and not ok.training.validate_ema

@@ -1,0 +1,116 @@
+"""An exponential moving average (EMA) of the weights (``training.ema_decay``)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from transformer.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+class EMA:
+    """After every update, ``ema = decay * ema + (1 - decay) * weights``.
+
+    The average is kept in float32 on the model's device, whatever the weights'
+    dtype. Tied weights (one tensor under several state-dict names) are averaged
+    once and saved as one shared tensor. Entries that are not floating point are
+    not averaged: the state dict gives the model's own.
+
+    Args:
+        model: the model being trained; the average starts from its weights.
+        decay: in (0, 1).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self._live: list[Tensor] = []  # the model's tensors, each once
+        self._avg: list[Tensor] = []  # their averages, float32
+        self._index: dict[str, int] = {}  # state-dict name -> position in the lists
+        self._other: dict[str, Tensor] = {}  # integer buffers, not averaged
+        seen: dict[int, int] = {}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if not tensor.is_floating_point():
+                self._other[name] = tensor
+                continue
+            if id(tensor) not in seen:
+                seen[id(tensor)] = len(self._live)
+                self._live.append(tensor)
+                self._avg.append(tensor.detach().float().clone())
+            self._index[name] = seen[id(tensor)]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the model's current weights into the average."""
+        live = [t.detach().float() for t in self._live]  # no copy when float32
+        torch._foreach_mul_(self._avg, self.decay)
+        torch._foreach_add_(self._avg, live, alpha=1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The averaged weights, loadable into the model (``load_state_dict``)."""
+        state = {name: self._avg[i] for name, i in self._index.items()}
+        return {**state, **{k: v.detach() for k, v in self._other.items()}}
+
+    def load_state_dict(self, state: dict[str, Tensor], path: str | Path) -> None:
+        """Restore the average saved in checkpoint ``path`` exactly."""
+        names = self._index.keys() | self._other.keys()
+        if state.keys() != names:
+            diff = sorted(state.keys() ^ names)
+            raise CheckpointError(
+                f"{path}: its EMA weights do not fit the model ({', '.join(diff[:3])})"
+            )
+        with torch.no_grad():
+            for name, i in self._index.items():
+                if state[name].shape != self._avg[i].shape:
+                    raise CheckpointError(
+                        f"{path}: EMA weight {name} has shape "
+                        f"{tuple(state[name].shape)}, the model "
+                        f"{tuple(self._avg[i].shape)}"
+                    )
+                self._avg[i].copy_(state[name])
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Inside the block the model holds the averaged weights; after it, its
+        own again, bit for bit (validation with ``training.validate_ema``)."""
+        raw = [t.detach().clone() for t in self._live]
+        with torch.no_grad():
+            for live, avg in zip(self._live, self._avg, strict=True):
+                live.copy_(avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for live, saved in zip(self._live, raw, strict=True):
+                    live.copy_(saved)
+
+
+def build_ema(
+    model: nn.Module, decay: float, ckpt: dict[str, Any] | None, path: Path
+) -> EMA | None:
+    """The run's average (None when ``decay`` is 0), restored from the checkpoint
+    ``ckpt`` a run resumes from; one saved without an average starts it afresh
+    from the resumed weights."""
+    saved = None if ckpt is None else ckpt.get("ema")
+    if decay == 0:
+        if saved is not None:
+            log.warning(
+                "%s holds EMA weights, but training.ema_decay is 0: they are not kept",
+                path,
+            )
+        return None
+    ema = EMA(model, decay)
+    if saved is not None:
+        ema.load_state_dict(saved, path)
+    elif ckpt is not None:
+        log.warning(
+            "%s holds no EMA weights: the average starts from its weights", path
+        )
+    return ema
