@@ -2,7 +2,8 @@
 for the same minutes of updates (``training.max_minutes``) with the same data,
 tokenizer, batches and schedule, then scored on test_2016_flickr.
 
-    python scripts/benchmark.py compare --minutes 12 --lanes 2
+    python scripts/benchmark.py compare --minutes 20 --lanes 2 \
+        --systems transformer rnn_soft rnn_none decoder_only
 
 Each system is one ``transformer-train`` run of configs/multi30k_de_en.yaml with
 the overrides in ``SYSTEMS`` (a similar parameter count for each), then
@@ -39,11 +40,12 @@ SYSTEMS: dict[str, list[str]] = {
     "rnn_none": [*RNN, "model.attention=none"],
     "decoder_only": ["model.arch=decoder_only", "model.decoder_layers=7"],
 }
-# short runs: the schedule reaches its peak early (the config's 1,000-update
-# warm-up is longer than some of these runs)
+# short runs: half the config's batch for twice the updates, and a schedule that
+# peaks early (the config's 1,000-update warm-up is longer than these runs)
 COMMON = [
     "training.max_steps=1000000",
     "training.warmup_steps=200",
+    "data.max_tokens=2048",
     "training.validate_every=1000000",
     "training.save_every=0",
     "training.patience=0",

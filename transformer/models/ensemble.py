@@ -51,8 +51,9 @@ class Ensemble(nn.Module):
     """Several models that share one tokenizer, decoded as one.
 
     The models may differ in architecture; their vocabularies must be the same.
-    ``cfg`` is the first model's, with ``max_positions`` the smallest of all, so
-    that the search never asks a model for a position it does not have.
+    ``cfg`` is the first model's, with ``max_positions`` the smallest of all
+    (and ``arch`` decoder_only when one is, so that ``cfg.max_pieces()`` fits
+    every model); ``target_positions`` is the smallest over the models.
 
     Args:
         models: at least one model following the decoding protocol.
@@ -79,6 +80,9 @@ class Ensemble(nn.Module):
         self.models = nn.ModuleList(models)
         self.cfg = copy.copy(first)  # the first model keeps its own max_positions
         self.cfg.max_positions = min(m.cfg.max_positions for m in models)
+        if any(m.cfg.arch == "decoder_only" for m in models):
+            # its source and target share the positions: cfg.max_pieces() halves
+            self.cfg.arch = "decoder_only"
 
     def encode(self, src: Tensor) -> EnsembleMemory:
         """(B, S) source ids -> every model's memory."""
@@ -110,6 +114,11 @@ class Ensemble(nn.Module):
             [torch.log_softmax(out.float(), dim=-1) for out in outputs]
         )  # (N, B, T, V)
         return torch.logsumexp(logp, dim=0) - math.log(len(outputs))
+
+    def target_positions(self, src: Tensor) -> Tensor:
+        """(B, S) sources -> (B,) target positions every model still has."""
+        limits = torch.stack([m.target_positions(src) for m in self.models])
+        return limits.amin(dim=0)
 
     def new_cache(self) -> EnsembleState:
         return EnsembleState([model.new_cache() for model in self.models])
