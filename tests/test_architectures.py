@@ -207,8 +207,8 @@ def test_hard_attention_gradients_reach_the_scores(score):
     query = torch.randn(2, 16, requires_grad=True)
     context = att(query, states, att.keys(states), MASK)
     (context * torch.randn_like(context)).sum().backward()
-    scoring = [p for name, p in att.named_parameters() if "proj" in name]
-    assert scoring
+    scoring = list(att.parameters())  # additive: W_q, W_k, v; general: W
+    assert len(scoring) == (4 if score == "additive" else 1)
     for p in [*scoring, query]:
         assert p.grad is not None and p.grad.abs().sum() > 0
 
@@ -225,6 +225,19 @@ def test_rnn_alignment_plots_soft_and_hard_and_refuses_none():
         tiny_model(**{**RNN, "attention": "none"}).alignment(src, tgt)
 
 
+@pytest.mark.parametrize("name", ["rnn-soft-additive", "rnn-hard", "rnn-none"])
+def test_rnn_source_padding_changes_nothing(name):
+    model = tiny_model(**ARCHS[name])
+    tgt = torch.tensor([[BOS_ID, 5, 6, 7]]).expand(3, -1)
+    logits = model(SRC, tgt)
+    padded = torch.nn.functional.pad(SRC, (0, 4))
+    assert torch.allclose(model(padded, tgt), logits, atol=1e-5)
+    short = SRC[1:2, :3]  # the second sentence alone, without its padding
+    assert torch.allclose(model(short, tgt[:1]), logits[1:2], atol=1e-5)
+    with pytest.raises(ValueError, match="no token"):
+        model(torch.zeros(1, 3, dtype=torch.long), tgt[:1])
+
+
 def test_fixed_vector_decoder_sees_only_the_final_state():
     """With attention none, the source reaches the decoder only through the
     encoder's final states: a change to them alone changes every output."""
@@ -232,10 +245,10 @@ def test_fixed_vector_decoder_sees_only_the_final_state():
     memory = model.encode(SRC)
     tgt = torch.tensor([[BOS_ID, 5, 6]]).expand(3, -1)
     logits = model.decode(tgt, memory)
-    memory.states = torch.randn_like(memory.states)
-    assert torch.equal(model.decode(tgt, memory), logits)
-    memory.init = torch.randn_like(memory.init)
-    assert not torch.allclose(model.decode(tgt, memory), logits)
+    other = model.encode(SRC.flip(0))  # other sources in every row
+    assert not torch.allclose(model.decode(tgt, other), logits)
+    other.init = memory.init  # ... with the first sources' final states
+    assert torch.equal(model.decode(tgt, other), logits)
 
 
 # --- decoder-only ---
@@ -264,6 +277,14 @@ def test_decoder_only_source_padding_changes_nothing():
     other = SRC.clone()
     other[:, 0] = 20
     assert not torch.allclose(model(other, tgt), logits)
+
+
+def test_decoder_only_refuses_sequences_longer_than_its_positions():
+    model = tiny_model(arch="decoder_only")  # 64 positions for both sides
+    src = torch.randint(4, 23, (2, 40))
+    tgt = torch.randint(4, 23, (2, 30))
+    with pytest.raises(ValueError, match="max_positions=64"):
+        model(src, tgt)
 
 
 def test_decoder_only_stops_at_its_positions():

@@ -31,6 +31,8 @@ def attention_png(
     """
     from matplotlib.figure import Figure
 
+    if model.cfg.arch == "rnn" and model.cfg.attention == "none":
+        raise ValueError("model.attention: none has no attention to plot")
     ids = tokenizer.encode_src([sentence])[0][: model.cfg.max_pieces()]
     src = pad_sources([ids]).to(device)
     output = generate(model, src, cfg)[0][0].tokens
@@ -76,7 +78,8 @@ def plot_attention(
     try:
         png = attention_png(model, tokenizer, sentence, cfg, device, layer, head)
     except ValueError as e:  # the command line names its options
-        raise ValueError(f"--{e}") from None
+        option = str(e).startswith(("layer ", "head "))
+        raise ValueError(f"--{e}" if option else str(e)) from None
     path = Path(path)
     path.write_bytes(png)
     return path

@@ -67,7 +67,7 @@ class ModelConfig:
             value = getattr(self, name)
             _check(value >= 1, f"{prefix}.{name}", value, "must be at least 1")
         _check(
-            self.d_model % self.n_heads == 0,
+            self.arch == "rnn" or self.d_model % self.n_heads == 0,
             f"{prefix}.d_model",
             self.d_model,
             f"must be divisible by {prefix}.n_heads={self.n_heads}",

@@ -11,7 +11,7 @@ An architecture is an ``nn.Module`` with
 - ``target_positions(src) -> (B,)``: how many target tokens each sentence may
   have (the search's length limit never passes it);
 - ``new_cache()``: a decoding state with ``reorder(index, sources, keep_sources)``
-  (see ``KVCache.reorder``);
+  (see ``KVCache.reorder``) and ``length``, the target positions consumed;
 - ``forward(src, tgt_in) -> logits``: teacher forcing, for training;
 - ``alignment(src, tgt, layer) -> (H, T, S)``: the weights over source positions
   behind each target position, for attention plots.

@@ -29,6 +29,20 @@ from transformer.layers import FeedForward, Residual
 from transformer.models.common import check_ids
 
 
+def _check_positions(positions: Tensor, max_positions: int) -> None:
+    """Source and target together must fit ``max_positions``: a ``ValueError``
+    on CPU in eager mode, a device-side assert elsewhere (as ``check_ids``)."""
+    fits = (positions < max_positions).all()
+    message = (
+        f"source and target need more than model.max_positions={max_positions} "
+        "positions (a decoder_only model reads both in one sequence)"
+    )
+    if positions.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(fits, message)
+    elif not fits:
+        raise ValueError(message)
+
+
 class CausalLayer(nn.Module):
     """Masked self-attention and feed-forward (post-norm or pre-norm)."""
 
@@ -148,7 +162,8 @@ class DecoderOnly(nn.Module):
         """Embedded target (B, T, D) at positions ``first`` (B,) onwards."""
         check_ids(tgt, self.cfg.tgt_vocab_size, "target")
         steps = torch.arange(tgt.size(1), device=tgt.device)
-        positions = (first[:, None] + steps).clamp(max=self.cfg.max_positions - 1)
+        positions = first[:, None] + steps  # (B, T)
+        _check_positions(positions, self.cfg.max_positions)
         return self.dropout(self.pos.at(self.tgt_embed(tgt), positions))
 
     def _output(self, x: Tensor) -> Tensor:

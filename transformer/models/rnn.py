@@ -19,8 +19,9 @@ h_t^T s.
 - ``none``: the fixed-vector model. The decoder starts from the final encoder
   states and sees nothing else of the source: a_t = tanh(W_o h_t).
 
-Every variant starts the decoder from a projection of the last encoder layer's
-final forward and backward states. The decoder is sequential by nature, so
+Every variant starts the decoder's hidden state from a projection of the last
+encoder layer's final forward and backward states (an LSTM's cell starts at
+zero). The decoder is sequential by nature, so
 teacher forcing runs the same one-step code over the target, position by
 position (``none`` has no input feeding and runs the RNN over all positions in
 one call).
@@ -91,7 +92,7 @@ class RNNState:
             self.cell = self.cell.index_select(1, index)
         if self.feed is not None:
             self.feed = self.feed.index_select(0, index)
-        if not keep_sources:
+        if not keep_sources and self.states is not None:
             rows = index if sources is None else sources
             self.states = self.states.index_select(0, rows)
             self.keys = self.keys.index_select(0, rows)
@@ -146,7 +147,9 @@ class Attention(nn.Module):
             weights = scores.softmax(-1)
         elif self.training:
             # one-hot sample forward, relaxed weights' gradient backward
-            weights = F.gumbel_softmax(scores, tau=self.temperature, hard=True)
+            # in float32: bf16 Gumbel noise would be too coarse to sample by
+            weights = F.gumbel_softmax(scores.float(), tau=self.temperature, hard=True)
+            weights = weights.to(states.dtype)
         else:
             weights = F.one_hot(scores.argmax(-1), scores.size(-1)).to(scores.dtype)
         if self.record_weights:
@@ -218,7 +221,12 @@ class RNNSeq2Seq(nn.Module):
         mask = padding_mask(src, self.cfg.pad_id)  # (B, S)
         x = self.dropout(self.src_embed(src))  # (B, S, D)
         # lengths live on the CPU for packing (a host read, once per batch)
-        lengths = mask.sum(1).clamp(min=1).cpu()
+        lengths = mask.sum(1).cpu()
+        if (lengths == 0).any():
+            raise ValueError(
+                f"source row {int((lengths == 0).nonzero()[0])} has no token "
+                "(every source ends with <eos>)"
+            )
         packed = pack_padded_sequence(
             x, lengths, batch_first=True, enforce_sorted=False
         )
@@ -246,9 +254,10 @@ class RNNSeq2Seq(nn.Module):
             hidden=memory.init,
             cell=torch.zeros_like(memory.init) if self.cfg.rnn_type == "lstm" else None,
             feed=zeros if self.feeding else None,
-            states=memory.states,
-            keys=memory.keys,
-            mask=memory.mask,
+            # the fixed-vector decoder never reads the source again
+            states=memory.states if self.feeding else None,
+            keys=memory.keys if self.feeding else None,
+            mask=memory.mask if self.feeding else None,
         )
 
     def decode(
