@@ -114,7 +114,7 @@ def test_invalid_utf8_is_reported_or_replaced(toy_run):
 def test_input_longer_than_positions_warns(toy_run, caplog, capsys):
     long = " ".join(["a"] * 200)  # the toy model has 64 positions
     assert translate_main(["--checkpoint", str(toy_run / "best.pt"), "-s", long]) == 0
-    assert "longer than the model's 64 positions were truncated" in caplog.text
+    assert "longer than the model's 63 pieces were truncated" in caplog.text
     assert capsys.readouterr().out.strip()
 
 
@@ -325,5 +325,5 @@ def test_eval_truncates_over_long_sources(toy_run, tmp_path, capsys, caplog):
         ]
     )
     assert code == 0
-    assert "longer than the model's 64 positions were truncated" in caplog.text
+    assert "longer than the model's 63 pieces were truncated" in caplog.text
     assert len((tmp_path / "hyp.txt").read_text().splitlines()) == 2
