@@ -24,6 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from transformer.config import ModelConfig
+from transformer.embeddings import TokenEmbedding
+
 
 def check_ids(ids: Tensor, vocab_size: int, what: str) -> None:
     """Reject ids that are not a (B, T) integer tensor in [0, ``vocab_size``).
@@ -55,3 +58,28 @@ def check_ids(ids: Tensor, vocab_size: int, what: str) -> None:
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct trainable parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def token_embeddings(cfg: ModelConfig) -> tuple[TokenEmbedding, TokenEmbedding]:
+    """Check ``cfg`` and make the target and source embeddings (one module when
+    ``tie_src_tgt_embeddings``), in that order."""
+    cfg.validate()
+    if cfg.src_vocab_size <= 0 or cfg.tgt_vocab_size <= 0:
+        raise ValueError(
+            "model.src_vocab_size and model.tgt_vocab_size must be set "
+            f"(got {cfg.src_vocab_size}, {cfg.tgt_vocab_size})"
+        )
+    tgt = TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model, cfg.pad_id)
+    if cfg.tie_src_tgt_embeddings:
+        return tgt, tgt
+    return tgt, TokenEmbedding(cfg.src_vocab_size, cfg.d_model, cfg.pad_id)
+
+
+def output_projection(cfg: ModelConfig) -> nn.Linear | None:
+    """The (d_model -> V_tgt) output layer, or None when it is the tied target
+    embedding (``tie_output_embeddings``)."""
+    if cfg.tie_output_embeddings:
+        return None
+    proj = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+    nn.init.normal_(proj.weight, std=cfg.d_model**-0.5)
+    return proj

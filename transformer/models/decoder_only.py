@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from transformer.attention import SelfAttention, causal_mask, padding_mask
 from transformer.cache import LayerCache
 from transformer.config import ModelConfig
-from transformer.embeddings import PositionalEncoding, TokenEmbedding
+from transformer.embeddings import PositionalEncoding
 from transformer.layers import FeedForward, Residual
-from transformer.models.common import check_ids
+from transformer.models.common import check_ids, output_projection, token_embeddings
 
 
 def _check_positions(positions: Tensor, max_positions: int) -> None:
@@ -122,29 +122,15 @@ class DecoderOnly(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        cfg.validate()
-        if cfg.src_vocab_size <= 0 or cfg.tgt_vocab_size <= 0:
-            raise ValueError(
-                "model.src_vocab_size and model.tgt_vocab_size must be set "
-                f"(got {cfg.src_vocab_size}, {cfg.tgt_vocab_size})"
-            )
         self.cfg = cfg
         d = cfg.d_model
-        self.tgt_embed = TokenEmbedding(cfg.tgt_vocab_size, d, cfg.pad_id)
-        if cfg.tie_src_tgt_embeddings:
-            self.src_embed = self.tgt_embed
-        else:
-            self.src_embed = TokenEmbedding(cfg.src_vocab_size, d, cfg.pad_id)
+        self.tgt_embed, self.src_embed = token_embeddings(cfg)
         learned = cfg.positional == "learned"
         self.pos = PositionalEncoding(cfg.max_positions, d, learned)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(CausalLayer(cfg) for _ in range(cfg.decoder_layers))
         self.norm = nn.LayerNorm(d) if cfg.norm_first else None
-        if cfg.tie_output_embeddings:
-            self.output_proj = None
-        else:
-            self.output_proj = nn.Linear(d, cfg.tgt_vocab_size, bias=False)
-            nn.init.normal_(self.output_proj.weight, std=d**-0.5)
+        self.output_proj = output_projection(cfg)
         for module in self.modules():
             if isinstance(module, nn.Linear) and module is not self.output_proj:
                 nn.init.xavier_uniform_(module.weight)

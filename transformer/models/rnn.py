@@ -39,8 +39,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from transformer.attention import padding_mask
 from transformer.config import ModelConfig
-from transformer.embeddings import TokenEmbedding
-from transformer.models.common import check_ids
+from transformer.models.common import check_ids, output_projection, token_embeddings
 
 
 @dataclass
@@ -173,20 +172,10 @@ class RNNSeq2Seq(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        cfg.validate()
-        if cfg.src_vocab_size <= 0 or cfg.tgt_vocab_size <= 0:
-            raise ValueError(
-                "model.src_vocab_size and model.tgt_vocab_size must be set "
-                f"(got {cfg.src_vocab_size}, {cfg.tgt_vocab_size})"
-            )
         self.cfg = cfg
         d, h = cfg.d_model, cfg.rnn_hidden
         rnn = nn.LSTM if cfg.rnn_type == "lstm" else nn.GRU
-        self.tgt_embed = TokenEmbedding(cfg.tgt_vocab_size, d, cfg.pad_id)
-        if cfg.tie_src_tgt_embeddings:
-            self.src_embed = self.tgt_embed
-        else:
-            self.src_embed = TokenEmbedding(cfg.src_vocab_size, d, cfg.pad_id)
+        self.tgt_embed, self.src_embed = token_embeddings(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         between = cfg.dropout  # nn.LSTM / nn.GRU apply it between layers only
         self.encoder = rnn(
@@ -209,11 +198,7 @@ class RNNSeq2Seq(nn.Module):
         self.attention = Attention(cfg) if self.feeding else None
         # the attentional vector a_t: tanh(W_c [c_t; h_t]), or tanh(W_o h_t)
         self.combine = nn.Linear(2 * h if self.feeding else h, d)
-        if cfg.tie_output_embeddings:
-            self.output_proj = None
-        else:
-            self.output_proj = nn.Linear(d, cfg.tgt_vocab_size, bias=False)
-            nn.init.normal_(self.output_proj.weight, std=d**-0.5)
+        self.output_proj = output_projection(cfg)
 
     def encode(self, src: Tensor) -> RNNMemory:
         """(B, S) source ids -> ``RNNMemory`` with states (B, S, H)."""

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 from transformer.attention import MultiHeadAttention, padding_mask
 from transformer.cache import KVCache
 from transformer.config import ModelConfig
-from transformer.embeddings import PositionalEncoding, TokenEmbedding
+from transformer.embeddings import PositionalEncoding
 from transformer.layers import DecoderLayer, EncoderLayer
-from transformer.models.common import check_ids
+from transformer.models.common import check_ids, output_projection, token_embeddings
 
 
 @dataclass
@@ -43,18 +43,8 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        cfg.validate()
-        if cfg.src_vocab_size <= 0 or cfg.tgt_vocab_size <= 0:
-            raise ValueError(
-                "model.src_vocab_size and model.tgt_vocab_size must be set "
-                f"(got {cfg.src_vocab_size}, {cfg.tgt_vocab_size})"
-            )
         self.cfg = cfg
-        self.tgt_embed = TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model, cfg.pad_id)
-        if cfg.tie_src_tgt_embeddings:
-            self.src_embed = self.tgt_embed
-        else:
-            self.src_embed = TokenEmbedding(cfg.src_vocab_size, cfg.d_model, cfg.pad_id)
+        self.tgt_embed, self.src_embed = token_embeddings(cfg)
         learned = cfg.positional == "learned"
         self.src_pos = PositionalEncoding(cfg.max_positions, cfg.d_model, learned)
         self.tgt_pos = PositionalEncoding(cfg.max_positions, cfg.d_model, learned)
@@ -68,11 +58,7 @@ class Transformer(nn.Module):
         # pre-norm needs a final LayerNorm; post-norm outputs are already normalised
         self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else None
         self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else None
-        if cfg.tie_output_embeddings:
-            self.output_proj = None
-        else:
-            self.output_proj = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
-            nn.init.normal_(self.output_proj.weight, std=cfg.d_model**-0.5)
+        self.output_proj = output_projection(cfg)
         self._init_linear_layers()
 
     def _init_linear_layers(self) -> None:
