@@ -120,3 +120,20 @@ def test_a_second_backward_through_the_same_loss_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_backward_allocates_no_full_size_zero_gradient():
+    # the loss op's second output (its saved gradient) is not differentiable: were
+    # it, autograd would fill an (N, V) zero gradient for it on every backward
+    logits, target = batch(v=50)
+    logits = logits.float().requires_grad_()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        label_smoothed_loss(logits, target, EPS).backward()
+    full = [list(logits.flatten(0, 1).shape)]
+    filled = [
+        e.name
+        for e in prof.events()
+        if e.name in ("aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like")
+        and e.input_shapes[:1] == full
+    ]
+    assert filled == []

@@ -25,7 +25,7 @@ from transformer.attention import SelfAttention, causal_mask, padding_mask
 from transformer.cache import LayerCache
 from transformer.config import ModelConfig
 from transformer.embeddings import PositionalEncoding
-from transformer.layers import FeedForward, Residual
+from transformer.layers import Dropout, FeedForward, Residual
 from transformer.models.common import check_ids, output_projection, token_embeddings
 
 
@@ -127,7 +127,7 @@ class DecoderOnly(nn.Module):
         self.tgt_embed, self.src_embed = token_embeddings(cfg)
         learned = cfg.positional == "learned"
         self.pos = PositionalEncoding(cfg.max_positions, d, learned)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(CausalLayer(cfg) for _ in range(cfg.decoder_layers))
         self.norm = nn.LayerNorm(d) if cfg.norm_first else None
         self.output_proj = output_projection(cfg)

@@ -39,6 +39,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from transformer.attention import padding_mask
 from transformer.config import ModelConfig
+from transformer.layers import Dropout
 from transformer.models.common import check_ids, output_projection, token_embeddings
 
 
@@ -176,7 +177,7 @@ class RNNSeq2Seq(nn.Module):
         d, h = cfg.d_model, cfg.rnn_hidden
         rnn = nn.LSTM if cfg.rnn_type == "lstm" else nn.GRU
         self.tgt_embed, self.src_embed = token_embeddings(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         between = cfg.dropout  # nn.LSTM / nn.GRU apply it between layers only
         self.encoder = rnn(
             d,

@@ -12,7 +12,7 @@ from transformer.attention import MultiHeadAttention, padding_mask
 from transformer.cache import KVCache
 from transformer.config import ModelConfig
 from transformer.embeddings import PositionalEncoding
-from transformer.layers import DecoderLayer, EncoderLayer
+from transformer.layers import DecoderLayer, Dropout, EncoderLayer
 from transformer.models.common import check_ids, output_projection, token_embeddings
 
 
@@ -48,7 +48,7 @@ class Transformer(nn.Module):
         learned = cfg.positional == "learned"
         self.src_pos = PositionalEncoding(cfg.max_positions, cfg.d_model, learned)
         self.tgt_pos = PositionalEncoding(cfg.max_positions, cfg.d_model, learned)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(
             EncoderLayer(cfg) for _ in range(cfg.encoder_layers)
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transformer.allocator import reuse_freed_memory
 from transformer.config import Config, ConfigError, TrainingConfig
 from transformer.data import (
     CorpusStore,
@@ -54,6 +55,8 @@ def build_device(t: TrainingConfig, ranks: Distributed) -> torch.device:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    else:
+        reuse_freed_memory()  # no page faults on each step's large tensors
     if t.threads:
         torch.set_num_threads(t.threads)
     return device

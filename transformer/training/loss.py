@@ -80,6 +80,9 @@ def _smoothed_ce_fake(logits, target, epsilon, ignore, chunk_rows, with_grad):
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1])
+    # else autograd fills a (N, V) zero gradient for the second output, unused
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_total: Tensor, _):

@@ -33,6 +33,7 @@ class Progress:
         self.terminal = enabled and sys.stderr.isatty()
         self.began = self.last_line = time.perf_counter()
         self.values: dict[str, str] = {}
+        self.values_step = start  # the step the values were measured at
         self.bar = (
             tqdm(
                 total=total,
@@ -48,6 +49,8 @@ class Progress:
     def update(self, step: int, **values: str) -> None:
         self.step = step
         self.values.update(values)
+        if values:
+            self.values_step = step
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if values:
@@ -60,6 +63,8 @@ class Progress:
             rate = done / max(now - self.began, 1e-9)
             eta = _duration((self.total - step) / rate) if rate > 0 else "?"
             shown = " ".join(f"{k} {v}" for k, v in self.values.items())
+            if shown and self.values_step != step:  # logged every log_every steps
+                shown += f" (at step {self.values_step})"
             log.info(
                 "step %d/%d (%.0f%%) %s ETA %s",
                 step,

@@ -1,0 +1,89 @@
+"""CPU-only speed paths must not change what is computed: the dropout mask drawn
+from random bits, and the allocator setting that keeps freed memory mapped."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import pytest
+import torch
+
+import transformer.layers as layers
+from transformer.allocator import reuse_freed_memory
+from transformer.layers import Dropout
+
+
+@pytest.fixture(params=[True, False], ids=["bits", "torch"])
+def dropout_path(request, monkeypatch):
+    """Both CPU paths, whichever this machine's vendor picks by default."""
+    monkeypatch.setattr(layers, "_torch_bernoulli_is_serial", lambda: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_dropout_drops_at_rate_p_and_scales_the_rest(dropout_path, p):
+    torch.manual_seed(0)
+    x = torch.rand(1000, 1000) + 0.5  # never 0, so a 0 out means dropped
+    y = Dropout(p).train()(x)
+    dropped = y == 0
+    n = x.numel()
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(dropped.float().mean().item() - p) < 5 * sd
+    torch.testing.assert_close(y[~dropped], x[~dropped] / (1 - p))
+    # the halves of one random word are independent: pairs dropped together at p^2
+    pairs = dropped.flatten().view(-1, 2).all(dim=1).float().mean().item()
+    assert abs(pairs - p * p) < 5 * (p * p * (1 - p * p) / (n / 2)) ** 0.5
+
+
+def test_dropout_gradient_is_its_mask_scaled(dropout_path):
+    torch.manual_seed(1)
+    x = (torch.rand(64, 33) + 0.5).requires_grad_()
+    y = Dropout(0.25).train()(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    kept = (y != 0).to(x.dtype)
+    torch.testing.assert_close(x.grad, g * kept / 0.75)
+
+
+def test_dropout_is_seeded_and_off_in_eval(dropout_path):
+    x = torch.randn(7, 11, 13)
+    d = Dropout(0.3).train()
+    torch.manual_seed(5)
+    first = d(x)
+    torch.manual_seed(5)
+    assert torch.equal(d(x), first)
+    assert not torch.equal(d(x), first)  # the generator moved on
+    assert torch.equal(d.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    assert (Dropout(1.0).train()(x) == 0).all()
+
+
+def test_dropout_keeps_dtype_and_odd_sizes(dropout_path):
+    for shape in [(1,), (3,), (5, 7), (2, 3, 5)]:
+        x = torch.ones(shape, dtype=torch.bfloat16)
+        y = Dropout(0.5).train()(x)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert set(y.unique().tolist()) <= {0.0, 2.0}
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="glibc malloc setting: Linux only"
+)
+def test_a_freed_block_is_reused_without_page_faults():
+    if not reuse_freed_memory():
+        pytest.skip("this libc has no mallopt (not glibc)")
+    assert reuse_freed_memory()  # idempotent
+    size = 128 * 2**20  # far above glibc's largest mmap threshold (32 MiB)
+    pages = size // 4096
+    faults = []
+    for _ in range(8):  # as training steps do: allocate, touch, free
+        before = minor_faults()
+        torch.ones(size // 4)
+        faults.append(minor_faults() - before)
+    # mapped afresh each time, every page would fault once when touched
+    assert min(faults[2:]) < pages // 10, faults
