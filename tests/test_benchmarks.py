@@ -1,0 +1,31 @@
+"""The benchmark scripts' own arithmetic (the timed runs themselves are not tests)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from bench_quality import crossing  # noqa: E402
+
+
+def test_time_to_quality_is_the_first_crossing_in_update_and_wall_minutes():
+    t0 = 1000.0
+    rows = [
+        {"type": "train", "step": 1, "time": t0 + 2.0, "train_seconds": 2.0},
+        {"type": "valid", "step": 100, "time": t0 + 130.0, "bleu": 20.0,
+         "train_seconds": 120.0},
+        {"type": "valid", "step": 200, "time": t0 + 270.0, "bleu": 27.5,
+         "train_seconds": 240.0},
+        {"type": "valid", "step": 300, "time": t0 + 400.0, "bleu": 29.0,
+         "train_seconds": 360.0},
+    ]  # fmt: skip
+    got = crossing(rows, 27.0)
+    assert got == {
+        "step": 200,
+        "bleu": 27.5,
+        "update_minutes": 4.0,
+        "wall_minutes": 4.5,  # from the first update, validations included
+    }
+    assert crossing(rows, 30.0) is None
