@@ -36,13 +36,22 @@ a second one.
 When ctranslate2 is installed (pip install -e ".[export]"; --no-ctranslate2 skips
 it), the checkpoint is also exported to CTranslate2 with float32 and int8 weights and
 each export decodes the same sources greedily and with beam 5 (alpha 1.0), on the
-same number of threads, through transformer.export.ExportedModel.
+same number of threads, through transformer.export.ExportedModel (our search
+settings: one translate_batch call per length limit, in this process) and, as a
+user runs it, in a fresh process with one translate_batch call and CTranslate2's own
+length limit and penalty (scripts/bench_ct2.py; rows ct2_process_*).
 
 The architectures (Transformer, RNN with soft / hard / no attention, decoder-only)
 trained for the same minutes each, then BLEU, speeds and BLEU by source length
 (scripts/bench_compare.py):
 
     python scripts/benchmark.py compare --minutes 12 --lanes 2
+
+Time to quality: minutes of training until the reference de->en config first
+reaches a validation BLEU (greedy), with recipe overrides (scripts/bench_quality.py):
+
+    python scripts/benchmark.py quality --target 27 --minutes 15 \
+        data.max_tokens=2048 training.lr=0.001 training.warmup_steps=300
 
 Serving throughput and latency under concurrent clients (scripts/bench_serve.py):
 
@@ -68,6 +77,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_compare  # noqa: E402  (scripts/bench_compare.py)
 import bench_data  # noqa: E402  (scripts/bench_data.py)
+import bench_quality  # noqa: E402  (scripts/bench_quality.py)
 import bench_serve  # noqa: E402  (scripts/bench_serve.py)
 from bench_common import machine, peak_rss_mib, sdpa_flop_mapping  # noqa: E402
 from bench_train import bench_train, bench_train_all  # noqa: E402
@@ -125,7 +135,40 @@ def bench_ctranslate2(
                 "peak_rss_mib": peak_rss_mib(),  # the process peak so far
             }
             logging.info("%s: %.1f sentences/s", key, len(sources) / seconds)
+            # the same export as a user runs it: its own process, one call
+            standalone = ctranslate2_process(path, sources, dcfg, export_dir)
+            hyps = standalone.pop("hypotheses")
+            key = f"ct2_process_{name.removesuffix('_cached')}{suffix}"
+            results[key] = {
+                **standalone,
+                "sentences_per_s": len(sources) / standalone["seconds"],
+                "bleu": score_corpus(hyps, refs)["bleu"],
+            }
+            logging.info("%s: %.1f sentences/s", key, results[key]["sentences_per_s"])
     return results
+
+
+def ctranslate2_process(export: Path, sources, dcfg, tmp: Path) -> dict:
+    """scripts/bench_ct2.py on ``export``: seconds, texts, compute type, peak RSS."""
+    import subprocess
+
+    inputs, outputs = tmp / "sources.json", tmp / "ct2_out.json"
+    inputs.write_text(json.dumps(sources), encoding="utf-8")
+    k = dcfg.beam_size if dcfg.strategy == "beam" else 1
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_ct2.py"),
+            str(export),
+            str(inputs),
+            str(outputs),
+            f"--beam={k}",
+            f"--threads={torch.get_num_threads()}",
+            f"--max-batch-tokens={dcfg.max_tokens}",
+        ],
+        check=True,
+    )
+    return json.loads(outputs.read_text(encoding="utf-8"))
 
 
 def bench_compiled_decoding(model, tokenizer, sources, refs, dcfg, device) -> dict:
@@ -237,6 +280,12 @@ def bench_decode(args) -> dict:
     }
     if speedups:
         result["ct2_speedup_over_torch_fp32"] = speedups
+        result["ct2_process_speedup_over_torch_fp32"] = {
+            f"{name}{suffix}": results[f"{name}_cached"]["seconds"]
+            / results[f"ct2_process_{name}{suffix}"]["seconds"]
+            for name in ("greedy", "beam5")
+            for suffix in ("", "_int8")
+        }
     if "greedy_cached_bf16" in results:
         greedy = results["greedy_cached_bf16"]["seconds"]
         result["bf16_beam5_time_over_greedy"] = (
@@ -304,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_data.add_parser(sub)
     bench_serve.add_parser(sub)
     bench_compare.add_parser(sub)
+    bench_quality.add_parser(sub)
     for p in sub.choices.values():
         p.add_argument("--output", help="JSON file (default: benchmarks/<what>.json)")
     args = parser.parse_args(argv)
@@ -316,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_serve.bench_serve(args)
     elif args.what == "compare":
         result = bench_compare.bench_compare(args)
+    elif args.what == "quality":
+        result = bench_quality.bench_quality(args)
     elif args.single:
         args.precision, args.compile = args.precision[0], args.compile[0]
         result = bench_train(args)
