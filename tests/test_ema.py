@@ -130,6 +130,27 @@ def test_decoding_the_ema_weights(tmp_path, toy_tokenizer, capsys):
     assert data["weights"] == "ema" and data["hypotheses"].endswith(".ema.val.hyp")
 
 
+def test_serving_the_ema_weights(tmp_path, toy_tokenizer, capsys):
+    pytest.importorskip("uvicorn", reason="the .[serve] extra (uvicorn) is missing")
+    from transformer.serve import main as serve_main
+    from transformer.serve.models import load_models
+
+    run = tmp_path / "run"
+    Trainer(ema_run(run, toy_tokenizer, 3)).train()
+    last = run / "last.pt"
+    ema = load_checkpoint(last)["ema"]
+    (served,) = load_models([last], torch.device("cpu"), "fp32", weights="ema")
+    for name, value in served.model.state_dict().items():
+        assert torch.equal(value, ema[name]), name
+    # a checkpoint without them: the CLI's clear error, before any server starts
+    plain = tmp_path / "plain"
+    Trainer(tiny(plain, toy_tokenizer, "training.max_steps=1")).train()
+    args = ["--checkpoint", str(plain / "last.pt"), "--weights", "ema"]
+    assert serve_main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds no EMA weights" in err and "Traceback" not in err
+
+
 def test_ema_of_a_checkpoint_without_one_is_a_clear_error(
     tmp_path, toy_tokenizer, capsys
 ):

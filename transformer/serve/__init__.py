@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from transformer.checkpoint import CheckpointError
+from transformer.checkpoint import WEIGHTS, CheckpointError
 from transformer.config import ConfigError
 from transformer.serve.app import ApiError, create_app
 from transformer.serve.batching import Batcher, Job, QueueFull
@@ -59,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         required=True,
         help="a .pt checkpoint; repeat for more language pairs",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="raw",
+        help="raw: the trained weights; ema: their moving average (training.ema_decay)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     parser.add_argument("--port", type=int, default=8080, help="default 8080")
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         device = resolve_device(args.device)
-        models = load_models(args.checkpoint, device, args.precision)
+        models = load_models(args.checkpoint, device, args.precision, args.weights)
         app = create_app(models, limits)
     except (ConfigError, CheckpointError, TokenizerError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -77,15 +77,19 @@ class LoadedModel:
 
 
 def load_models(
-    paths: list[str | Path], device: torch.device, precision: str | None = None
+    paths: list[str | Path],
+    device: torch.device,
+    precision: str | None = None,
+    weights: str = "raw",
 ) -> list[LoadedModel]:
     """Load each checkpoint once; two checkpoints may not serve the same pair.
 
-    ``precision`` (fp32 or bf16) defaults to each checkpoint's ``decoding.precision``.
+    ``precision`` (fp32 or bf16) defaults to each checkpoint's ``decoding.precision``;
+    ``weights``: ``raw`` or ``ema`` (the moving average, ``training.ema_decay``).
     """
     models: dict[tuple[str, str], LoadedModel] = {}
     for path in paths:
-        model, cfg, tokenizer, ckpt = load_model(path, device)
+        model, cfg, tokenizer, ckpt = load_model(path, device, weights)
         set_precision(model, precision or cfg.decoding.precision)
         pair = (cfg.data.src_lang, cfg.data.tgt_lang)
         if pair in models:
