@@ -124,6 +124,30 @@ def test_checkpoint_round_trip_and_bit_identical_resume(name, tmp_path, toy_toke
     assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 6
 
 
+def test_decoding_compile_is_refused_for_an_rnn_alone_or_in_an_ensemble(
+    tmp_path, toy_tokenizer, capsys
+):
+    from transformer.cli import eval_main, translate_main
+
+    runs = {}
+    for name in ("transformer", "rnn-soft-additive"):
+        cfg = tiny(
+            tmp_path / name, toy_tokenizer, "training.max_steps=1", *RUN_OPTIONS[name]
+        )
+        Trainer(cfg).train()
+        runs[name] = str(tmp_path / name / "last.pt")
+    rnn, transformer = runs["rnn-soft-additive"], runs["transformer"]
+    for checkpoints in ([rnn], [transformer, rnn]):
+        args = ["--checkpoint", *checkpoints, "-s", "a", "decoding.compile=true"]
+        assert translate_main(args) == 2
+        err = capsys.readouterr().err
+        assert f"decoding.compile: true is not supported for {rnn}" in err
+        assert "Traceback" not in err
+    args = ["--checkpoint", rnn, "--split", "val", "decoding.compile=true"]
+    assert eval_main(args) == 2
+    assert "model.arch: rnn" in capsys.readouterr().err
+
+
 # --- RNN attention ---
 
 

@@ -122,6 +122,19 @@ def _device(name: str) -> torch.device:
     return resolve_device(name)
 
 
+def _check_compile(dcfg: DecodingConfig, model, checkpoints: list[str]) -> None:
+    """``decoding.compile`` with an RNN checkpoint (alone or in an ensemble) is
+    refused, as the config refuses it for one model, naming the checkpoint."""
+    members = getattr(model, "models", [model])
+    for path, member in zip(checkpoints, members, strict=True):
+        if dcfg.compile and member.cfg.arch == "rnn":
+            raise ConfigError(
+                f"decoding.compile: true is not supported for {path} "
+                "(model.arch: rnn, whose decoder is a Python loop over time steps: "
+                "one graph per target length)"
+            )
+
+
 # --- eval ---
 
 
@@ -149,6 +162,7 @@ def _eval(argv: list[str] | None) -> int:
     device = _device(args.device)
     model, cfg, tokenizer, infos = load_ensemble(args.checkpoint, device, args.weights)
     dcfg = _decoding_config(args, cfg.decoding)
+    _check_compile(dcfg, model, args.checkpoint)
     set_precision(model, dcfg.precision)
     if args.src or args.ref:
         if not (args.src and args.ref):
@@ -298,6 +312,7 @@ def _translate(argv: list[str] | None) -> int:
     device = _device(args.device)
     model, cfg, tokenizer, _ = load_ensemble(args.checkpoint, device, args.weights)
     dcfg = _decoding_config(args, cfg.decoding)
+    _check_compile(dcfg, model, args.checkpoint)
     set_precision(model, dcfg.precision)
     use_cache = not args.no_cache
 
