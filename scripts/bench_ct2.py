@@ -39,6 +39,7 @@ def main() -> None:
     import sentencepiece as spm
 
     export = Path(args.export_dir)
+    # transformer.export.EXPORT_INFO, written out: this process must not load torch
     info = json.loads((export / "export.json").read_text(encoding="utf-8"))
     files = info["tokenizer"]
     src = spm.SentencePieceProcessor(model_file=str(export / files["source_model"]))
