@@ -123,15 +123,17 @@ def _device(name: str) -> torch.device:
 
 
 def _check_compile(dcfg: DecodingConfig, model, checkpoints: list[str]) -> None:
-    """``decoding.compile`` with an RNN checkpoint (alone or in an ensemble) is
-    refused, as the config refuses it for one model, naming the checkpoint."""
+    """``decoding.compile`` with a checkpoint whose architecture refuses it (alone
+    or in an ensemble) is refused as the config refuses it, naming the checkpoint."""
+    if not dcfg.compile:
+        return
     members = getattr(model, "models", [model])
     for path, member in zip(checkpoints, members, strict=True):
-        if dcfg.compile and member.cfg.arch == "rnn":
+        refusal = member.cfg.compile_refusal()
+        if refusal is not None:
             raise ConfigError(
                 f"decoding.compile: true is not supported for {path} "
-                "(model.arch: rnn, whose decoder is a Python loop over time steps: "
-                "one graph per target length)"
+                f"(model.arch: {member.cfg.arch}: {refusal})"
             )
 
 

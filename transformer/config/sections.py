@@ -59,6 +59,16 @@ class ModelConfig:
             return self.max_positions // 2 - 1
         return self.max_positions - 1
 
+    def compile_refusal(self) -> str | None:
+        """Why ``torch.compile`` (training or decoding) is refused for this
+        architecture; None where it is not."""
+        if self.arch == "rnn":
+            return (
+                "its decoder is a Python loop over time steps: "
+                "one graph per target length"
+            )
+        return None
+
     def validate(self, prefix: str = "model") -> None:
         for name in ("d_model", "n_heads", "d_ff", "max_positions", "rnn_hidden"):
             value = getattr(self, name)
@@ -346,16 +356,16 @@ class Config:
             t.best_metric,
             "needs training.valid_bleu: true (or choose loss / accuracy)",
         )
+        refusal = m.compile_refusal()
         for key, value in (
             ("training.compile", t.compile),
             ("decoding.compile", self.decoding.compile),
         ):
             _check(
-                m.arch != "rnn" or not value,
+                refusal is None or not value,
                 key,
                 value,
-                "is not supported for model.arch: rnn (its decoder is a Python "
-                "loop over time steps: one graph per target length)",
+                f"is not supported for model.arch: {m.arch} ({refusal})",
             )
         _check(
             d.tokenizer.joint or not m.tie_src_tgt_embeddings,
