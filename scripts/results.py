@@ -1,0 +1,154 @@
+"""The results table: each row's search chosen on the validation set, then the test
+set scored once with that choice, written as JSON with what reproduces each number.
+
+    python scripts/results.py --out results/multi30k_en_de.json --beam 5 \
+        --alphas 1.0 2.0 3.0 \
+        --row single=models/multi30k_en_de_a.pt \
+        --row ensemble=models/multi30k_en_de_a.pt,models/multi30k_en_de_b.pt
+
+A row is one checkpoint or an ensemble of several (comma-separated). For each row
+every GNMT alpha decodes the validation split (data.valid_split of the row's first
+checkpoint) with beam search; the alpha with the highest validation BLEU (the
+smaller alpha on a tie) is the only one that decodes the test split
+(data.test_split, or --test-split). The JSON holds the whole validation sweep,
+the test scores with their sacreBLEU signatures, each checkpoint's size and
+sha256, and the ``transformer-eval`` command that gives the test number again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def choose(sweep: dict[float, float]) -> float:
+    """The alpha with the best validation BLEU; the smaller alpha on a tie."""
+    return max(sorted(sweep), key=lambda alpha: sweep[alpha])
+
+
+def describe(path: Path) -> dict:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"file": str(path), "mib": path.stat().st_size / 2**20, "sha256": digest}
+
+
+def parse_row(text: str) -> tuple[str, list[Path]]:
+    name, sep, files = text.partition("=")
+    paths = [Path(f) for f in files.split(",") if f]
+    if not sep or not name or not paths:
+        raise SystemExit(f"--row {text!r}: expected NAME=CHECKPOINT[,CHECKPOINT...]")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--row {name}: no such checkpoint: {', '.join(missing)}")
+    return name, paths
+
+
+def score_row(name: str, paths: list[Path], args) -> dict:
+    from transformer.checkpoint import load_ensemble
+    from transformer.data import read_pairs
+    from transformer.data.download import ensure_corpus
+    from transformer.evaluation import score_corpus, translate
+
+    device = torch.device("cpu")
+    model, cfg, tokenizer, _ = load_ensemble(paths, device, args.weights)
+    if args.data_dir:
+        cfg.data.dir = args.data_dir
+    ensure_corpus(cfg.data)
+    valid, test = cfg.data.valid_split, args.test_split or cfg.data.test_split
+    if not test:
+        raise SystemExit(f"--row {name}: the config has no data.test_split")
+
+    def decode(split: str, alpha: float) -> dict:
+        pairs = list(read_pairs(cfg.data, split, cfg.training.seed))
+        dcfg = dataclasses.replace(
+            cfg.decoding, strategy="beam", beam_size=args.beam, length_penalty=alpha
+        )
+        dcfg.validate()
+        results = translate(model, tokenizer, [s for s, _ in pairs], dcfg, device)
+        return score_corpus([r[0].text for r in results], [t for _, t in pairs])
+
+    sweep = {}
+    for alpha in args.alphas:
+        sweep[alpha] = bleu = decode(valid, alpha)["bleu"]
+        print(f"{name}: {valid} beam {args.beam} alpha {alpha}: BLEU {bleu:.2f}")
+    alpha = choose(sweep)
+    scores = decode(test, alpha)
+    print(f"{name}: {test} beam {args.beam} alpha {alpha}: BLEU {scores['bleu']:.2f}")
+    command = ["transformer-eval", "--checkpoint", *map(str, paths)]
+    if args.weights != "raw":
+        command += ["--weights", args.weights]
+    command += ["--split", test, "--beam", str(args.beam)]
+    command += ["--length-penalty", str(alpha)]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    return {
+        "row": name,
+        "checkpoints": [describe(p) for p in paths],
+        "weights": args.weights,
+        "beam": args.beam,
+        "valid_split": valid,
+        "valid_bleu_by_alpha": {str(a): b for a, b in sweep.items()},
+        "alpha": alpha,
+        "test_split": test,
+        "test": scores,
+        "command": shlex.join(command),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| row | BLEU | BLEU (lc) | chrF | val BLEU | alpha | files |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        files = ", ".join(f"`{c['file']}`" for c in r["checkpoints"])
+        val = r["valid_bleu_by_alpha"][str(r["alpha"])]
+        t = r["test"]
+        lines.append(
+            f"| {r['row']} | {t['bleu']:.2f} | {t['bleu_lc']:.2f} | {t['chrf']:.2f} "
+            f"| {val:.2f} | {r['alpha']} | {files} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--row",
+        action="append",
+        required=True,
+        help="NAME=CHECKPOINT[,CHECKPOINT...]: one model or an ensemble",
+    )
+    parser.add_argument("--out", required=True, help="the JSON file to write")
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 2.0, 3.0])
+    parser.add_argument("--weights", choices=["raw", "ema"], default="raw")
+    parser.add_argument("--data-dir", help="override data.dir of the checkpoints")
+    parser.add_argument("--test-split", help="default: data.test_split")
+    args = parser.parse_args(argv)
+    rows = [parse_row(r) for r in args.row]
+    from bench_common import machine
+
+    result = {
+        "selection": "alpha by validation BLEU (beam search); test decoded once",
+        "rows": [score_row(name, paths, args) for name, paths in rows],
+        "machine": machine(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(table(result["rows"]))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

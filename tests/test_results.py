@@ -1,0 +1,76 @@
+"""scripts/results.py: the search is chosen on the validation set, the test set is
+decoded once with it, and the recorded command gives the same test score."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny
+from transformer.cli import eval_main
+from transformer.training import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import results  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, toy_tokenizer):
+    """Two partly trained toy copy models (different seeds, one tokenizer)."""
+    paths = []
+    for seed in (1, 2):
+        run = tmp_path_factory.mktemp("res") / "run"
+        cfg = tiny(
+            run,
+            toy_tokenizer,
+            "training.max_steps=200",
+            f"training.seed={seed}",
+            "data.toy_valid_size=30",
+        )
+        Trainer(cfg).train()
+        paths.append(run / "last.pt")
+    return paths
+
+
+def test_alpha_is_chosen_on_validation_only():
+    assert results.choose({0.0: 20.0, 1.0: 25.0, 2.0: 24.0}) == 1.0
+    assert results.choose({2.0: 25.0, 1.0: 25.0, 3.0: 10.0}) == 1.0  # tie: smaller
+
+
+def test_rows_record_the_sweep_and_a_command_that_reproduces_test(
+    runs, tmp_path, capsys
+):
+    out = tmp_path / "res.json"
+    a, b = map(str, runs)
+    argv = ["--out", str(out), "--beam", "3", "--alphas", "0.0", "2.0"]
+    assert results.main([*argv, "--row", f"one={a}", "--row", f"two={a},{b}"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["row"] for r in rows] == ["one", "two"]
+    for row in rows:
+        sweep = {float(k): v for k, v in row["valid_bleu_by_alpha"].items()}
+        assert set(sweep) == {0.0, 2.0}
+        assert row["alpha"] == results.choose(sweep)
+        assert (row["valid_split"], row["test_split"]) == ("val", "test")
+        assert row["test"]["bleu"] > 0  # the toy models translate, if badly
+        assert all(len(c["sha256"]) == 64 for c in row["checkpoints"])
+        # the command behind the row's test number gives that number again
+        command = row["command"].split()
+        assert command[0] == "transformer-eval"
+        report = tmp_path / f"{row['row']}.json"
+        assert eval_main([*command[1:], "--report", str(report)]) == 0
+        again = json.loads(report.read_text())
+        assert again["data"] == "test"
+        assert again["scores"]["bleu"] == pytest.approx(row["test"]["bleu"])
+    assert len(rows[1]["checkpoints"]) == 2
+    assert "| one |" in capsys.readouterr().out
+
+
+def test_a_bad_row_is_refused_naming_it(tmp_path):
+    with pytest.raises(SystemExit, match="expected NAME=CHECKPOINT"):
+        results.main(["--out", str(tmp_path / "x.json"), "--row", "nothing"])
+    with pytest.raises(SystemExit, match="no such checkpoint: .*missing.pt"):
+        results.main(["--out", "x.json", "--row", f"r={tmp_path / 'missing.pt'}"])
