@@ -1,17 +1,17 @@
 """The results table: each row's search chosen on the validation set, then the test
 set scored once with that choice, written as JSON with what reproduces each number.
 
-    python scripts/results.py --out results/multi30k_en_de.json --beam 5 \
+    python scripts/results.py --out results/multi30k_en_de.json --beams 5 \
         --alphas 1.0 2.0 3.0 \
         --row single=models/multi30k_en_de_a.pt \
         --row ensemble=models/multi30k_en_de_a.pt,models/multi30k_en_de_b.pt
 
 A row is one checkpoint or an ensemble of several (comma-separated). For each row
-every GNMT alpha decodes the validation split (data.valid_split of the row's first
-checkpoint) with beam search; the alpha with the highest validation BLEU (the
-smaller alpha on a tie) is the only one that decodes the test split
-(data.test_split, or --test-split). The JSON holds the whole validation sweep,
-the test scores with their sacreBLEU signatures, each checkpoint's size and
+every beam size and GNMT alpha decodes the validation split (data.valid_split of
+the row's first checkpoint); the setting with the highest validation BLEU (the
+smaller beam, then the smaller alpha, on a tie) is the only one that decodes the
+test split (data.test_split, or --test-split). The JSON holds the whole validation
+sweep, the test scores with their sacreBLEU signatures, each checkpoint's size and
 sha256, and the ``transformer-eval`` command that gives the test number again.
 """
 
@@ -30,9 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def choose(sweep: dict[float, float]) -> float:
-    """The alpha with the best validation BLEU; the smaller alpha on a tie."""
-    return max(sorted(sweep), key=lambda alpha: sweep[alpha])
+def choose(sweep: dict[tuple[int, float], float]) -> tuple[int, float]:
+    """The (beam, alpha) with the best validation BLEU; the smaller beam, then the
+    smaller alpha, on a tie."""
+    return max(sorted(sweep), key=lambda setting: sweep[setting])
 
 
 def describe(path: Path) -> dict:
@@ -66,26 +67,30 @@ def score_row(name: str, paths: list[Path], args) -> dict:
     if not test:
         raise SystemExit(f"--row {name}: the config has no data.test_split")
 
-    def decode(split: str, alpha: float) -> dict:
+    def decode(split: str, beam: int, alpha: float) -> dict:
         pairs = list(read_pairs(cfg.data, split, cfg.training.seed))
         dcfg = dataclasses.replace(
-            cfg.decoding, strategy="beam", beam_size=args.beam, length_penalty=alpha
+            cfg.decoding,
+            strategy="beam" if beam > 1 else "greedy",
+            beam_size=beam,
+            length_penalty=alpha,
         )
         dcfg.validate()
         results = translate(model, tokenizer, [s for s, _ in pairs], dcfg, device)
         return score_corpus([r[0].text for r in results], [t for _, t in pairs])
 
     sweep = {}
-    for alpha in args.alphas:
-        sweep[alpha] = bleu = decode(valid, alpha)["bleu"]
-        print(f"{name}: {valid} beam {args.beam} alpha {alpha}: BLEU {bleu:.2f}")
-    alpha = choose(sweep)
-    scores = decode(test, alpha)
-    print(f"{name}: {test} beam {args.beam} alpha {alpha}: BLEU {scores['bleu']:.2f}")
+    for beam in args.beams:
+        for alpha in args.alphas:
+            sweep[beam, alpha] = bleu = decode(valid, beam, alpha)["bleu"]
+            print(f"{name}: {valid} beam {beam} alpha {alpha}: BLEU {bleu:.2f}")
+    beam, alpha = choose(sweep)
+    scores = decode(test, beam, alpha)
+    print(f"{name}: {test} beam {beam} alpha {alpha}: BLEU {scores['bleu']:.2f}")
     command = ["transformer-eval", "--checkpoint", *map(str, paths)]
     if args.weights != "raw":
         command += ["--weights", args.weights]
-    command += ["--split", test, "--beam", str(args.beam)]
+    command += ["--split", test, "--beam", str(beam)]
     command += ["--length-penalty", str(alpha)]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
@@ -93,10 +98,13 @@ def score_row(name: str, paths: list[Path], args) -> dict:
         "row": name,
         "checkpoints": [describe(p) for p in paths],
         "weights": args.weights,
-        "beam": args.beam,
         "valid_split": valid,
-        "valid_bleu_by_alpha": {str(a): b for a, b in sweep.items()},
+        "valid_bleu": [
+            {"beam": b, "alpha": a, "bleu": bleu} for (b, a), bleu in sweep.items()
+        ],
+        "beam": beam,
         "alpha": alpha,
+        "valid_bleu_chosen": sweep[beam, alpha],
         "test_split": test,
         "test": scores,
         "command": shlex.join(command),
@@ -105,16 +113,15 @@ def score_row(name: str, paths: list[Path], args) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| row | BLEU | BLEU (lc) | chrF | val BLEU | alpha | files |",
-        "|---|---|---|---|---|---|---|",
+        "| row | BLEU | BLEU (lc) | chrF | val BLEU | beam | alpha | files |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         files = ", ".join(f"`{c['file']}`" for c in r["checkpoints"])
-        val = r["valid_bleu_by_alpha"][str(r["alpha"])]
         t = r["test"]
         lines.append(
             f"| {r['row']} | {t['bleu']:.2f} | {t['bleu_lc']:.2f} | {t['chrf']:.2f} "
-            f"| {val:.2f} | {r['alpha']} | {files} |"
+            f"| {r['valid_bleu_chosen']:.2f} | {r['beam']} | {r['alpha']} | {files} |"
         )
     return "\n".join(lines)
 
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         help="NAME=CHECKPOINT[,CHECKPOINT...]: one model or an ensemble",
     )
     parser.add_argument("--out", required=True, help="the JSON file to write")
-    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--beams", type=int, nargs="+", default=[5])
     parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 2.0, 3.0])
     parser.add_argument("--weights", choices=["raw", "ema"], default="raw")
     parser.add_argument("--data-dir", help="override data.dir of the checkpoints")
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench_common import machine
 
     result = {
-        "selection": "alpha by validation BLEU (beam search); test decoded once",
+        "selection": "beam and alpha by validation BLEU; test decoded once",
         "rows": [score_row(name, paths, args) for name, paths in rows],
         "machine": machine(),
     }

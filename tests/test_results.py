@@ -36,9 +36,10 @@ def runs(tmp_path_factory, toy_tokenizer):
     return paths
 
 
-def test_alpha_is_chosen_on_validation_only():
-    assert results.choose({0.0: 20.0, 1.0: 25.0, 2.0: 24.0}) == 1.0
-    assert results.choose({2.0: 25.0, 1.0: 25.0, 3.0: 10.0}) == 1.0  # tie: smaller
+def test_the_setting_with_the_best_validation_bleu_is_chosen():
+    assert results.choose({(5, 0.0): 20.0, (5, 1.0): 25.0, (4, 2.0): 24.0}) == (5, 1.0)
+    tie = {(5, 2.0): 25.0, (5, 1.0): 25.0, (3, 3.0): 25.0, (3, 4.0): 10.0}
+    assert results.choose(tie) == (3, 3.0)  # the smaller beam, then alpha
 
 
 def test_rows_record_the_sweep_and_a_command_that_reproduces_test(
@@ -46,14 +47,14 @@ def test_rows_record_the_sweep_and_a_command_that_reproduces_test(
 ):
     out = tmp_path / "res.json"
     a, b = map(str, runs)
-    argv = ["--out", str(out), "--beam", "3", "--alphas", "0.0", "2.0"]
+    argv = ["--out", str(out), "--beams", "1", "3", "--alphas", "0.0", "2.0"]
     assert results.main([*argv, "--row", f"one={a}", "--row", f"two={a},{b}"]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["row"] for r in rows] == ["one", "two"]
     for row in rows:
-        sweep = {float(k): v for k, v in row["valid_bleu_by_alpha"].items()}
-        assert set(sweep) == {0.0, 2.0}
-        assert row["alpha"] == results.choose(sweep)
+        sweep = {(v["beam"], v["alpha"]): v["bleu"] for v in row["valid_bleu"]}
+        assert set(sweep) == {(1, 0.0), (1, 2.0), (3, 0.0), (3, 2.0)}
+        assert (row["beam"], row["alpha"]) == results.choose(sweep)
         assert (row["valid_split"], row["test_split"]) == ("val", "test")
         assert row["test"]["bleu"] > 0  # the toy models translate, if badly
         assert all(len(c["sha256"]) == 64 for c in row["checkpoints"])
