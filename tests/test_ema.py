@@ -177,7 +177,7 @@ def test_ema_of_a_checkpoint_without_one_is_a_clear_error(
     ],
 )
 def test_config_checks(tmp_path, toy_tokenizer, overrides, key):
-    with pytest.raises(ConfigError, match=rf"yaml: {key}: "):
+    with pytest.raises(ConfigError, match=rf"command line: {key}: "):
         tiny(tmp_path, toy_tokenizer, *overrides)
     ok = tiny(tmp_path, toy_tokenizer, "training.ema_decay=0.999")
     assert ok.training.ema_decay == 0.999 and not ok.training.validate_ema

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -22,8 +23,27 @@ class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, but ``1e-4`` is a number (YAML 1.2), not a string.
 
     PyYAML follows YAML 1.1, whose floats need a dot (``1.0e-4``); users write
-    ``lr: 1e-4`` and expect a number.
+    ``lr: 1e-4`` and expect a number. A key written twice in one mapping is an
+    error (PyYAML keeps the last silently: a second ``training:`` section would
+    drop the whole first one).
     """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first on line {first[key] + 1})",
+                        key_node.start_mark,
+                    )
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -105,13 +125,17 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, float) and value.is_integer():
-            return int(value)  # 25e3 written for 25000
+            value = int(value)  # 25e3 written for 25000
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer (got {value!r})")
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{key}: {value} does not fit in 64 bits")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number (got {value!r})")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number (got {value!r})")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -238,16 +262,30 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+            f"{e.start})"
+        ) from None
     try:
         tree = read_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if tree is not None and not isinstance(tree, dict):
+    if not tree:
+        raise ConfigError(
+            f"{path}: empty config (expected the sections data, model, training, "
+            "decoding)"
+        )
+    if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:
-        return config_from_dict(tree or {}, overrides)
+        return config_from_dict(tree, overrides)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
+        # an error about a key given on the command line is not the file's
+        key = str(e).split(":", 1)[0]
+        from_overrides = {k for k, _ in parse_overrides(list(overrides))}
+        where = "command line" if key in from_overrides else str(path)
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

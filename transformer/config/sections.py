@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -294,8 +295,20 @@ class DecodingConfig:
     compile: bool = False
 
     def validate(self, prefix: str = "decoding") -> None:
+        for name in ("length_penalty", "max_len_a", "temperature", "top_p"):
+            value = getattr(self, name)
+            _check(math.isfinite(value), f"{prefix}.{name}", value, "must be finite")
+        _check(
+            -(2**63) <= self.seed < 2**63, f"{prefix}.seed", self.seed, "64-bit range"
+        )
         _check(self.beam_size >= 1, f"{prefix}.beam_size", self.beam_size, ">= 1")
         _check(self.nbest >= 1, f"{prefix}.nbest", self.nbest, "must be >= 1")
+        _check(
+            self.nbest == 1 or self.strategy == "beam",
+            f"{prefix}.nbest",
+            self.nbest,
+            f"several hypotheses need beam search (strategy is {self.strategy})",
+        )
         _check(
             self.strategy != "beam" or self.nbest <= self.beam_size,
             f"{prefix}.nbest",
