@@ -374,6 +374,25 @@ BAD_REQUESTS = [
         400,
         "timeout",
     ),
+    (
+        "infinite temperature",
+        b'{"q": "a", "source": "de", "target": "en", "sample": true, '
+        b'"temperature": 1e400}',
+        400,
+        "temperature: must be finite",
+    ),
+    (
+        "seed over 64 bits",
+        {"q": "a", "source": "de", "target": "en", "sample": True, "seed": 10**23},
+        400,
+        "seed: 64-bit range",
+    ),
+    (
+        "lone surrogate",
+        b'{"q": ["a", "b \\ud800 c"], "source": "de", "target": "en"}',
+        400,
+        "sentence 2: not Unicode text (lone \\ud800)",
+    ),
 ]
 
 
@@ -473,6 +492,17 @@ def test_cli_user_errors_are_one_line(checkpoints, tmp_path, capsys):
     assert "both translate de->en" in capsys.readouterr().err
     assert main(["--checkpoint", twice[0], "--batch-tokens", "0"]) == 2
     assert "batch_tokens" in capsys.readouterr().err
+    assert main(["--checkpoint", twice[0], "--device", "foo"]) == 2
+    assert "--device: 'foo' is not a device" in capsys.readouterr().err
+    for option, value, message in [
+        ("--port", "99999", "--port: must be in [0, 65535]"),
+        ("--threads", "-1", "--threads: must be >= 0"),
+        ("--log-level", "bogus", "invalid choice: 'bogus'"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            main(["--checkpoint", twice[0], option, value])
+        assert exit.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def free_port() -> int:

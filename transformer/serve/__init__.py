@@ -82,8 +82,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             default=getattr(defaults, f.name),
             help=f"default {getattr(defaults, f.name)}",
         )
-    parser.add_argument("--log-level", default="info", help="uvicorn's log level")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn's log level",
+    )
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port: must be in [0, 65535] (got {args.port})")
+    if args.threads < 0:
+        parser.error(f"--threads: must be >= 0 (got {args.threads})")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         limits.validate()
         if args.threads:
             torch.set_num_threads(args.threads)
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, "--device")
         models = load_models(args.checkpoint, device, args.precision, args.weights)
         app = create_app(models, limits)
     except (ConfigError, CheckpointError, TokenizerError, ImportError) as e:

@@ -161,6 +161,16 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
             )
         return await call_next(request)
 
+    def check_text(sentences: list[str]) -> None:
+        for number, sentence in enumerate(sentences, start=1):
+            try:  # JSON's \ud800 escapes decode to lone surrogates, not text
+                sentence.encode("utf-8")
+            except UnicodeEncodeError as e:
+                code = ord(sentence[e.start])
+                raise ApiError(
+                    400, f"sentence {number}: not Unicode text (lone \\u{code:04x})"
+                ) from None
+
     def model_for(req: SearchOptions) -> LoadedModel:
         lm = by_pair.get((req.source, req.target))
         if lm is None:
@@ -240,6 +250,7 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
         sentences = [req.q] if isinstance(req.q, str) else list(req.q)
         if not any(s.strip() for s in sentences):
             raise ApiError(400, "q is empty: give a sentence or a list of sentences")
+        check_text(sentences)
         if len(sentences) > limits.max_sentences:
             raise ApiError(
                 413,
@@ -295,6 +306,7 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
         settings = settings_for(lm, req, 0)
         if not req.q.strip():
             raise ApiError(400, "q is empty: give a sentence")
+        check_text([req.q])
         if len(req.q) > limits.max_chars:
             raise ApiError(
                 413, f"{len(req.q):,} characters; at most {limits.max_chars:,}"
