@@ -325,9 +325,11 @@ def test_other_ranks_get_a_clear_error_when_rank0_fails_or_stalls(tmp_path, mode
         assert "training.prepare_timeout=2 s" in message
 
 
-def test_ctrl_c_to_the_process_group_with_data_workers(tmp_path, toy_tokenizer):
-    # a terminal's Ctrl-C reaches the DataLoader workers too: only the main
-    # process reacts, finishes the step, saves and exits cleanly
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_a_signal_to_the_process_group_with_data_workers(tmp_path, toy_tokenizer, sig):
+    # a terminal's Ctrl-C (or a scheduler's SIGTERM to the job's process group)
+    # reaches the DataLoader workers too: only the main process reacts, finishes
+    # the step, saves and exits cleanly
     run = tmp_path / "run"
     args = train_command(
         run, toy_tokenizer, "data.workers=2", "training.max_steps=100000"
@@ -337,8 +339,8 @@ def test_ctrl_c_to_the_process_group_with_data_workers(tmp_path, toy_tokenizer):
     )
     metrics = run / "metrics.jsonl"
     wait_for_rows(metrics, 3)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()[-3000:]
-    assert err.decode().count("SIGINT: stopping after this step") == 1
+    assert err.decode().count(f"{sig.name}: stopping after this step") == 1
     assert load_checkpoint(run / "last.pt")["step"] >= 3

@@ -363,10 +363,13 @@ class TrainBatches:
 
 
 def _quiet_worker(worker_id: int) -> None:
-    """Workers leave stopping to the main process: a terminal's Ctrl-C reaches the
-    whole process group, and a forked worker would run the trainer's handler."""
+    """Workers leave stopping to the main process: a terminal's Ctrl-C or a batch
+    scheduler's SIGTERM reaches the whole process group (a worker killed by it
+    fails the run), and a forked worker would run the trainer's handler. The
+    main process shuts its workers down when it stops; a worker whose main
+    process is gone exits by itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _Stream(IterableDataset):

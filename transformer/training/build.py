@@ -26,14 +26,17 @@ from transformer.training.distributed import Distributed
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "training.device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
         raise ConfigError(
-            f"training.device: {name!r} asked for but CUDA is not available"
-        )
+            f"{option}: {name!r} is not a device (auto, cpu, cuda or cuda:N)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{option}: {name!r} asked for but CUDA is not available")
     return device
 
 

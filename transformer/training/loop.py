@@ -78,8 +78,10 @@ class Trainer:
         self.run_dir = run_dir_of(cfg)
 
         self.dist.main_first(lambda: ensure_corpus(cfg.data), "downloading the corpus")
-        resume = t.resume == "auto" if resume is None else resume
         last = self.run_dir / "last.pt"
+        if resume and not last.exists():
+            log.warning("--resume: %s does not exist: starting a new run", last)
+        resume = t.resume == "auto" if resume is None else resume
         ckpt = load_checkpoint(last) if resume and last.exists() else None
         init = None  # fine-tuning applies to a fresh run only
         if t.init_from is not None and ckpt is not None:
@@ -314,8 +316,13 @@ class Trainer:
                     plot_metrics(self.run_dir)
         if failure is not None:
             raise TrainingError(f"{failure}; {self.checkpoints.describe_last()}")
-        best = self.run_dir / "best.pt"
-        return best if best.exists() else self.run_dir / "last.pt"
+        best, last = self.run_dir / "best.pt", self.run_dir / "last.pt"
+        if self.dist.main and not (best.exists() or last.exists()):
+            raise TrainingError(  # e.g. every save refused: weights not finite
+                f"the run ended at step {self.state.step} without a checkpoint in "
+                f"{self.run_dir} (see the errors above)"
+            )
+        return best if best.exists() else last
 
     def _loop(self, progress: Progress) -> str | None:
         """The updates; returns why the run failed, or None."""
