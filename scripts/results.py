@@ -21,6 +21,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -46,6 +48,8 @@ def parse_row(text: str) -> tuple[str, list[Path]]:
     paths = [Path(f) for f in files.split(",") if f]
     if not sep or not name or not paths:
         raise SystemExit(f"--row {text!r}: expected NAME=CHECKPOINT[,CHECKPOINT...]")
+    if not re.fullmatch(r"[\w .+-]+", name):
+        raise SystemExit(f"--row {name!r}: a name of letters, digits, ' ', . + - _")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SystemExit(f"--row {name}: no such checkpoint: {', '.join(missing)}")
@@ -66,6 +70,8 @@ def score_row(name: str, paths: list[Path], args) -> dict:
     valid, test = cfg.data.valid_split, args.test_split or cfg.data.test_split
     if not test:
         raise SystemExit(f"--row {name}: the config has no data.test_split")
+    for split in (valid, test):  # a missing split fails before the sweep's work
+        next(iter(read_pairs(cfg.data, split, cfg.training.seed)), None)
 
     def decode(split: str, beam: int, alpha: float) -> dict:
         pairs = list(read_pairs(cfg.data, split, cfg.training.seed))
@@ -126,7 +132,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--row",
@@ -142,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-split", help="default: data.test_split")
     args = parser.parse_args(argv)
     rows = [parse_row(r) for r in args.row]
+    names = [name for name, _ in rows]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--row: a name is used twice ({', '.join(names)})")
+    if min(args.beams) < 1:
+        raise SystemExit(f"--beams: must be >= 1 (got {args.beams})")
+    if not all(math.isfinite(a) for a in args.alphas):
+        raise SystemExit(f"--alphas: must be finite numbers (got {args.alphas})")
     from bench_common import machine
 
     result = {
@@ -155,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table(result["rows"]))
     print(f"wrote {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformer.cli import run_cli
+
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

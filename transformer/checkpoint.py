@@ -158,6 +158,14 @@ def model_weights(
             f"{path}: holds no EMA weights ({why}); use --weights raw"
         )
     state = ckpt["ema" if weights == "ema" else "model"]
+    bad = [
+        k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:  # torch.load does not check the zip's CRCs: a flipped byte loads
+        raise CheckpointError(
+            f"{path}: {len(bad)} {weights} weight tensor(s) hold NaN or inf (first: "
+            f"{bad[0]}): the file is damaged, or the run had diverged"
+        )
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
@@ -185,6 +193,30 @@ def load_model(
 def _same_tokenizer(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """Do two stored tokenizers hold the same SentencePiece model bytes?"""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _check_same_model(
+    ckpt: dict[str, Any], path: str | Path, config: dict, tokenizer: dict, first
+) -> None:
+    """Weights to average must mean the same thing: one tokenizer (the same piece
+    behind each id) and one architecture."""
+    if not _same_tokenizer(ckpt["tokenizer"], tokenizer):
+        raise CheckpointError(
+            f"{path} and {first} have different tokenizers: averaging their weights "
+            "would mix different pieces under each id"
+        )
+    mine, theirs = ckpt["config"].get("model", {}), config.get("model", {})
+    differ = sorted(
+        k
+        for k in mine.keys() | theirs.keys()
+        if k not in _NOT_ARCHITECTURE and mine.get(k) != theirs.get(k)
+    )
+    if differ:
+        key = differ[0]
+        raise CheckpointError(
+            f"{path} and {first} differ in model.{key} ({mine.get(key)!r} vs "
+            f"{theirs.get(key)!r}): only one architecture's weights can be averaged"
+        )
 
 
 def load_ensemble(
@@ -294,12 +326,19 @@ def average_checkpoints(
     """
     if not paths:
         raise CheckpointError("no checkpoints to average")
+    seen = set()
+    for path in paths:
+        if Path(path).resolve() in seen:
+            raise CheckpointError(f"{path} is given twice: each counts once")
+        seen.add(Path(path).resolve())
     model, ema = _Mean(weights), _Mean("ema")
     steps = []
     for path in paths:  # one at a time: a checkpoint holds its optimizer state too
         ckpt = load_checkpoint(path)
         if model.n == 0:
-            config, tokenizer = ckpt["config"], ckpt["tokenizer"]
+            config, tokenizer, first = ckpt["config"], ckpt["tokenizer"], path
+        else:
+            _check_same_model(ckpt, path, config, tokenizer, first)
         model.add(model_weights(ckpt, path, weights), path)
         if "ema" in ckpt:
             ema.add(ckpt["ema"], path)

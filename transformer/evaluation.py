@@ -69,6 +69,12 @@ def reference_warnings(references: list[str]) -> list[str]:
     unk = sum("<unk>" in r for r in references)
     if unk:
         warnings.append(f"{unk} references contain '<unk>'")
+    empty = [i for i, r in enumerate(references, start=1) if not r.strip()]
+    if empty:
+        warnings.append(
+            f"{len(empty)} references are empty (first: line {empty[0]}): every "
+            "word translated for them counts against BLEU"
+        )
     return warnings
 
 
@@ -80,18 +86,24 @@ def translate(
     device: torch.device,
     use_cache: bool = True,
     progress: bool = False,
+    line_numbers: list[int] | None = None,
 ) -> list[list[Translation]]:
-    """Raw source sentences -> n-best detokenized translations, in input order."""
+    """Raw source sentences -> n-best detokenized translations, in input order.
+
+    ``line_numbers``: each sentence's line in the user's input, for warnings
+    (default: its position in ``sentences``, from 1).
+    """
     limit = model.cfg.max_pieces()
     ids = tokenizer.encode_src(sentences)
     too_long = [i for i, s in enumerate(ids) if len(s) > limit]
     if too_long:
+        first = too_long[0]
         log.warning(
             "%d sentence(s) longer than the model's %d pieces were truncated "
-            "(first: #%d)",
+            "(first: line %d)",
             len(too_long),
             limit,
-            too_long[0] + 1,
+            line_numbers[first] if line_numbers else first + 1,
         )
         ids = [s[:limit] for s in ids]
     results: list[list[Hypothesis]] = decode_corpus(

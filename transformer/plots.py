@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transformer.config import BOS_ID, DecodingConfig
+from transformer.config import BOS_ID, ConfigError, DecodingConfig
 from transformer.data import pad_sources
 from transformer.search import generate
 from transformer.tokenizer import Tokenizer
@@ -79,7 +79,7 @@ def plot_attention(
         png = attention_png(model, tokenizer, sentence, cfg, device, layer, head)
     except ValueError as e:  # the command line names its options
         option = str(e).startswith(("layer ", "head "))
-        raise ValueError(f"--{e}" if option else str(e)) from None
+        raise ConfigError(f"--{e}" if option else str(e)) from None
     path = Path(path)
     path.write_bytes(png)
     return path

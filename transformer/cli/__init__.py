@@ -7,6 +7,7 @@ misaligned corpus) prints one ``error:`` line and exits with status 2.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from transformer.checkpoint import CheckpointError
@@ -29,7 +30,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 def run_cli(main, argv, extra_errors: tuple[type[Exception], ...] = ()) -> int:
     """Run an entry point: a user error prints one ``error:`` line (exit 2), Ctrl-C
-    prints ``interrupted`` (exit 130); anything else is a bug and shows its trace."""
+    prints ``interrupted`` (exit 130), a closed output pipe stops quietly (exit
+    141, as SIGPIPE would); anything else is a bug and shows its trace."""
     try:
         return main(argv)
     except (*USER_ERRORS, *extra_errors) as e:
@@ -38,6 +40,10 @@ def run_cli(main, argv, extra_errors: tuple[type[Exception], ...] = ()) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (``| head``): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error at exit's flush
+        return 141
 
 
 # the entry points, after run_cli and setup_logging, which they use

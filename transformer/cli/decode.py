@@ -42,9 +42,10 @@ def _add_decoding_args(parser: argparse.ArgumentParser) -> None:
         default="raw",
         help="raw: the trained weights; ema: their moving average (training.ema_decay)",
     )
-    parser.add_argument("--beam", type=int, help="beam size (beam search)")
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding")
-    parser.add_argument("--sample", action="store_true", help="sample instead")
+    search = parser.add_mutually_exclusive_group()
+    search.add_argument("--beam", type=int, help="beam size (beam search)")
+    search.add_argument("--greedy", action="store_true", help="greedy decoding")
+    search.add_argument("--sample", action="store_true", help="sample instead")
     parser.add_argument("--top-k", type=int, help="sample from the k best tokens")
     parser.add_argument("--top-p", type=float, help="sample from the nucleus p")
     parser.add_argument("--temperature", type=float, help="sampling temperature")
@@ -67,6 +68,7 @@ def _add_decoding_args(parser: argparse.ArgumentParser) -> None:
 
 
 _OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")
+_BARE_KEY = re.compile(r"decoding(\.\w+)+$")  # an override missing its "=value"
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None):
@@ -80,6 +82,9 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None):
     args.decoding = overrides + args.decoding
     if not args.checkpoint:
         parser.error("--checkpoint needs a checkpoint file")
+    for item in [*args.checkpoint, *args.decoding]:
+        if _BARE_KEY.match(item) and not Path(item).exists():
+            parser.error(f"{item}: expected decoding.key=value")
     return args
 
 
@@ -119,7 +124,18 @@ def _decoding_config(args, base: DecodingConfig) -> DecodingConfig:
 def _device(name: str) -> torch.device:
     from transformer.training import resolve_device
 
-    return resolve_device(name)
+    return resolve_device(name, "--device")
+
+
+def _check_output(path: str | None, option: str) -> None:
+    """A file to write after decoding: refuse a bad path before the work."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{option} {path}: is a directory")
+    if not target.parent.is_dir():
+        raise ConfigError(f"{option} {path}: no such directory {target.parent}")
 
 
 def _check_compile(dcfg: DecodingConfig, model, checkpoints: list[str]) -> None:
@@ -158,6 +174,8 @@ def _eval(argv: list[str] | None) -> int:
     parser.add_argument("--report", help="JSON report (default: <output>.json)")
     parser.add_argument("--ter", action="store_true", help="also compute TER")
     args = _parse(parser, argv)
+    _check_output(args.output, "--output")
+    _check_output(args.report, "--report")
     setup_logging()
     from transformer.evaluation import reference_warnings, score_corpus, translate
 
@@ -242,7 +260,17 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 def _input_lines(args) -> list[str] | None:
     """Sentences from arguments or a file; None means: stream standard input."""
+    if args.sentences and args.input:
+        raise ConfigError("give sentences (-s) or an --input file, not both")
     if args.sentences:
+        for number, sentence in enumerate(args.sentences, start=1):
+            try:  # the shell passes undecodable bytes as lone surrogates
+                sentence.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(
+                    f"--sentence #{number}: not valid UTF-8 (pass text, or a file "
+                    "with --input and --replace-invalid)"
+                ) from None
         return args.sentences
     if args.input:
         return list(read_lines(Path(args.input), args.replace_invalid))
@@ -261,6 +289,8 @@ def _one_line(text: str) -> str:
 def _stdin_lines(replace_invalid: bool):
     """Decode standard input line by line, naming the line of invalid UTF-8."""
     for number, raw in enumerate(sys.stdin.buffer, start=1):
+        if number == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark
         try:
             yield raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
@@ -308,6 +338,12 @@ def _translate(argv: list[str] | None) -> int:
     args = _parse(parser, argv)
     if args.attention and len(args.checkpoint) > 1:
         raise ConfigError("--attention plots one model: give one --checkpoint")
+    if args.batch_lines < 1:
+        raise ConfigError(f"--batch-lines: must be >= 1 (got {args.batch_lines})")
+    _check_output(args.attention, "--attention")
+    lines = _input_lines(args)
+    if args.attention and not (lines and lines[0].strip()):
+        raise ConfigError("--attention needs a sentence (-s) or --input file")
     setup_logging()
     from transformer.evaluation import translate
 
@@ -317,30 +353,48 @@ def _translate(argv: list[str] | None) -> int:
     _check_compile(dcfg, model, args.checkpoint)
     set_precision(model, dcfg.precision)
     use_cache = not args.no_cache
+    if args.attention:  # first: a bad --layer or --head fails before the work
+        from transformer.plots import plot_attention
 
-    def emit(lines: list[str]) -> None:
-        todo = [i for i, line in enumerate(lines) if line.strip()]
+        path = plot_attention(
+            model,
+            tokenizer,
+            lines[0],
+            dcfg,
+            device,
+            args.attention,
+            layer=args.layer,
+            head=args.head,
+        )
+        print(f"attention plot: {path}", file=sys.stderr)
+    done_lines = 0  # lines of the input written so far: n-best rows count from 0
+
+    def emit(batch: list[str]) -> None:
+        nonlocal done_lines
+        todo = [i for i, line in enumerate(batch) if line.strip()]
         done = translate(
             model,
             tokenizer,
-            [lines[i] for i in todo],
+            [batch[i] for i in todo],
             dcfg,
             device,
             use_cache=use_cache,
+            line_numbers=[done_lines + i + 1 for i in todo],
         )
         results = dict(zip(todo, done, strict=True))
-        for i in range(len(lines)):
+        for i in range(len(batch)):
             hyps = results.get(i)
-            if not hyps:
+            if dcfg.nbest > 1:  # an empty line gives one empty hypothesis
+                for h in hyps or [None]:
+                    score, text = (h.score, h.text) if h else (0.0, "")
+                    print(f"{done_lines + i}\t{score:.4f}\t{_one_line(text)}")
+            elif not hyps:
                 print("")  # an empty line gives an empty line
-            elif dcfg.nbest > 1:
-                for h in hyps:
-                    print(f"{i}\t{h.score:.4f}\t{_one_line(h.text)}")
             else:
                 print(_one_line(hyps[0].text))
         sys.stdout.flush()
+        done_lines += len(batch)
 
-    lines = _input_lines(args)
     if lines is not None:
         emit(lines)
     elif sys.stdin.isatty():
@@ -356,23 +410,6 @@ def _translate(argv: list[str] | None) -> int:
                 batch = []
         if batch:
             emit(batch)
-    if args.attention:
-        first = (lines or [""])[0] if lines else None
-        if not first:
-            raise ConfigError("--attention needs a sentence (-s) or --input file")
-        from transformer.plots import plot_attention
-
-        path = plot_attention(
-            model,
-            tokenizer,
-            first,
-            dcfg,
-            device,
-            args.attention,
-            layer=args.layer,
-            head=args.head,
-        )
-        print(f"attention plot: {path}", file=sys.stderr)
     return 0
 
 

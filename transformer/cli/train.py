@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -126,6 +127,8 @@ def preprocess_main(argv: list[str] | None = None) -> int:
 
 # --- average ---
 
+_STEP = re.compile(r"step_(\d+)\.pt$")  # what the training loop names them
+
 
 def _average(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
@@ -156,12 +159,16 @@ def _average(argv: list[str] | None) -> int:
     )
     args = parser.parse_args(argv)
     setup_logging()
+    if args.inputs and args.run_dir:
+        raise ConfigError("give --run-dir or --inputs, not both")
+    if args.last < 1:
+        raise ConfigError(f"--last: must be >= 1 (got {args.last})")
     if args.inputs:
         paths = [Path(p) for p in args.inputs]
     elif args.run_dir:
         steps = sorted(
-            Path(args.run_dir).glob("step_*.pt"),
-            key=lambda p: int(p.stem.split("_")[1]),
+            (p for p in Path(args.run_dir).glob("step_*.pt") if _STEP.match(p.name)),
+            key=lambda p: int(_STEP.match(p.name)[1]),
         )
         paths = steps[-args.last :]
     else:

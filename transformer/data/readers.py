@@ -47,7 +47,8 @@ def read_lines(path: Path, replace_invalid: bool = False) -> Iterator[str]:
 
     Lines end at ``\\n`` only: other Unicode separators (U+2028, form feed, ...)
     stay inside their line, so that one line in is one line out. Invalid UTF-8 is
-    an error naming the line, or, with ``replace_invalid``, replaced by U+FFFD.
+    an error naming the line, or, with ``replace_invalid``, replaced by U+FFFD. A
+    UTF-8 byte-order mark at the start is dropped.
     """
     try:
         with _open_binary(path) as f:
@@ -62,6 +63,8 @@ def read_lines(path: Path, replace_invalid: bool = False) -> Iterator[str]:
                         ) from None
                     log.warning("%s:%d: invalid UTF-8 replaced", path, number)
                     line = raw.decode("utf-8", errors="replace")
+                if number == 1:  # a byte-order mark is not text (BLEU would count it)
+                    line = line.removeprefix("\ufeff")
                 yield line.rstrip("\r\n")
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read: {e}") from e

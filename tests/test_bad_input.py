@@ -1,0 +1,244 @@
+"""Bad input to the command-line tools and configs: one clear line naming the
+option, file, line or key, checked before the work; never a traceback, never a
+silently wrong result."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TOY, tiny
+from transformer.checkpoint import atomic_save, load_checkpoint
+from transformer.cli import average_main, eval_main, train_main, translate_main
+from transformer.config import ConfigError, load_config
+from transformer.data import read_lines
+from transformer.evaluation import reference_warnings
+from transformer.training import Trainer
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, toy_tokenizer) -> Path:
+    """A toy run with step checkpoints (barely trained: only its files matter)."""
+    run = tmp_path_factory.mktemp("bad") / "run"
+    cfg = tiny(run, toy_tokenizer, "training.max_steps=20", "training.save_every=10")
+    Trainer(cfg).train()
+    return run
+
+
+def translate_cli(args: list[str], stdin: bytes = b""):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "translate.py"), *args],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def test_nbest_rows_number_the_input_lines_across_batches(run):
+    lines = ["a b c", "d e", "", "f g h", " ".join(["a"] * 200), "i j"]
+    args = ["--checkpoint", str(run / "last.pt"), "--beam", "2", "--nbest", "2"]
+    result = translate_cli([*args, "--batch-lines", "2"], "\n".join(lines).encode())
+    assert result.returncode == 0, result.stderr.decode()
+    rows = [r.split("\t") for r in result.stdout.decode().splitlines()]
+    # two rows a line, one (empty) for the empty line, numbered from 0 throughout
+    assert [int(r[0]) for r in rows] == [0, 0, 1, 1, 2, 3, 3, 4, 4, 5, 5]
+    assert rows[4] == ["2", "0.0000", ""]
+    # the over-long line is named by its line in the input, not in its batch
+    assert "truncated (first: line 5)" in result.stderr.decode()
+
+
+def test_a_closed_output_pipe_stops_quietly(run):
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "translate.py")]
+        + ["--checkpoint", str(run / "last.pt"), "--batch-lines", "1", "--greedy"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdin.write(b"a b c\n" * 2000)
+    proc.stdin.close()
+    proc.stdout.readline()
+    proc.stdout.close()  # as `| head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--greedy", "--nbest", "3"], "several hypotheses need beam search"),
+        (["--sample", "--nbest", "2"], "several hypotheses need beam search"),
+        (["--device", "foo"], "--device: 'foo' is not a device"),
+        (["--sample", "--temperature", "inf"], "temperature: expected a finite"),
+        (["--length-penalty", "nan"], "length_penalty: expected a finite"),
+        (["--sample", "--seed", "9" * 23], "does not fit in 64 bits"),
+        (["--batch-lines", "0"], "--batch-lines: must be >= 1"),
+        (["-i", "in.txt"], "give sentences (-s) or an --input file, not both"),
+        (["--attention", "nodir/a.png"], "--attention nodir/a.png: no such directory"),
+        (["--attention", "."], "--attention .: is a directory"),
+    ],
+)
+def test_translate_options_that_do_not_fit(run, capsys, options, message):
+    argv = ["--checkpoint", str(run / "last.pt"), "-s", "a b", *options]
+    assert translate_main(argv) == 2
+    out = capsys.readouterr()
+    assert message in out.err and "Traceback" not in out.err
+    assert out.out == ""  # refused before any translation
+
+
+def test_attention_layer_is_checked_before_the_input_is_translated(
+    run, tmp_path, capsys
+):
+    argv = ["--checkpoint", str(run / "last.pt"), "-s", "a b", "-s", "c d"]
+    plot = ["--attention", str(tmp_path / "a.png"), "--layer", "99"]
+    assert translate_main([*argv, *plot]) == 2
+    out = capsys.readouterr()
+    assert "--layer must be in [-2, 1]" in out.err and out.out == ""
+
+
+def test_undecodable_bytes_on_the_command_line(run, capsys):
+    # what Python makes of `-s $'a \xff b'`: a lone surrogate
+    argv = ["--checkpoint", str(run / "last.pt"), "-s", "ok", "-s", "a \udcff b"]
+    assert translate_main(argv) == 2
+    assert "--sentence #2: not valid UTF-8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--greedy", "--beam", "4"], "not allowed with argument"),
+        (["--greedy", "--sample"], "not allowed with argument"),
+        (["decoding.beam_size"], "decoding.beam_size: expected decoding.key=value"),
+    ],
+)
+def test_search_options_that_exclude_each_other(run, capsys, options, message):
+    with pytest.raises(SystemExit) as exit:
+        translate_main(["--checkpoint", str(run / "last.pt"), "-s", "a", *options])
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_output_paths_are_checked_before_decoding(run, tmp_path, capsys):
+    base = ["--checkpoint", str(run / "last.pt"), "--split", "val", "--greedy"]
+    for option in ("--output", "--report"):
+        target = tmp_path / "nodir" / "x"
+        assert eval_main([*base, option, str(target)]) == 2
+        assert f"{option} {target}: no such directory" in capsys.readouterr().err
+    assert not list(run.glob("*.hyp"))  # nothing decoded, nothing left behind
+
+
+def write_config(tmp_path, text: str | bytes) -> Path:
+    path = tmp_path / "c.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def test_config_files_that_are_not_configs(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml: empty config"):
+        load_config(write_config(tmp_path, "# nothing\n"))
+    with pytest.raises(ConfigError, match=r"c.yaml: not UTF-8 text \(byte 0xff"):
+        load_config(write_config(tmp_path, b"\xff\xfedata: {}\n"))
+
+
+def test_a_key_written_twice_is_an_error_naming_both_lines(tmp_path):
+    text = TOY.read_text() + "training:\n  seed: 5\n"  # a second training section
+    first = 1 + TOY.read_text().splitlines().index("training:")
+    with pytest.raises(ConfigError) as e:
+        load_config(write_config(tmp_path, text))
+    message = str(e.value)
+    assert "duplicate key 'training'" in message
+    assert f"first on line {first}" in message
+    assert f"line {len(TOY.read_text().splitlines()) + 1}" in message
+    with pytest.raises(ConfigError, match="duplicate key 'seed'"):
+        load_config(write_config(tmp_path, "training:\n  seed: 1\n  seed: 2\n"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.lr=.inf", "training.lr: expected a finite number"),
+        ("training.lr=.nan", "training.lr: expected a finite number"),
+        ("training.seed=99999999999999999999", "does not fit in 64 bits"),
+        ("training.max_stpes=3", "command line: training.max_stpes: unknown key"),
+    ],
+)
+def test_bad_overrides_are_named_as_the_command_lines(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TOY, [override])
+    assert message in str(e.value)
+    if override.startswith("training.max_stpes"):
+        assert str(TOY) not in str(e.value)  # the file is not to blame
+
+
+def test_a_typo_in_the_file_is_still_the_files(tmp_path, capsys):
+    path = write_config(tmp_path, TOY.read_text().replace("max_steps", "max_stpes"))
+    assert train_main(["--config", str(path)]) == 2
+    assert f"{path}: training.max_stpes: unknown key" in capsys.readouterr().err
+
+
+def test_average_refuses_weights_that_do_not_mean_the_same(run, tmp_path, capsys):
+    last = load_checkpoint(run / "last.pt")
+    other_tok = dict(last, tokenizer=dict(last["tokenizer"]))
+    name = next(iter(other_tok["tokenizer"]))
+    other_tok["tokenizer"][name] = other_tok["tokenizer"][name].clone()
+    other_tok["tokenizer"][name][-1] ^= 1
+    atomic_save(other_tok, tmp_path / "tok.pt")
+    model = dict(last["config"]["model"], norm_first=False)
+    atomic_save(
+        dict(last, config={**last["config"], "model": model}), tmp_path / "a.pt"
+    )
+    out = ["--output", str(tmp_path / "avg.pt")]
+    cases = [
+        (["--inputs", str(run / "last.pt"), str(tmp_path / "tok.pt")], "different"),
+        (["--inputs", str(run / "last.pt"), str(tmp_path / "a.pt")], "norm_first"),
+        (["--inputs", str(run / "last.pt"), str(run / "last.pt")], "given twice"),
+        (["--run-dir", str(run), "--last", "0"], "--last: must be >= 1"),
+        (["--run-dir", str(run), "--inputs", str(run / "last.pt")], "not both"),
+    ]
+    for argv, message in cases:
+        assert average_main([*argv, *out]) == 2, argv
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "avg.pt").exists()
+
+
+def test_average_reads_only_the_step_checkpoints_it_wrote(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.copy(copy / "last.pt", copy / "step_final.pt")
+    argv = ["--run-dir", str(copy), "--last", "9", "--output", str(tmp_path / "a.pt")]
+    assert average_main(argv) == 0
+    assert "averaged 2 checkpoints" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "a.pt")["averaged_steps"] == [10, 20]
+
+
+def test_damaged_weights_are_refused_naming_the_file(run, tmp_path, capsys):
+    ckpt = load_checkpoint(run / "last.pt")
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][name] = ckpt["model"][name].clone()
+    ckpt["model"][name].view(-1)[:4] = torch.nan
+    atomic_save(ckpt, tmp_path / "nan.pt")
+    assert translate_main(["--checkpoint", str(tmp_path / "nan.pt"), "-s", "a"]) == 2
+    err = capsys.readouterr().err
+    assert f"nan.pt: 1 raw weight tensor(s) hold NaN or inf (first: {name})" in err
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    for name, opener in (("r.txt", open), ("r.txt.gz", gzip.open)):
+        with opener(tmp_path / name, "wb") as f:
+            f.write("\ufeffEin Hund.\nZwei.\n".encode())
+        assert list(read_lines(tmp_path / name)) == ["Ein Hund.", "Zwei."]
+
+
+def test_empty_references_are_warned_about():
+    (warning,) = reference_warnings(["A dog.", "", "Two cats.", " "])
+    assert warning.startswith("2 references are empty (first: line 2)")
