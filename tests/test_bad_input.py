@@ -242,3 +242,21 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
 def test_empty_references_are_warned_about():
     (warning,) = reference_warnings(["A dog.", "", "Two cats.", " "])
     assert warning.startswith("2 references are empty (first: line 2)")
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_caught_by_its_crc(run, tmp_path, capsys):
+    import struct
+    import zipfile
+
+    damaged = tmp_path / "flip.pt"
+    shutil.copy(run / "last.pt", damaged)
+    with zipfile.ZipFile(damaged) as archive:  # the largest record: weights
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    data = bytearray(damaged.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 :][:4])
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0x01  # one bit of one float: still finite
+    damaged.write_bytes(bytes(data))
+    assert translate_main(["--checkpoint", str(damaged), "-s", "a"]) == 2
+    err = capsys.readouterr().err
+    assert f"flip.pt: damaged: {info.filename} fails its CRC check" in err

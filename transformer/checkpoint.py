@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +91,29 @@ def non_finite_weights(state_dict: dict[str, torch.Tensor]) -> list[str]:
     ]
 
 
+def _check_archive(path: Path) -> None:
+    """torch.save writes a zip archive with a CRC-32 per record, which torch.load
+    does not check: a damaged byte would load as a wrong weight. Check them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated, or not the zip archive "
+            f"torch.save writes: {e})"
+        ) from None
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path}: damaged: {damaged} fails its CRC check (copy the file again)"
+        )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint safely (no code can run) and check that it is one of ours."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    _check_archive(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
