@@ -99,6 +99,16 @@ def train_command(run_dir, tokenizer, *extra) -> list[str]:
     ]
 
 
+def translate_cli(args: list[str], stdin: bytes = b""):
+    """``scripts/translate.py`` in a subprocess, fed ``stdin``."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "translate.py"), *args],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+    )
+
+
 def tiny(run_dir, tokenizer, *extra):
     return load_config(
         TOY,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TOY, tiny
+from tests.conftest import ROOT, TOY, tiny, translate_cli
 from transformer.checkpoint import atomic_save, load_checkpoint
 from transformer.cli import average_main, eval_main, train_main, translate_main
 from transformer.config import ConfigError, load_config
@@ -29,15 +29,6 @@ def run(tmp_path_factory, toy_tokenizer) -> Path:
     cfg = tiny(run, toy_tokenizer, "training.max_steps=20", "training.save_every=10")
     Trainer(cfg).train()
     return run
-
-
-def translate_cli(args: list[str], stdin: bytes = b""):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "translate.py"), *args],
-        input=stdin,
-        capture_output=True,
-        timeout=120,
-    )
 
 
 def test_nbest_rows_number_the_input_lines_across_batches(run):
@@ -76,8 +67,8 @@ def test_a_closed_output_pipe_stops_quietly(run):
         (["--greedy", "--nbest", "3"], "several hypotheses need beam search"),
         (["--sample", "--nbest", "2"], "several hypotheses need beam search"),
         (["--device", "foo"], "--device: 'foo' is not a device"),
-        (["--sample", "--temperature", "inf"], "temperature: expected a finite"),
-        (["--length-penalty", "nan"], "length_penalty: expected a finite"),
+        (["--sample", "--temperature", "inf"], "temperature: must be finite"),
+        (["--length-penalty", "nan"], "length_penalty: expected a number (got nan)"),
         (["--sample", "--seed", "9" * 23], "does not fit in 64 bits"),
         (["--batch-lines", "0"], "--batch-lines: must be >= 1"),
         (["-i", "in.txt"], "give sentences (-s) or an --input file, not both"),
@@ -166,8 +157,8 @@ def test_a_key_written_twice_is_an_error_naming_both_lines(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("training.lr=.inf", "training.lr: expected a finite number"),
-        ("training.lr=.nan", "training.lr: expected a finite number"),
+        ("training.lr=.inf", "training.lr: must be finite"),
+        ("training.lr=.nan", "training.lr: expected a number (got nan)"),
         ("training.seed=99999999999999999999", "does not fit in 64 bits"),
         ("training.max_stpes=3", "command line: training.max_stpes: unknown key"),
     ],

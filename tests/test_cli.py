@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import transformer.precision
+from tests.conftest import translate_cli
 from transformer.checkpoint import load_model, set_precision
 from transformer.cli import average_main, eval_main, train_main, translate_main
 from transformer.config import load_config
@@ -37,15 +36,6 @@ def toy_run(tmp_path_factory) -> Path:
     )
     train(cfg)
     return run
-
-
-def translate_cli(args, stdin: bytes = b""):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "translate.py"), *args],
-        input=stdin,
-        capture_output=True,
-        timeout=120,
-    )
 
 
 def test_stdin_is_streamed_in_order_with_empty_lines(toy_run):

@@ -40,10 +40,21 @@ def run_cli(main, argv, extra_errors: tuple[type[Exception], ...] = ()) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader left (``| head``): stop quietly
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe (a socket, a subprocess): a real error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error at exit's flush
         return 141
+
+
+def _stdout_closed() -> bool:
+    """Has the reader of standard output left (``| head``)?"""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    return False
 
 
 # the entry points, after run_cli and setup_logging, which they use

@@ -116,6 +116,12 @@ def _decoding_config(args, base: DecodingConfig) -> DecodingConfig:
             values[key] = getattr(args, arg)
     if values["strategy"] == "beam":
         values["beam_size"] = max(values["beam_size"], values["nbest"])
+    elif args.nbest is not None and args.nbest > 1:
+        raise ConfigError(
+            f"--nbest {args.nbest}: several hypotheses need beam search (--beam K)"
+        )
+    else:  # a stored decoding.nbest means nothing to greedy search or sampling
+        values["nbest"] = 1
     cfg = _build(DecodingConfig, values, "decoding")
     cfg.validate()
     return cfg
@@ -341,10 +347,10 @@ def _translate(argv: list[str] | None) -> int:
     if args.batch_lines < 1:
         raise ConfigError(f"--batch-lines: must be >= 1 (got {args.batch_lines})")
     _check_output(args.attention, "--attention")
+    setup_logging()
     lines = _input_lines(args)
     if args.attention and not (lines and lines[0].strip()):
         raise ConfigError("--attention needs a sentence (-s) or --input file")
-    setup_logging()
     from transformer.evaluation import translate
 
     device = _device(args.device)

@@ -28,23 +28,39 @@ class _Loader(yaml.SafeLoader):
     drop the whole first one).
     """
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            first: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=deep)
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:  # before construction, which merges ``<<`` in place
+            _check_duplicates(node, set())
+        return node
+
+
+def _check_duplicates(node: yaml.Node, seen: set[int]) -> None:
+    """Refuse a mapping that writes one key twice (its own keys, not merged ones)."""
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE:
+                key = (key_node.tag, key_node.value)
                 if key in first:
                     raise yaml.constructor.ConstructorError(
                         None,
                         None,
-                        f"duplicate key {key!r} (first on line {first[key] + 1})",
+                        f"duplicate key {key_node.value!r} (first on line "
+                        f"{first[key] + 1})",
                         key_node.start_mark,
                     )
                 first[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
+            _check_duplicates(value_node, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            _check_duplicates(child, seen)
 
+
+_MERGE = "tag:yaml.org,2002:merge"
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -134,8 +150,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number (got {value!r})")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number (got {value!r})")
+        if math.isnan(value):  # every range check would pass it
+            raise ConfigError(f"{key}: expected a number (got {value!r})")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -281,11 +297,19 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     try:
         return config_from_dict(tree, overrides)
     except ConfigError as e:
-        # an error about a key given on the command line is not the file's
-        key = str(e).split(":", 1)[0]
-        from_overrides = {k for k, _ in parse_overrides(list(overrides))}
-        where = "command line" if key in from_overrides else str(path)
-        raise ConfigError(f"{where}: {e}") from e
+        given = [k for k, _ in parse_overrides(list(overrides))]
+        lines = [f"{_blame(line, given, path)}: {line}" for line in str(e).split("\n")]
+        raise ConfigError("\n".join(lines)) from e
+
+
+def _blame(message: str, overrides: list[str], path: Path) -> str:
+    """Whose key an error line names: the command line's when an override set it,
+    or a key inside it, or a section it lies in (``traning.lr=1``), else the file's."""
+    key = message.split(":", 1)[0]
+    for given in overrides:
+        if key == given or given.startswith(key + ".") or key.startswith(given + "."):
+            return "command line"
+    return str(path)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

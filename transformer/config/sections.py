@@ -189,6 +189,9 @@ class TrainingConfig:
             "must be in [0, 1)",
         )
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be positive")
+        for name in ("lr", "eps", "weight_decay"):  # inf would train NaN weights
+            value = getattr(self, name)
+            _check(math.isfinite(value), f"{prefix}.{name}", value, "must be finite")
         for name in (
             "accumulate",
             "loss_chunk_rows",
@@ -303,12 +306,6 @@ class DecodingConfig:
         )
         _check(self.beam_size >= 1, f"{prefix}.beam_size", self.beam_size, ">= 1")
         _check(self.nbest >= 1, f"{prefix}.nbest", self.nbest, "must be >= 1")
-        _check(
-            self.nbest == 1 or self.strategy == "beam",
-            f"{prefix}.nbest",
-            self.nbest,
-            f"several hypotheses need beam search (strategy is {self.strategy})",
-        )
         _check(
             self.strategy != "beam" or self.nbest <= self.beam_size,
             f"{prefix}.nbest",

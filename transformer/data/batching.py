@@ -4,6 +4,7 @@ several corpora mixed by weight, and collation in DataLoader worker processes.""
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -363,13 +364,15 @@ class TrainBatches:
 
 
 def _quiet_worker(worker_id: int) -> None:
-    """Workers leave stopping to the main process: a terminal's Ctrl-C or a batch
-    scheduler's SIGTERM reaches the whole process group (a worker killed by it
-    fails the run), and a forked worker would run the trainer's handler. The
-    main process shuts its workers down when it stops; a worker whose main
-    process is gone exits by itself."""
+    """Workers leave stopping to the main process. A terminal's Ctrl-C or a batch
+    scheduler's SIGTERM goes to the whole process group, and a worker killed by
+    it fails the run: so each worker leaves the group. The main process still
+    ends a stuck worker with SIGTERM (the default action again: a forked worker
+    would otherwise run the trainer's handler); one whose main process is gone
+    exits by itself."""
+    os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _Stream(IterableDataset):
