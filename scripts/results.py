@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from transformer.config import ConfigError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,20 +41,24 @@ def choose(sweep: dict[tuple[int, float], float]) -> tuple[int, float]:
 
 
 def describe(path: Path) -> dict:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"file": str(path), "mib": path.stat().st_size / 2**20, "sha256": digest}
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    size = path.stat().st_size / 2**20
+    return {"file": str(path), "mib": size, "sha256": digest.hexdigest()}
 
 
 def parse_row(text: str) -> tuple[str, list[Path]]:
     name, sep, files = text.partition("=")
     paths = [Path(f) for f in files.split(",") if f]
     if not sep or not name or not paths:
-        raise SystemExit(f"--row {text!r}: expected NAME=CHECKPOINT[,CHECKPOINT...]")
+        raise ConfigError(f"--row {text!r}: expected NAME=CHECKPOINT[,CHECKPOINT...]")
     if not re.fullmatch(r"[\w .+-]+", name):
-        raise SystemExit(f"--row {name!r}: a name of letters, digits, ' ', . + - _")
+        raise ConfigError(f"--row {name!r}: a name of letters, digits, ' ', . + - _")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise SystemExit(f"--row {name}: no such checkpoint: {', '.join(missing)}")
+        raise ConfigError(f"--row {name}: no such checkpoint: {', '.join(missing)}")
     return name, paths
 
 
@@ -69,7 +75,7 @@ def score_row(name: str, paths: list[Path], args) -> dict:
     ensure_corpus(cfg.data)
     valid, test = cfg.data.valid_split, args.test_split or cfg.data.test_split
     if not test:
-        raise SystemExit(f"--row {name}: the config has no data.test_split")
+        raise ConfigError(f"--row {name}: the config has no data.test_split")
     for split in (valid, test):  # a missing split fails before the sweep's work
         next(iter(read_pairs(cfg.data, split, cfg.training.seed)), None)
 
@@ -80,6 +86,7 @@ def score_row(name: str, paths: list[Path], args) -> dict:
             strategy="beam" if beam > 1 else "greedy",
             beam_size=beam,
             length_penalty=alpha,
+            nbest=1,
         )
         dcfg.validate()
         results = translate(model, tokenizer, [s for s, _ in pairs], dcfg, device)
@@ -87,7 +94,7 @@ def score_row(name: str, paths: list[Path], args) -> dict:
 
     sweep = {}
     for beam in args.beams:
-        for alpha in args.alphas:
+        for alpha in args.alphas if beam > 1 else args.alphas[:1]:  # greedy: once
             sweep[beam, alpha] = bleu = decode(valid, beam, alpha)["bleu"]
             print(f"{name}: {valid} beam {beam} alpha {alpha}: BLEU {bleu:.2f}")
     beam, alpha = choose(sweep)
@@ -97,7 +104,7 @@ def score_row(name: str, paths: list[Path], args) -> dict:
     if args.weights != "raw":
         command += ["--weights", args.weights]
     command += ["--split", test, "--beam", str(beam)]
-    command += ["--length-penalty", str(alpha)]
+    command += ["--length-penalty", str(alpha), "--device", "cpu"]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     return {
@@ -150,11 +157,11 @@ def _main(argv: list[str] | None) -> int:
     rows = [parse_row(r) for r in args.row]
     names = [name for name, _ in rows]
     if len(set(names)) < len(names):
-        raise SystemExit(f"--row: a name is used twice ({', '.join(names)})")
+        raise ConfigError(f"--row: a name is used twice ({', '.join(names)})")
     if min(args.beams) < 1:
-        raise SystemExit(f"--beams: must be >= 1 (got {args.beams})")
+        raise ConfigError(f"--beams: must be >= 1 (got {args.beams})")
     if not all(math.isfinite(a) for a in args.alphas):
-        raise SystemExit(f"--alphas: must be finite numbers (got {args.alphas})")
+        raise ConfigError(f"--alphas: must be finite numbers (got {args.alphas})")
     from bench_common import machine
 
     result = {

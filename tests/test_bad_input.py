@@ -4,6 +4,7 @@ silently wrong result."""
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import shutil
 import subprocess
@@ -13,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import transformer.evaluation
 from tests.conftest import ROOT, TOY, tiny, translate_cli
 from transformer.checkpoint import atomic_save, load_checkpoint
 from transformer.cli import average_main, eval_main, train_main, translate_main
 from transformer.config import ConfigError, load_config
+from transformer.config.loading import read_yaml
 from transformer.data import read_lines
 from transformer.evaluation import reference_warnings
 from transformer.training import Trainer
@@ -44,20 +47,22 @@ def test_nbest_rows_number_the_input_lines_across_batches(run):
     assert "truncated (first: line 5)" in result.stderr.decode()
 
 
-def test_a_closed_output_pipe_stops_quietly(run):
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "translate.py")]
-        + ["--checkpoint", str(run / "last.pt"), "--batch-lines", "1", "--greedy"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    proc.stdin.write(b"a b c\n" * 2000)
-    proc.stdin.close()
+def test_a_closed_output_pipe_stops_quietly(run, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("a b c\n" * 20000)  # more output than the pipe holds
+    with source.open("rb") as stdin:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "translate.py")]
+            + ["--checkpoint", str(run / "last.pt"), "--batch-lines", "1", "--greedy"],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)  # before it writes
     proc.stdout.readline()
-    proc.stdout.close()  # as `| head -1` does
+    proc.stdout.close()  # as `| head -1` does, while it still has lines to write
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 141, err
+    assert proc.wait(timeout=300) == 141, err
     assert "Traceback" not in err
 
 
@@ -116,13 +121,29 @@ def test_search_options_that_exclude_each_other(run, capsys, options, message):
     assert message in capsys.readouterr().err
 
 
-def test_eval_output_paths_are_checked_before_decoding(run, tmp_path, capsys):
+def test_eval_output_paths_are_checked_before_decoding(
+    run, tmp_path, capsys, monkeypatch
+):
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the output paths were checked")
+
+    monkeypatch.setattr(transformer.evaluation, "translate", no_decoding)
     base = ["--checkpoint", str(run / "last.pt"), "--split", "val", "--greedy"]
     for option in ("--output", "--report"):
         target = tmp_path / "nodir" / "x"
         assert eval_main([*base, option, str(target)]) == 2
         assert f"{option} {target}: no such directory" in capsys.readouterr().err
-    assert not list(run.glob("*.hyp"))  # nothing decoded, nothing left behind
+
+
+def test_a_stored_nbest_does_not_stop_greedy_search(run, tmp_path, capsys):
+    ckpt = load_checkpoint(run / "last.pt")
+    decoding = {**ckpt["config"]["decoding"], "nbest": 3, "beam_size": 4}
+    ckpt["config"] = {**ckpt["config"], "decoding": decoding}
+    atomic_save(ckpt, tmp_path / "nbest.pt")
+    for search in (["--greedy"], ["--beam", "1"], ["--sample", "--seed", "1"]):
+        argv = ["--checkpoint", str(tmp_path / "nbest.pt"), "-s", "a b", *search]
+        assert translate_main(argv) == 0, search
+        assert len(capsys.readouterr().out.splitlines()) == 1
 
 
 def write_config(tmp_path, text: str | bytes) -> Path:
@@ -152,6 +173,9 @@ def test_a_key_written_twice_is_an_error_naming_both_lines(tmp_path):
     assert f"line {len(TOY.read_text().splitlines()) + 1}" in message
     with pytest.raises(ConfigError, match="duplicate key 'seed'"):
         load_config(write_config(tmp_path, "training:\n  seed: 1\n  seed: 2\n"))
+    # merge keys are not duplicates, nested ones neither
+    merged = "a: &a {x: 0}\nb: &b {<<: *a, x: 1}\nc: {<<: *b, x: 3}\n"
+    assert read_yaml(merged) == {"a": {"x": 0}, "b": {"x": 1}, "c": {"x": 3}}
 
 
 @pytest.mark.parametrize(
@@ -250,4 +274,4 @@ def test_a_flipped_byte_in_a_checkpoint_is_caught_by_its_crc(run, tmp_path, caps
     damaged.write_bytes(bytes(data))
     assert translate_main(["--checkpoint", str(damaged), "-s", "a"]) == 2
     err = capsys.readouterr().err
-    assert f"flip.pt: damaged: {info.filename} fails its CRC check" in err
+    assert f"flip.pt: damaged (Bad CRC-32 for file {info.filename!r})" in err

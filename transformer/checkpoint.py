@@ -93,19 +93,23 @@ def non_finite_weights(state_dict: dict[str, torch.Tensor]) -> list[str]:
 
 def _check_archive(path: Path) -> None:
     """torch.save writes a zip archive with a CRC-32 per record, which torch.load
-    does not check: a damaged byte would load as a wrong weight. Check them."""
+    does not check: a damaged byte would load as a wrong weight. Reading each
+    record checks it (records written without a CRC, as 0, are skipped). A file
+    that is no zip archive (older torch formats) is left to torch.load."""
+    if not zipfile.is_zipfile(path):
+        return
     try:
         with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
+            for info in archive.infolist():
+                if info.CRC == 0:  # torch.serialization.set_crc32_options(False)
+                    continue
+                with archive.open(info) as record:
+                    while record.read(1 << 24):
+                        pass
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated, or not the zip archive "
-            f"torch.save writes: {e})"
+            f"{path}: damaged ({e}); copy or write the file again"
         ) from None
-    if damaged is not None:
-        raise CheckpointError(
-            f"{path}: damaged: {damaged} fails its CRC check (copy the file again)"
-        )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -146,12 +150,21 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
 _NOT_ARCHITECTURE = {"dropout", "attention_dropout", "gumbel_temperature"}
 
 
+def _architecture_diffs(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """The architecture fields on which two model configs differ."""
+    return [
+        name
+        for name, value in vars(b).items()
+        if getattr(a, name) != value and name not in _NOT_ARCHITECTURE
+    ]
+
+
 def check_compatible(saved: ModelConfig, wanted: ModelConfig, path: str | Path) -> None:
     """Name every architecture field on which a checkpoint differs from the config."""
     diffs = [
-        f"model.{name}: checkpoint {getattr(saved, name)!r}, config {value!r}"
-        for name, value in vars(wanted).items()
-        if getattr(saved, name) != value and name not in _NOT_ARCHITECTURE
+        f"model.{name}: checkpoint {getattr(saved, name)!r}, config "
+        f"{getattr(wanted, name)!r}"
+        for name in _architecture_diffs(saved, wanted)
     ]
     if diffs:
         raise CheckpointError(
@@ -180,7 +193,7 @@ def model_weights(
     bad = [
         k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()
     ]
-    if bad:  # torch.load does not check the zip's CRCs: a flipped byte loads
+    if bad:  # a run that diverged, or weights damaged before they were saved
         raise CheckpointError(
             f"{path}: {len(bad)} {weights} weight tensor(s) hold NaN or inf (first: "
             f"{bad[0]}): the file is damaged, or the run had diverged"
@@ -215,26 +228,27 @@ def _same_tokenizer(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> b
 
 
 def _check_same_model(
-    ckpt: dict[str, Any], path: str | Path, config: dict, tokenizer: dict, first
+    ckpt: dict[str, Any],
+    path: str | Path,
+    first: dict[str, Any],
+    first_path: str | Path,
 ) -> None:
     """Weights to average must mean the same thing: one tokenizer (the same piece
     behind each id) and one architecture."""
-    if not _same_tokenizer(ckpt["tokenizer"], tokenizer):
+    if not _same_tokenizer(ckpt["tokenizer"], first["tokenizer"]):
         raise CheckpointError(
-            f"{path} and {first} have different tokenizers: averaging their weights "
-            "would mix different pieces under each id"
+            f"{path} and {first_path} have different tokenizers: averaging their "
+            "weights would mix different pieces under each id"
         )
-    mine, theirs = ckpt["config"].get("model", {}), config.get("model", {})
-    differ = sorted(
-        k
-        for k in mine.keys() | theirs.keys()
-        if k not in _NOT_ARCHITECTURE and mine.get(k) != theirs.get(k)
-    )
+    mine = checkpoint_config(ckpt, path).model
+    theirs = checkpoint_config(first, first_path).model
+    differ = _architecture_diffs(mine, theirs)
     if differ:
         key = differ[0]
         raise CheckpointError(
-            f"{path} and {first} differ in model.{key} ({mine.get(key)!r} vs "
-            f"{theirs.get(key)!r}): only one architecture's weights can be averaged"
+            f"{path} and {first_path} differ in model.{key} ({getattr(mine, key)!r} "
+            f"vs {getattr(theirs, key)!r}): only one architecture's weights can be "
+            "averaged"
         )
 
 
@@ -355,9 +369,10 @@ def average_checkpoints(
     for path in paths:  # one at a time: a checkpoint holds its optimizer state too
         ckpt = load_checkpoint(path)
         if model.n == 0:
-            config, tokenizer, first = ckpt["config"], ckpt["tokenizer"], path
+            config, tokenizer, first_path = ckpt["config"], ckpt["tokenizer"], path
+            first = {"config": config, "tokenizer": tokenizer}
         else:
-            _check_same_model(ckpt, path, config, tokenizer, first)
+            _check_same_model(ckpt, path, first, first_path)
         model.add(model_weights(ckpt, path, weights), path)
         if "ema" in ckpt:
             ema.add(ckpt["ema"], path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
 
 from transformer.checkpoint import CheckpointError
@@ -49,12 +50,14 @@ def run_cli(main, argv, extra_errors: tuple[type[Exception], ...] = ()) -> int:
 
 
 def _stdout_closed() -> bool:
-    """Has the reader of standard output left (``| head``)?"""
+    """Has the reader of standard output left (``| head``)? The write end of a
+    pipe whose reader closed it polls as an error."""
     try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        return True
-    return False
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor, no poll
+        return False
 
 
 # the entry points, after run_cli and setup_logging, which they use

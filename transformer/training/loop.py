@@ -318,9 +318,14 @@ class Trainer:
             raise TrainingError(f"{failure}; {self.checkpoints.describe_last()}")
         best, last = self.run_dir / "best.pt", self.run_dir / "last.pt"
         if self.dist.main and not (best.exists() or last.exists()):
-            raise TrainingError(  # e.g. every save refused: weights not finite
+            why = (
+                "it was stopped by a signal"
+                if self.signals.requested
+                else "see the errors above"  # e.g. every save refused: not finite
+            )
+            raise TrainingError(
                 f"the run ended at step {self.state.step} without a checkpoint in "
-                f"{self.run_dir} (see the errors above)"
+                f"{self.run_dir} ({why})"
             )
         return best if best.exists() else last
 
