@@ -63,6 +63,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,7 +84,7 @@ import bench_serve  # noqa: E402  (scripts/bench_serve.py)
 from bench_common import machine, peak_rss_mib, sdpa_flop_mapping  # noqa: E402
 from bench_train import bench_train, bench_train_all  # noqa: E402
 
-from transformer.config import DecodingConfig  # noqa: E402
+from transformer.config import ConfigError, DecodingConfig  # noqa: E402
 
 
 def decode_gflop(decode) -> float:
@@ -300,7 +302,40 @@ def bench_decode(args) -> dict:
     return result
 
 
+# options that count or time something: 0 makes no sense for these
+_POSITIVE = {
+    "updates", "max_tokens", "matmul_seconds", "minutes", "lanes", "clients",
+    "rounds", "max_requests", "output_pieces", "validate_every", "format_batches",
+    "sizes", "seconds",
+}  # fmt: skip
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Every number option is finite and not negative; counts and times above 0."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            low = 0 if name not in _POSITIVE else 1e-9
+            if not (math.isfinite(v) and v >= low):
+                need = "> 0" if name in _POSITIVE else ">= 0"
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: must be {need} (got {v})"
+                )
+    if getattr(args, "device", "auto") != "auto":
+        from transformer.training import resolve_device
+
+        resolve_device(args.device, "--device")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from transformer.cli import run_cli
+
+    return run_cli(_main, argv, (subprocess.CalledProcessError,))
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     train = sub.add_parser("train", help="training throughput")
@@ -357,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in sub.choices.values():
         p.add_argument("--output", help="JSON file (default: benchmarks/<what>.json)")
     args = parser.parse_args(argv)
+    _check_numbers(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.what == "data":
         result = bench_data.bench_data(args)

@@ -275,3 +275,42 @@ def test_a_flipped_byte_in_a_checkpoint_is_caught_by_its_crc(run, tmp_path, caps
     assert translate_main(["--checkpoint", str(damaged), "-s", "a"]) == 2
     err = capsys.readouterr().err
     assert f"flip.pt: damaged (Bad CRC-32 for file {info.filename!r})" in err
+
+
+def test_an_unusable_run_folder_is_a_one_line_error(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    argv = ["--config", str(TOY), f"training.run_dir={afile}/run"]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {afile}/run: Not a directory" in err
+    assert "Traceback" not in err
+
+
+def test_written_files_get_the_umask_permissions(run, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_save({"x": torch.zeros(1)}, tmp_path / "m.pt")
+        assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_save({"x": torch.zeros(1)}, tmp_path / "p.pt")
+        assert (tmp_path / "p.pt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_resuming_with_another_tokenizer_is_refused(run, tmp_path, toy_tokenizer):
+    from transformer.config import DataConfig, TokenizerConfig
+    from transformer.data import read_pairs
+    from transformer.tokenizer import Tokenizer
+
+    pairs = list(read_pairs(DataConfig(format="copy", toy_train_size=200), "train"))
+    other = Tokenizer.train(TokenizerConfig(vocab_size=30), [s for s, _ in pairs], [])
+    (other_path,) = other.save(tmp_path / "spm")
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    with pytest.raises(ConfigError, match="is not the tokenizer .*last.pt was trained"):
+        Trainer(tiny(copy, str(other_path), "training.max_steps=30"))
+    Trainer(tiny(copy, toy_tokenizer, "training.max_steps=30"))  # its own: resumes

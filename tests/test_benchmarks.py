@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from bench_quality import crossing  # noqa: E402
@@ -29,3 +31,22 @@ def test_time_to_quality_is_the_first_crossing_in_update_and_wall_minutes():
         "wall_minutes": 4.5,  # from the first update, validations included
     }
     assert crossing(rows, 30.0) is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["decode", "--checkpoint", "none.pt"], "none.pt: checkpoint not found"),
+        (["decode", "--checkpoint", "x.pt", "--threads", "-3"], "--threads: must be"),
+        (["compare", "--lanes", "0"], "--lanes: must be > 0 (got 0)"),
+        (["quality", "--minutes", "-1"], "--minutes: must be > 0"),
+        (["train", "--updates", "-5"], "--updates: must be > 0"),
+        (["decode", "--checkpoint", "x.pt", "--device", "foo"], "is not a device"),
+    ],
+)
+def test_bad_benchmark_options_are_one_line_errors(argv, message, capsys):
+    import benchmark
+
+    assert benchmark.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

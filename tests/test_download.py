@@ -7,11 +7,13 @@ import gzip
 import hashlib
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+import transformer.data.download
 from tests.conftest import SRC, TGT
 from transformer.cli import preprocess_main
 from transformer.config import DataConfig
@@ -34,6 +36,7 @@ class Server:
     def __init__(self) -> None:
         self.requests: list[tuple[str, str | None]] = []
         self.cut_once: set[str] = set()
+        self.drip: set[str] = set()  # files sent a byte at a time, slowly
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,6 +67,12 @@ class Server:
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
                     self.close_connection = True
+                    return
+                if name in server.drip:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(0.05)
                     return
                 self.wfile.write(body)
 
@@ -119,6 +128,17 @@ def test_a_cut_off_download_resumes(tmp_path, server, caplog):
     half = (len(FILES["train.de.gz"])) // 2
     assert tries == [None, f"bytes={half}-"]  # the second try asked for the rest
     assert "try 1 of 3 failed" in caplog.text
+
+
+def test_a_stalled_download_fails_each_try_then_names_the_remedy(
+    tmp_path, server, caplog, monkeypatch
+):
+    # a byte every 0.05 s never trips the socket timeout; the stall check does
+    monkeypatch.setattr(transformer.data.download, "STALL_SECONDS", 0.5)
+    server.drip = {"train.de.gz"}
+    with pytest.raises(DataError, match="stalled: .* bytes in the last 0.5 s"):
+        ensure_corpus(config(tmp_path, server.url))
+    assert caplog.text.count("train.de.gz: try") == 3
 
 
 def test_a_wrong_checksum_leaves_nothing_behind(tmp_path, server):

@@ -20,6 +20,7 @@ from transformer.config import (
     config_from_dict,
     migrate,
 )
+from transformer.files import as_if_created
 from transformer.models import Ensemble, create_model
 from transformer.precision import effective_precision
 from transformer.tokenizer import Tokenizer
@@ -45,6 +46,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        as_if_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -176,7 +178,7 @@ WEIGHTS = ("raw", "ema")  # the trained weights, or their moving average
 
 
 def model_weights(
-    ckpt: dict, path: str | Path, weights: str = "raw"
+    ckpt: dict, path: str | Path, weights: str = "raw", use_raw: str = "--weights raw"
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's ``raw`` weights or their ``ema`` (``training.ema_decay``),
     floating-point tensors in float32 (a published file may hold float16)."""
@@ -186,9 +188,7 @@ def model_weights(
         why = "trained with training.ema_decay: 0"
         if ckpt.get("weights") == "ema":
             why = "its weights already are the EMA (written with --weights ema)"
-        raise CheckpointError(
-            f"{path}: holds no EMA weights ({why}); use --weights raw"
-        )
+        raise CheckpointError(f"{path}: holds no EMA weights ({why}); use {use_raw}")
     state = ckpt["ema" if weights == "ema" else "model"]
     bad = [
         k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()

@@ -32,7 +32,9 @@ def setup_logging(verbose: bool = False) -> None:
 def run_cli(main, argv, extra_errors: tuple[type[Exception], ...] = ()) -> int:
     """Run an entry point: a user error prints one ``error:`` line (exit 2), Ctrl-C
     prints ``interrupted`` (exit 130), a closed output pipe stops quietly (exit
-    141, as SIGPIPE would); anything else is a bug and shows its trace."""
+    141, as SIGPIPE would), an operating-system error on a named file (read-only,
+    not a folder, disk full) prints one line (exit 2); anything else is a bug and
+    shows its trace."""
     try:
         return main(argv)
     except (*USER_ERRORS, *extra_errors) as e:
@@ -47,6 +49,12 @@ def run_cli(main, argv, extra_errors: tuple[type[Exception], ...] = ()) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error at exit's flush
         return 141
+    except OSError as e:  # a folder that is a file, read-only, a full disk
+        if e.filename is None:
+            raise
+        where = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+        print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 def _stdout_closed() -> bool:

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS = 3  # tries per file; each resumes the previous one's partial file
 TIMEOUT = 60  # seconds without an answer before a try fails
+# a try also fails when fewer than STALL_BYTES arrive in STALL_SECONDS: a server
+# that drips a byte now and then never trips the timeout above
+STALL_SECONDS = 60.0
+STALL_BYTES = 16 * 1024
 
 
 def default_download_dir(url: str) -> Path:
@@ -63,10 +68,20 @@ def _fetch_once(url: str, part: Path) -> None:
             )
         try:
             with open(part, "ab" if done else "wb") as f:
-                for block in iter(lambda: response.read(1 << 16), b""):
+                since, arrived = time.monotonic(), 0
+                # read1: what has arrived, without waiting for a whole block
+                for block in iter(lambda: response.read1(1 << 16), b""):
                     f.write(block)
                     if bar is not None:
                         bar.update(len(block))
+                    arrived += len(block)
+                    if time.monotonic() - since >= STALL_SECONDS:
+                        if arrived < STALL_BYTES:
+                            raise OSError(
+                                f"stalled: {arrived} bytes in the last "
+                                f"{STALL_SECONDS:g} s"
+                            )
+                        since, arrived = time.monotonic(), 0
         finally:
             if bar is not None:
                 bar.close()

@@ -44,6 +44,7 @@ import numpy as np
 from transformer.config import DataConfig
 from transformer.data.corpus import FilterStats, keep_pair
 from transformer.data.readers import DataError, read_pairs, split_files, split_origin
+from transformer.files import as_if_created
 from transformer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -228,6 +229,7 @@ def build_store(
     len_dtype = _uint(cfg.max_length + 1)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    as_if_created(staging)
     stats = FilterStats()
     tokens = {"src": 0, "tgt": 0}
     report = _Report(split_origin(cfg, split), progress)

@@ -30,6 +30,7 @@ from transformer import __version__
 from transformer.checkpoint import WEIGHTS, load_model
 from transformer.config import DecodingConfig, ModelConfig
 from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
+from transformer.files import as_if_created
 from transformer.models import Transformer
 from transformer.tokenizer import SPECIAL_IDS, Tokenizer
 
@@ -219,6 +220,7 @@ def export_model(
     spec.optimize(quantization=quantization)  # aliases tied weights, then quantizes
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    as_if_created(staging)
     try:
         spec.save(str(staging))
         files = [p.name for p in tokenizer.save(staging)]

@@ -85,6 +85,25 @@ def sample_pairs(cfg: Config) -> tuple[list[str], list[str], int]:
     return [s for s, _ in sample], [t for _, t in sample], seen
 
 
+def check_resumed_tokenizer(cfg: Config, saved: dict, last: Path) -> None:
+    """A resumed run keeps its own tokenizer: a config naming other model files
+    is refused rather than recorded in config.yaml while being ignored."""
+    tcfg = cfg.data.tokenizer
+    if not (tcfg.model or tcfg.src_model):
+        return
+    given = Tokenizer.from_files(tcfg).state_dict()
+    same = given.keys() == saved.keys() and all(
+        torch.equal(given[k], saved[k]) for k in given
+    )
+    if not same:
+        files = tcfg.model or f"{tcfg.src_model}, {tcfg.tgt_model}"
+        raise ConfigError(
+            f"data.tokenizer: {files} is not the tokenizer {last} was trained with; "
+            "a resumed run keeps its own (drop the setting, or start a new "
+            "training.run_dir)"
+        )
+
+
 def build_tokenizer(cfg: Config, run_dir: Path, ranks: Distributed) -> Tokenizer:
     """Given model files, the run's own model, or one that rank 0 trains on a
     sample of the training data while the other ranks wait for it."""

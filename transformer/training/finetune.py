@@ -70,7 +70,7 @@ def load_init(cfg: Config) -> InitSource:
         path,
         tokenizer,
         checkpoint_config(ckpt, path).model,
-        model_weights(ckpt, path, t.init_weights),
+        model_weights(ckpt, path, t.init_weights, "training.init_weights=raw"),
         t.init_weights,
     )
 

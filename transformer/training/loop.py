@@ -38,6 +38,7 @@ from transformer.training.build import (
     build_model,
     build_tokenizer,
     build_train_data,
+    check_resumed_tokenizer,
     run_dir_of,
     set_vocab_sizes,
 )
@@ -90,6 +91,7 @@ class Trainer:
             init = load_init(cfg)
         if ckpt is not None:
             self.tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
+            check_resumed_tokenizer(cfg, ckpt["tokenizer"], last)
         elif init is not None:
             self.tokenizer = init.tokenizer
         else:

@@ -1,0 +1,25 @@
+"""Files written through a temporary name: the permissions a plain write gives.
+
+``tempfile`` creates its files 0600 and its folders 0700, so that nobody else can
+read them while they are written; renamed into place they would stay that way, and
+a published model or a shared corpus store would be unreadable to other users.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the mask means setting it: put it back at once
+    os.umask(mask)
+    return mask
+
+
+def as_if_created(path: str | Path) -> None:
+    """Give a file or folder made by ``tempfile`` the mode ``open`` or ``mkdir``
+    would have given it under the process's umask (0644 / 0755 under 022)."""
+    path = Path(path)
+    mode = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, mode & ~_umask())
