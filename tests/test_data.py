@@ -99,18 +99,27 @@ def test_hub_rows_through_datasets(monkeypatch):
     assert calls == dict(name="wmt14", config="de-en", split="train", streaming=True)
 
 
-def test_local_jsonl_through_datasets_builder(tmp_path, monkeypatch):
+def test_local_jsonl_through_datasets_builder(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     rows = [
         {"translation": {"de": f"satz {i}", "en": f"sentence {i}"}} for i in range(3)
     ]
     write(tmp_path / "train.jsonl", [json.dumps(r) for r in rows])
+    # a backup and a half-copied file beside it are not part of the corpus
+    write(tmp_path / "train.jsonl.bak", [json.dumps(r) for r in rows])
+    write(tmp_path / "train.jsonl.part", [json.dumps(r) for r in rows[:1]])
     cfg = DataConfig(format="hub", hub_name="json", dir=str(tmp_path))
     assert list(read_pairs(cfg, "train")) == [
         (f"satz {i}", f"sentence {i}") for i in range(3)
     ]
-    with pytest.raises(DataError, match=r"val\.\*: no file for split"):
+    with pytest.raises(DataError, match=r"val\.\*: no data file for split 'val'"):
         list(read_pairs(cfg, "val"))
+    # the corpus store's key follows the local files, as for the other formats
+    from transformer.data.store import store_key
+
+    key = store_key(cfg, "train", tokenizer, 0)
+    write(tmp_path / "train.jsonl", [json.dumps(r) for r in rows[:2]])
+    assert store_key(cfg, "train", tokenizer, 0) != key
 
 
 def test_synthetic_tasks_are_deterministic():

@@ -13,6 +13,7 @@ import gzip
 import json
 import logging
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,10 +152,7 @@ def read_hub_pairs(cfg: DataConfig, split: str) -> Iterator[tuple[str, str]]:
 
     extra = {}
     if cfg.dir:
-        files = sorted(str(f) for f in Path(cfg.dir).glob(f"{split}.*"))
-        if not files:
-            raise DataError(f"{Path(cfg.dir) / (split + '.*')}: no file for split")
-        extra["data_files"] = {split: files}
+        extra["data_files"] = {split: [str(f) for f in hub_local_files(cfg, split)]}
     try:
         rows = datasets.load_dataset(
             cfg.hub_name, cfg.hub_config, split=split, streaming=True, **extra
@@ -168,6 +166,25 @@ def read_hub_pairs(cfg: DataConfig, split: str) -> Iterator[tuple[str, str]]:
         src_key, tgt_key = _fields(cfg, row)
         where = f"{cfg.hub_name}[{split}] row {number}"
         yield _field(row, src_key, where), _field(row, tgt_key, where)
+
+
+# what the generic builders read, maybe sharded (train.00.jsonl) and compressed;
+# not train.jsonl.bak, train.jsonl~ or a half-copied train.jsonl.part
+_HUB_FILE = r"(\.[\w-]+)*\.(jsonl?|csv|tsv|parquet|arrow|txt)(\.(gz|bz2|xz|zst))?"
+
+
+def hub_local_files(cfg: DataConfig, split: str) -> list[Path]:
+    """The files ``{dir}/{split}.*`` a generic ``datasets`` builder reads."""
+    pattern = re.compile(re.escape(split) + _HUB_FILE)
+    files = sorted(
+        f for f in Path(cfg.dir).glob(f"{split}.*") if pattern.fullmatch(f.name)
+    )
+    if not files:
+        raise DataError(
+            f"{Path(cfg.dir) / (split + '.*')}: no data file for split {split!r} "
+            "(.json, .jsonl, .csv, .tsv, .parquet, .arrow or .txt, maybe .gz)"
+        )
+    return files
 
 
 def toy_pairs(cfg: DataConfig, split: str, seed: int) -> list[tuple[str, str]]:

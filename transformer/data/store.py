@@ -43,7 +43,13 @@ import numpy as np
 
 from transformer.config import DataConfig
 from transformer.data.corpus import FilterStats, keep_pair
-from transformer.data.readers import DataError, read_pairs, split_files, split_origin
+from transformer.data.readers import (
+    DataError,
+    hub_local_files,
+    read_pairs,
+    split_files,
+    split_origin,
+)
 from transformer.files import as_if_created
 from transformer.tokenizer import Tokenizer
 
@@ -78,12 +84,16 @@ def store_key(cfg: DataConfig, split: str, tokenizer: Tokenizer, seed: int) -> s
     if cfg.synthetic:
         settings["toy"] = [cfg.toy_vocab, cfg.toy_min_len, cfg.toy_max_len]
         settings["toy"] += [cfg.toy_train_size, seed]
-    elif cfg.format == "hub":
+    elif cfg.format == "hub" and not cfg.dir:  # a hub corpus: its name
         settings["hub"] = [cfg.hub_name, cfg.hub_config, cfg.dir]
     else:
+        if cfg.format == "hub":  # a generic builder over local files: those too
+            settings["hub"] = [cfg.hub_name, cfg.hub_config, cfg.dir]
+            files = hub_local_files(cfg, split)
+        else:
+            files = split_files(cfg, split)
         settings["files"] = [
-            [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
-            for p in split_files(cfg, split)
+            [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files
         ]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:20]
