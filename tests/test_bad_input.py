@@ -314,3 +314,26 @@ def test_resuming_with_another_tokenizer_is_refused(run, tmp_path, toy_tokenizer
     with pytest.raises(ConfigError, match="is not the tokenizer .*last.pt was trained"):
         Trainer(tiny(copy, str(other_path), "training.max_steps=30"))
     Trainer(tiny(copy, toy_tokenizer, "training.max_steps=30"))  # its own: resumes
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model"], ids=["empty", "text"])
+def test_a_bad_tokenizer_file_is_named_with_its_key(tmp_path, content, capsys):
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(content)
+    argv = ["--config", str(TOY), f"data.tokenizer.model={bad}"]
+    assert train_main([*argv, f"training.run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.tokenizer.model: {bad}: " in err and "Traceback" not in err
+    assert ("an empty file" in err) == (content == b"")
+
+
+def test_a_missing_validation_split_fails_before_any_work(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for lang in ("de", "en"):
+        (data / f"train.{lang}").write_text("a b c\nd e f\n")
+    argv = ["--config", str(TOY), "data.format=text", f"data.dir={data}"]
+    argv += [f"training.run_dir={tmp_path / 'run'}", "data.valid_split=nosuch"]
+    assert train_main(argv) == 2
+    assert "data.valid_split='nosuch': " in capsys.readouterr().err
+    assert not (tmp_path / "run" / "spm.model").exists()  # no tokenizer trained

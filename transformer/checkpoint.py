@@ -23,7 +23,7 @@ from transformer.config import (
 from transformer.files import as_if_created
 from transformer.models import Ensemble, create_model
 from transformer.precision import effective_precision
-from transformer.tokenizer import Tokenizer
+from transformer.tokenizer import Tokenizer, TokenizerError
 
 # 2: training.lr is the peak rate for every schedule (1: noam's lr was a factor)
 FORMAT_VERSION = 2
@@ -218,7 +218,10 @@ def load_model(
         raise CheckpointError(
             f"{path}: weights do not fit the stored config: {e}"
         ) from e
-    tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
+    try:
+        tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
+    except TokenizerError as e:
+        raise CheckpointError(f"{path}: its stored tokenizer: {e}") from e
     return model.to(device).eval(), cfg, tokenizer, ckpt
 
 

@@ -32,6 +32,8 @@ def _processor(proto: bytes, origin: str) -> spm.SentencePieceProcessor:
             raise TokenizerError(
                 f"{origin}: {name} id is {got}, but this toolkit needs pad=0 unk=1 "
                 "bos=2 eos=3; retrain the model with those ids"
+                if proto
+                else f"{origin}: an empty file, not a SentencePiece model"
             )
     return sp
 
@@ -70,11 +72,17 @@ class Tokenizer:
     Encoding returns pieces' ids without <bos>/<eos>; the data pipeline adds them.
     """
 
-    def __init__(self, src_proto: bytes, tgt_proto: bytes | None = None) -> None:
+    def __init__(
+        self,
+        src_proto: bytes,
+        tgt_proto: bytes | None = None,
+        origins: tuple[str, str] = ("source tokenizer", "target tokenizer"),
+    ) -> None:
+        """``origins`` name the two models in errors (their files, or a checkpoint)."""
         self.src_proto = src_proto
         self.tgt_proto = tgt_proto
-        self.src = _processor(src_proto, "source tokenizer")
-        self.tgt = self.src if tgt_proto is None else _processor(tgt_proto, "target")
+        self.src = _processor(src_proto, origins[0])
+        self.tgt = self.src if tgt_proto is None else _processor(tgt_proto, origins[1])
 
     @property
     def joint(self) -> bool:
@@ -149,8 +157,16 @@ class Tokenizer:
     @classmethod
     def from_files(cls, cfg: TokenizerConfig) -> Tokenizer:
         if cfg.joint:
-            return cls(_read_model(cfg.model))
-        return cls(_read_model(cfg.src_model), _read_model(cfg.tgt_model))
+            model = _read_model(cfg.model, "data.tokenizer.model")
+            return cls(model, origins=(f"data.tokenizer.model: {cfg.model}",) * 2)
+        return cls(
+            _read_model(cfg.src_model, "data.tokenizer.src_model"),
+            _read_model(cfg.tgt_model, "data.tokenizer.tgt_model"),
+            origins=(
+                f"data.tokenizer.src_model: {cfg.src_model}",
+                f"data.tokenizer.tgt_model: {cfg.tgt_model}",
+            ),
+        )
 
     @classmethod
     def train(
@@ -170,10 +186,12 @@ class Tokenizer:
         )
 
 
-def _read_model(path: str | None) -> bytes:
+def _read_model(path: str | None, key: str) -> bytes:
     if not path:
-        raise TokenizerError("no SentencePiece model file given")
+        raise TokenizerError(f"{key}: no SentencePiece model file given")
     try:
         return Path(path).read_bytes()
     except OSError as e:
-        raise TokenizerError(f"{path}: cannot read SentencePiece model: {e}") from e
+        raise TokenizerError(
+            f"{key}: {path}: cannot read SentencePiece model: {e}"
+        ) from e

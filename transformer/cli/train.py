@@ -92,12 +92,14 @@ def _preprocess(argv: list[str] | None) -> int:
     setup_logging()
     from transformer.checkpoint import load_checkpoint
     from transformer.data.download import ensure_corpus
+    from transformer.data.readers import check_split
     from transformer.tokenizer import Tokenizer
     from transformer.training.build import build_stores, build_tokenizer, run_dir_of
     from transformer.training.distributed import Distributed
 
     cfg = load_config(args.config, args.overrides)
     ensure_corpus(cfg.data)
+    check_split(cfg.data, cfg.data.valid_split, "data.valid_split")
     run_dir = run_dir_of(cfg)
     last = run_dir / "last.pt"
     if last.exists() and cfg.training.resume == "auto":  # the run's own tokenizer

@@ -200,6 +200,21 @@ def toy_pairs(cfg: DataConfig, split: str, seed: int) -> list[tuple[str, str]]:
     return pairs
 
 
+def check_split(cfg: DataConfig, split: str, key: str) -> None:
+    """Fail early, naming the config key, when a split's local files are missing
+    (rather than after the tokenizer and the training store are built)."""
+    if cfg.synthetic or not split:
+        return
+    try:
+        if cfg.format == "hub":
+            if cfg.dir:
+                hub_local_files(cfg, split)
+        else:
+            split_files(cfg, split)
+    except DataError as e:
+        raise DataError(f"{key}={split!r}: {e}") from None
+
+
 def split_files(cfg: DataConfig, split: str) -> list[Path]:
     """The local files behind a split (raises if any is missing)."""
     if not cfg.dir:

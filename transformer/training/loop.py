@@ -29,6 +29,7 @@ from transformer.checkpoint import (
 from transformer.config import Config, save_config
 from transformer.data import Batch
 from transformer.data.download import ensure_corpus
+from transformer.data.readers import check_split
 from transformer.models import count_parameters
 from transformer.plots import plot_metrics
 from transformer.precision import effective_precision
@@ -79,6 +80,7 @@ class Trainer:
         self.run_dir = run_dir_of(cfg)
 
         self.dist.main_first(lambda: ensure_corpus(cfg.data), "downloading the corpus")
+        check_split(cfg.data, cfg.data.valid_split, "data.valid_split")
         last = self.run_dir / "last.pt"
         if resume and not last.exists():
             log.warning("--resume: %s does not exist: starting a new run", last)
