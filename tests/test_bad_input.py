@@ -337,3 +337,11 @@ def test_a_missing_validation_split_fails_before_any_work(tmp_path, capsys):
     assert train_main(argv) == 2
     assert "data.valid_split='nosuch': " in capsys.readouterr().err
     assert not (tmp_path / "run" / "spm.model").exists()  # no tokenizer trained
+
+
+def test_a_download_file_name_cannot_leave_the_download_folder():
+    config = ROOT / "configs" / "multi30k_en_de.yaml"
+    for name in ("../x.de", "sub/x.de", ".."):
+        override = f"data.source_files={{'{name}': '{'0' * 64}'}}"
+        with pytest.raises(ConfigError, match="a file name, without a folder"):
+            load_config(config, [override])

@@ -164,6 +164,12 @@ class DataConfig:
             "needed to download data.source_files",
         )
         for name, digest in self.source_files.items():
+            _check(  # written into data.download_dir: never outside it
+                name not in ("", ".", "..") and "/" not in name and "\\" not in name,
+                f"{prefix}.source_files",
+                name,
+                "a file name, without a folder",
+            )
             _check(
                 len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
                 f"{prefix}.source_files.{name}",

@@ -126,7 +126,16 @@ def build_tokenizer(cfg: Config, run_dir: Path, ranks: Distributed) -> Tokenizer
                         f"({seen} pairs) to train the tokenizer on"
                     )
             log.info("tokenizer: training on %d of %d pairs", len(src), seen)
-            Tokenizer.train(tcfg, src, tgt).save(run_dir)
+            trained = Tokenizer.train(tcfg, src, tgt)
+            got = max(trained.src_vocab_size, trained.tgt_vocab_size)
+            if got < tcfg.vocab_size:
+                log.warning(
+                    "data.tokenizer.vocab_size: %d asked for, the corpus gave %d "
+                    "pieces",
+                    tcfg.vocab_size,
+                    got,
+                )
+            trained.save(run_dir)
         if tcfg.joint:
             return Tokenizer((run_dir / "spm.model").read_bytes())
         return Tokenizer(
