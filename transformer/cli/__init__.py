@@ -69,8 +69,9 @@ def _stdout_closed() -> bool:
 
 
 # the entry points, after run_cli and setup_logging, which they use
-from transformer.cli.decode import eval_main, translate_main  # noqa: E402
+from transformer.cli.decode import eval_main  # noqa: E402
 from transformer.cli.train import average_main, preprocess_main, train_main  # noqa: E402
+from transformer.cli.translate import translate_main  # noqa: E402
 
 __all__ = [
     "USER_ERRORS",

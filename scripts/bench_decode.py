@@ -1,0 +1,235 @@
+"""Decoding speed (``python scripts/benchmark.py decode``): ours with and without the
+KV cache, greedy and beam 5, fp32 / bf16, compiled, and CTranslate2's exports of the
+same weights (in this process, and as a user runs them: scripts/bench_ct2.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from bench_common import machine, peak_rss_mib, sdpa_flop_mapping
+
+from transformer.config import DecodingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def decode_gflop(decode) -> float:
+    """Model FLOPs of one call of ``decode()``: matrix products and attention, GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping()) as count:
+        decode()
+    return count.get_total_flops() / 1e9
+
+
+def ctranslate2_available(args) -> bool:
+    if args.no_ctranslate2:
+        return False
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        logging.info("ctranslate2 not installed: no CTranslate2 rows")
+        return False
+    return True
+
+
+def bench_ctranslate2(
+    model, tokenizer, sources, refs, runs, device, export_dir: Path
+) -> dict:
+    """Export with float32 and int8 weights; time greedy and beam 5 of each."""
+    from transformer.evaluation import score_corpus
+    from transformer.export import ExportedModel, export_model
+
+    results = {}
+    for quantization, suffix in ((None, ""), ("int8", "_int8")):
+        path = export_dir / (quantization or "float32")
+        export_model(model, tokenizer, path, quantization)
+        exported = ExportedModel(
+            path, device.type, intra_threads=torch.get_num_threads()
+        )
+        for name in ("greedy_cached", "beam5_cached"):
+            dcfg = runs[name][0]
+            exported.translate(sources[:16], dcfg)
+            start = time.perf_counter()
+            out = exported.translate(sources, dcfg)
+            seconds = time.perf_counter() - start
+            hyps = [h[0].text for h in out]
+            key = f"ct2_{name.removesuffix('_cached')}{suffix}"
+            results[key] = {
+                "seconds": seconds,
+                "sentences_per_s": len(sources) / seconds,
+                "bleu": score_corpus(hyps, refs)["bleu"],
+                "compute_type": exported.translator.compute_type,
+                "peak_rss_mib": peak_rss_mib(),  # the process peak so far
+            }
+            logging.info("%s: %.1f sentences/s", key, len(sources) / seconds)
+            # the same export as a user runs it: its own process, one call
+            standalone = ctranslate2_process(path, sources, dcfg, export_dir)
+            hyps = standalone.pop("hypotheses")
+            key = f"ct2_process_{name.removesuffix('_cached')}{suffix}"
+            results[key] = {
+                **standalone,
+                "sentences_per_s": len(sources) / standalone["seconds"],
+                "bleu": score_corpus(hyps, refs)["bleu"],
+            }
+            logging.info("%s: %.1f sentences/s", key, results[key]["sentences_per_s"])
+    return results
+
+
+def ctranslate2_process(export: Path, sources, dcfg, tmp: Path) -> dict:
+    """scripts/bench_ct2.py on ``export``: seconds, texts, compute type, peak RSS."""
+
+    inputs, outputs = tmp / "sources.json", tmp / "ct2_out.json"
+    inputs.write_text(json.dumps(sources), encoding="utf-8")
+    k = dcfg.beam_size if dcfg.strategy == "beam" else 1
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_ct2.py"),
+            str(export),
+            str(inputs),
+            str(outputs),
+            f"--beam={k}",
+            f"--threads={torch.get_num_threads()}",
+            f"--max-batch-tokens={dcfg.max_tokens}",
+        ],
+        check=True,
+    )
+    return json.loads(outputs.read_text(encoding="utf-8"))
+
+
+def bench_compiled_decoding(model, tokenizer, sources, refs, dcfg, device) -> dict:
+    """decoding.compile: the first run (which compiles) and a second, timed."""
+    from transformer.evaluation import score_corpus, translate
+
+    dcfg = replace(dcfg, compile=True)
+    start = time.perf_counter()
+    translate(model, tokenizer, sources, dcfg, device)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    out = translate(model, tokenizer, sources, dcfg, device)
+    seconds = time.perf_counter() - start
+    return {
+        "first_run_seconds": first,
+        "seconds": seconds,
+        "sentences_per_s": len(sources) / seconds,
+        "bleu": score_corpus([h[0].text for h in out], refs)["bleu"],
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def bench_decode(args) -> dict:
+    from transformer.checkpoint import load_model, set_precision
+    from transformer.data import read_pairs
+    from transformer.evaluation import score_corpus, translate
+
+    device = torch.device(args.device if args.device != "auto" else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, cfg, tokenizer, _ = load_model(args.checkpoint, device)
+    if args.data_dir:
+        cfg.data.dir = args.data_dir
+    pairs = list(read_pairs(cfg.data, args.split))[: args.limit or None]
+    sources = [s for s, _ in pairs]
+    refs = [t for _, t in pairs]
+    lengths = {"max_len_a": cfg.decoding.max_len_a, "max_len_b": cfg.decoding.max_len_b}
+    greedy_cfg = DecodingConfig(strategy="greedy", **lengths)
+    runs = {
+        "greedy_cached": (greedy_cfg, True),
+        "greedy_uncached": (greedy_cfg, False),
+        "beam5_cached": (
+            DecodingConfig(strategy="beam", beam_size=5, length_penalty=1.0, **lengths),
+            True,
+        ),
+    }
+    results = {}
+    if ctranslate2_available(args):  # exported before the model is cast to bf16
+        with tempfile.TemporaryDirectory(prefix="bench-ct2-") as tmp:
+            results.update(
+                bench_ctranslate2(
+                    model, tokenizer, sources, refs, runs, device, Path(tmp)
+                )
+            )
+    for precision in sorted(set(args.precision), key=["fp32", "bf16"].index):
+        set_precision(model, precision)  # fp32 runs first, on the loaded weights
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        for name, (dcfg, use_cache) in runs.items():
+            if suffix and not use_cache:
+                continue  # the uncached reference is timed once, in float32
+            translate(model, tokenizer, sources[:16], dcfg, device, use_cache)
+            start = time.perf_counter()
+            out = translate(model, tokenizer, sources, dcfg, device, use_cache)
+            seconds = time.perf_counter() - start
+            hyps = [h[0].text for h in out]
+            results[name + suffix] = {
+                "seconds": seconds,
+                "sentences_per_s": len(sources) / seconds,
+                "bleu": score_corpus(hyps, refs)["bleu"],
+                "peak_rss_mib": peak_rss_mib(),
+            }
+            if not suffix:  # counted once, outside the timing (the count is slow)
+                results[name]["model_gflop"] = decode_gflop(
+                    lambda c=dcfg, u=use_cache: translate(
+                        model, tokenizer, sources, c, device, u
+                    )
+                )
+            results[name + suffix]["weights"] = str(next(model.parameters()).dtype)
+            logging.info("%s: %.1f sentences/s", name + suffix, len(sources) / seconds)
+            if args.compile and use_cache and not suffix:
+                results[f"{name}_compile"] = bench_compiled_decoding(
+                    model, tokenizer, sources, refs, dcfg, device
+                )
+    result = {
+        "benchmark": "decode",
+        "checkpoint": str(args.checkpoint),
+        "split": args.split,
+        "sentences": len(sources),
+        "device": str(device),
+        "runs": results,
+    }
+    if "greedy_cached" in results:
+        greedy = results["greedy_cached"]["seconds"]
+        result["cached_speedup_over_uncached"] = (
+            results["greedy_uncached"]["seconds"] / greedy
+        )
+        result["beam5_time_over_greedy"] = results["beam5_cached"]["seconds"] / greedy
+        result["beam5_model_flops_over_greedy"] = (
+            results["beam5_cached"]["model_gflop"]
+            / results["greedy_cached"]["model_gflop"]
+        )
+    # CTranslate2 time against ours in float32 (our KV-cached search), same sources
+    speedups = {
+        f"{name}{suffix}": results[f"{name}_cached"]["seconds"]
+        / results[f"ct2_{name}{suffix}"]["seconds"]
+        for name in ("greedy", "beam5")
+        for suffix in ("", "_int8")
+        if f"ct2_{name}{suffix}" in results and f"{name}_cached" in results
+    }
+    if speedups:
+        result["ct2_speedup_over_torch_fp32"] = speedups
+        result["ct2_process_speedup_over_torch_fp32"] = {
+            f"{name}{suffix}": results[f"{name}_cached"]["seconds"]
+            / results[f"ct2_process_{name}{suffix}"]["seconds"]
+            for name in ("greedy", "beam5")
+            for suffix in ("", "_int8")
+        }
+    if "greedy_cached_bf16" in results:
+        greedy = results["greedy_cached_bf16"]["seconds"]
+        result["bf16_beam5_time_over_greedy"] = (
+            results["beam5_cached_bf16"]["seconds"] / greedy
+        )
+        if "greedy_cached" in results:
+            result["bf16_speedup_over_fp32"] = {
+                name: results[name]["seconds"] / results[f"{name}_bf16"]["seconds"]
+                for name in ("greedy_cached", "beam5_cached")
+            }
+    result["machine"] = machine()
+    return result
