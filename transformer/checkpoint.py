@@ -190,9 +190,7 @@ def model_weights(
             why = "its weights already are the EMA (written with --weights ema)"
         raise CheckpointError(f"{path}: holds no EMA weights ({why}); use {use_raw}")
     state = ckpt["ema" if weights == "ema" else "model"]
-    bad = [
-        k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()
-    ]
+    bad = non_finite_weights(state)
     if bad:  # a run that diverged, or weights damaged before they were saved
         raise CheckpointError(
             f"{path}: {len(bad)} {weights} weight tensor(s) hold NaN or inf (first: "
@@ -225,7 +223,7 @@ def load_model(
     return model.to(device).eval(), cfg, tokenizer, ckpt
 
 
-def _same_tokenizer(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+def same_tokenizer(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """Do two stored tokenizers hold the same SentencePiece model bytes?"""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -233,18 +231,18 @@ def _same_tokenizer(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> b
 def _check_same_model(
     ckpt: dict[str, Any],
     path: str | Path,
-    first: dict[str, Any],
+    tokenizer: dict[str, torch.Tensor],
+    theirs: ModelConfig,
     first_path: str | Path,
 ) -> None:
     """Weights to average must mean the same thing: one tokenizer (the same piece
-    behind each id) and one architecture."""
-    if not _same_tokenizer(ckpt["tokenizer"], first["tokenizer"]):
+    behind each id) and one architecture (``theirs``: the first checkpoint's)."""
+    if not same_tokenizer(ckpt["tokenizer"], tokenizer):
         raise CheckpointError(
             f"{path} and {first_path} have different tokenizers: averaging their "
             "weights would mix different pieces under each id"
         )
     mine = checkpoint_config(ckpt, path).model
-    theirs = checkpoint_config(first, first_path).model
     differ = _architecture_diffs(mine, theirs)
     if differ:
         key = differ[0]
@@ -274,7 +272,7 @@ def load_ensemble(
         model, config, tok, ckpt = load_model(path, device, weights)
         if first_tokenizer is None:
             cfg, tokenizer, first_tokenizer = config, tok, ckpt["tokenizer"]
-        elif not _same_tokenizer(ckpt["tokenizer"], first_tokenizer):
+        elif not same_tokenizer(ckpt["tokenizer"], first_tokenizer):
             raise CheckpointError(
                 f"{path} and {paths[0]} have different tokenizers: the models of "
                 "an ensemble must share one SentencePiece model"
@@ -373,9 +371,9 @@ def average_checkpoints(
         ckpt = load_checkpoint(path)
         if model.n == 0:
             config, tokenizer, first_path = ckpt["config"], ckpt["tokenizer"], path
-            first = {"config": config, "tokenizer": tokenizer}
+            architecture = checkpoint_config(ckpt, path).model
         else:
-            _check_same_model(ckpt, path, first, first_path)
+            _check_same_model(ckpt, path, tokenizer, architecture, first_path)
         model.add(model_weights(ckpt, path, weights), path)
         if "ema" in ckpt:
             ema.add(ckpt["ema"], path)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from transformer.allocator import reuse_freed_memory
+from transformer.checkpoint import same_tokenizer
 from transformer.config import Config, ConfigError, TrainingConfig
 from transformer.data import (
     CorpusStore,
@@ -91,11 +92,7 @@ def check_resumed_tokenizer(cfg: Config, saved: dict, last: Path) -> None:
     tcfg = cfg.data.tokenizer
     if not (tcfg.model or tcfg.src_model):
         return
-    given = Tokenizer.from_files(tcfg).state_dict()
-    same = given.keys() == saved.keys() and all(
-        torch.equal(given[k], saved[k]) for k in given
-    )
-    if not same:
+    if not same_tokenizer(Tokenizer.from_files(tcfg).state_dict(), saved):
         files = tcfg.model or f"{tcfg.src_model}, {tcfg.tgt_model}"
         raise ConfigError(
             f"data.tokenizer: {files} is not the tokenizer {last} was trained with; "
