@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -173,6 +174,45 @@ def test_resume_refuses_a_changed_corpus(tmp_path, toy_tokenizer):
     Trainer(tiny(run, toy_tokenizer, "training.max_steps=2")).train()
     with pytest.raises(CheckpointError, match="training corpus"):
         Trainer(tiny(run, toy_tokenizer, "data.toy_train_size=299"))
+
+
+def test_resume_follows_the_corpus_content_not_its_path_or_time(
+    tmp_path, toy_tokenizer
+):
+    """A fresh checkout or a copy of the same corpus (new times, new folder) is
+    the same corpus: the run resumes at its data position; new content is not."""
+    lines = "".join(f"{'a b c d e f g h'[: 2 + 2 * (i % 7)]}\n" for i in range(200))
+    first = tmp_path / "first"
+    first.mkdir()
+    for name in ("train.src", "train.tgt", "val.src", "val.tgt"):
+        (first / name).write_text(lines)
+    files = [
+        "data.format=text",
+        "data.src_lang=src",
+        "data.tgt_lang=tgt",
+        "data.max_tokens=64",
+    ]
+    run = tmp_path / "run"
+    Trainer(
+        tiny(run, toy_tokenizer, *files, f"data.dir={first}", "training.max_steps=2")
+    ).train()
+    saved = load_checkpoint(run / "last.pt")
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    for path in copy.iterdir():
+        os.utime(path, ns=(10**18, 10**18))
+    resumed = Trainer(
+        tiny(run, toy_tokenizer, *files, f"data.dir={copy}", "training.max_steps=4")
+    )
+    assert (resumed.state.epoch, resumed.state.batch_in_epoch) == (
+        saved["epoch"],
+        saved["batch_in_epoch"],
+    )
+    (copy / "train.tgt").write_text(lines.replace("a b", "b a", 1))
+    with pytest.raises(CheckpointError, match="training corpus"):
+        Trainer(
+            tiny(run, toy_tokenizer, *files, f"data.dir={copy}", "training.max_steps=4")
+        )
 
 
 def test_over_long_validation_sentences_are_truncated(tmp_path, toy_tokenizer, caplog):

@@ -3,6 +3,8 @@ packing, order, resume, ranks, workers, weighted corpora, the real corpus."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -110,6 +112,50 @@ def test_store_is_reused_and_rebuilt_when_its_inputs_change(
     ):
         with pytest.raises(AssertionError, match="rebuilt"):
             change()
+
+
+def test_a_touched_copied_or_moved_corpus_keeps_its_store(
+    corpus_dir, tokenizer, tmp_path_factory, monkeypatch
+):
+    first = store_for(corpus_dir, tokenizer)
+    monkeypatch.setattr(
+        store_module, "build_store", lambda *a, **k: pytest.fail("rebuilt")
+    )
+    for name in ("train.de", "train.en.gz"):  # a fresh checkout: new times
+        os.utime(corpus_dir / name, ns=(1, 1_000_000_000))
+    assert store_for(corpus_dir, tokenizer).path == first.path
+    elsewhere = tmp_path_factory.mktemp("moved")
+    for name in ("train.de", "train.en.gz"):
+        shutil.copy(corpus_dir / name, elsewhere / name)
+    cfg = DataConfig(dir=str(elsewhere), cache_dir=str(corpus_dir / "cache"))
+    assert open_store(cfg, "train", tokenizer, cfg.cache_dir).path == first.path
+
+
+def test_file_digests_are_remembered_by_path_size_and_time(tmp_path, monkeypatch):
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("eins\nzwei\n")
+    cache = tmp_path / "cache"
+    (digest,) = store_module.file_digests([corpus], cache)
+    assert digest == hashlib.sha256(b"eins\nzwei\n").hexdigest()
+    opened = []
+    real_open = open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(Path(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    assert store_module.file_digests([corpus], cache) == [digest]
+    assert corpus not in opened  # answered from the cache, not re-read
+    stamp = corpus.stat().st_mtime_ns
+    corpus.write_text("drei\nvier\n")  # same size, a new time: hashed again
+    os.utime(corpus, ns=(stamp + 10**9, stamp + 10**9))
+    assert store_module.file_digests([corpus], cache) != [digest]
+    assert corpus in opened
+    (cache / store_module.DIGESTS).write_text("{not json")  # a damaged cache
+    assert store_module.file_digests([corpus], cache) == [
+        hashlib.sha256(b"drei\nvier\n").hexdigest()
+    ]
 
 
 def test_reading_in_small_chunks_writes_the_same_store(

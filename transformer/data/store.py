@@ -68,9 +68,63 @@ def _uint(limit: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
-def store_key(cfg: DataConfig, split: str, tokenizer: Tokenizer, seed: int) -> str:
-    """Changes with the corpus files (path, size, time), the tokenizer, the format
-    and fields, and the filter settings: any of them builds a new store."""
+DIGESTS = "file-digests.json"  # in the cache folder: path, size, mtime -> sha256
+
+
+def file_digests(files: list[Path], cache_dir: str | Path | None = None) -> list[str]:
+    """The sha256 of each file's bytes.
+
+    A corpus is known by its content, not by where it lies or when it was last
+    touched: a copy, a move or a fresh checkout of the same files keeps the key of
+    its store, so a run resumes and the store is reused. Hashing reads each file
+    once; the digests are remembered in ``cache_dir`` under (path, size,
+    modification time), the test ``make`` uses, and recomputed when any of those
+    changes.
+    """
+    table: dict[str, list[Any]] = {}
+    index = Path(cache_dir) / DIGESTS if cache_dir is not None else None
+    if index is not None and index.exists():
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(index.read_text("utf-8"))
+            table = loaded if isinstance(loaded, dict) else {}
+    digests, changed = [], False
+    for path in files:
+        info = path.stat()
+        name, stamp = str(path.resolve()), [info.st_size, info.st_mtime_ns]
+        entry = table.get(name)
+        if isinstance(entry, list) and entry[:2] == stamp and len(entry) == 3:
+            digests.append(str(entry[2]))
+            continue
+        start = time.perf_counter()
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        seconds = time.perf_counter() - start
+        if seconds > 2:
+            log.info("hashed %s (%.0f MB) in %.1f s", path, info.st_size / 1e6, seconds)
+        table[name] = [*stamp, digest]
+        digests.append(digest)
+        changed = True
+    if changed and index is not None:
+        with contextlib.suppress(OSError):  # a read-only cache only costs a rehash
+            index.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{DIGESTS}.", dir=index.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(table, f, indent=1, sort_keys=True)
+            as_if_created(Path(tmp))
+            os.replace(tmp, index)  # concurrent writers: the last one wins whole
+    return digests
+
+
+def store_key(
+    cfg: DataConfig,
+    split: str,
+    tokenizer: Tokenizer,
+    seed: int,
+    cache_dir: str | Path | None = None,
+) -> str:
+    """Changes with the content of the corpus files (not their path or time), the
+    tokenizer, the format and fields, and the filter settings: any of them builds
+    a new store, and a checkpoint's data position refers to this key."""
     settings: dict[str, Any] = {
         "version": STORE_VERSION,
         "split": split,
@@ -88,13 +142,11 @@ def store_key(cfg: DataConfig, split: str, tokenizer: Tokenizer, seed: int) -> s
         settings["hub"] = [cfg.hub_name, cfg.hub_config, cfg.dir]
     else:
         if cfg.format == "hub":  # a generic builder over local files: those too
-            settings["hub"] = [cfg.hub_name, cfg.hub_config, cfg.dir]
+            settings["hub"] = [cfg.hub_name, cfg.hub_config]
             files = hub_local_files(cfg, split)
         else:
             files = split_files(cfg, split)
-        settings["files"] = [
-            [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files
-        ]
+        settings["files"] = file_digests(files, cache_dir)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:20]
 
@@ -233,7 +285,7 @@ def build_store(
     a ``DataError`` naming its files and the filter.
     """
     directory = Path(directory)
-    key = store_key(cfg, split, tokenizer, seed)
+    key = store_key(cfg, split, tokenizer, seed, directory.parent)
     vocab = max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
     ids_dtype = np.dtype(np.uint16 if vocab <= 65536 else np.uint32)
     len_dtype = _uint(cfg.max_length + 1)
@@ -324,7 +376,8 @@ def open_store(
     progress: bool = True,
 ) -> CorpusStore:
     """The store for these settings: reused when built, built when missing."""
-    path = Path(cache_dir) / f"store-{split}-{store_key(cfg, split, tokenizer, seed)}"
+    key = store_key(cfg, split, tokenizer, seed, cache_dir)
+    path = Path(cache_dir) / f"store-{split}-{key}"
     if (path / "meta.json").exists():
         store = CorpusStore(path)
         log.info("corpus store %s: %d pairs (reused)", path, len(store))
