@@ -365,11 +365,28 @@ def test_other_ranks_get_a_clear_error_when_rank0_fails_or_stalls(tmp_path, mode
         assert "training.prepare_timeout=2 s" in message
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("target", ["group", "each"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
-def test_a_signal_to_the_process_group_with_data_workers(tmp_path, toy_tokenizer, sig):
-    # a terminal's Ctrl-C (or a scheduler's SIGTERM to the job's process group)
-    # reaches the DataLoader workers too: only the main process reacts, finishes
-    # the step, saves and exits cleanly
+def test_a_signal_to_the_process_group_with_data_workers(
+    tmp_path, toy_tokenizer, sig, target
+):
+    # a terminal's Ctrl-C or a scheduler's SIGTERM to the job's process group, or
+    # one to every process of the job (pkill -f, systemd's control group, Slurm's
+    # job step), reaches the DataLoader workers too: only the main process reacts,
+    # finishes the step, saves and exits cleanly
     run = tmp_path / "run"
     args = train_command(
         run, toy_tokenizer, "data.workers=2", "training.max_steps=100000"
@@ -379,8 +396,17 @@ def test_a_signal_to_the_process_group_with_data_workers(tmp_path, toy_tokenizer
     )
     metrics = run / "metrics.jsonl"
     wait_for_rows(metrics, 3)
-    os.killpg(proc.pid, sig)
+    if target == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        workers = children(proc.pid)
+        assert len(workers) >= 2, workers
+        for pid in workers:  # the workers first, mid-step: the harder order
+            os.kill(pid, sig)
+        time.sleep(1)
+        os.kill(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()[-3000:]
     assert err.decode().count(f"{sig.name}: stopping after this step") == 1
+    assert "killed by signal" not in err.decode()
     assert load_checkpoint(run / "last.pt")["step"] >= 3

@@ -4,10 +4,10 @@ several corpora mixed by weight, and collation in DataLoader worker processes.""
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -364,14 +364,19 @@ class TrainBatches:
 
 
 def _quiet_worker(worker_id: int) -> None:
-    """Workers leave stopping to the main process. A terminal's Ctrl-C or a batch
-    scheduler's SIGTERM goes to the whole process group, and a worker killed by
-    it fails the run: so each worker leaves the group. The main process still
-    ends a stuck worker with SIGTERM (the default action again: a forked worker
-    would otherwise run the trainer's handler); one whose main process is gone
-    exits by itself."""
-    os.setpgrp()
+    """Workers leave stopping to the main process. A terminal's Ctrl-C reaches
+    the whole process group, and a SIGTERM may reach every process of the job
+    (a scheduler's signal to the group, ``pkill -f``, systemd's control group,
+    Slurm's job step); a worker killed by it would fail the run mid-step. So a
+    worker ignores SIGINT, and ignores the first SIGTERM: the main process
+    finishes its step, saves and shuts the workers down. A second SIGTERM (the
+    main process ending a stuck worker, or a user who insists) ends it; one whose
+    main process is gone exits by itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _second_sigterm_ends)
+
+
+def _second_sigterm_ends(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
