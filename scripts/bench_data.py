@@ -156,6 +156,7 @@ def bench_size(times: int, work: Path, data_dir: Path, spm: Path, args) -> dict:
             "training.best_metric=loss",
             "training.tensorboard=false",
             "training.resume=never",
+            "training.overwrite=true",
             "training.save_every=0",
         ]
     )

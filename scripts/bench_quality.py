@@ -43,6 +43,7 @@ def bench_quality(args) -> dict:
         f"training.validate_every={args.validate_every}",
         "training.save_every=0",
         "training.resume=never",
+        "training.overwrite=true",
         *args.overrides,
     ]
     if args.threads:

@@ -78,6 +78,7 @@ def bench_train(args) -> dict:
         "training.label_smoothing=0.1",
         "training.clip_grad_norm=1.0",
         "training.resume=never",
+        "training.overwrite=true",
         "training.tensorboard=false",
         *args.overrides,
     ]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -174,6 +175,63 @@ def test_resume_refuses_a_changed_corpus(tmp_path, toy_tokenizer):
     Trainer(tiny(run, toy_tokenizer, "training.max_steps=2")).train()
     with pytest.raises(CheckpointError, match="training corpus"):
         Trainer(tiny(run, toy_tokenizer, "data.toy_train_size=299"))
+
+
+def test_a_fresh_run_refuses_a_used_folder_unless_told_to_overwrite(
+    tmp_path, toy_tokenizer, caplog
+):
+    """--no-resume into a folder holding another run would mix the two (its
+    step_<N>.pt outrank the new ones in keep_last and averaging, its best.pt
+    and metrics stay): refused, nothing touched; --overwrite deletes it first."""
+    run = tmp_path / "run"
+    steps = ("training.save_every=2", "training.keep_last=5")
+    Trainer(tiny(run, toy_tokenizer, "training.max_steps=6", *steps)).train()
+    before = sorted(p.name for p in run.iterdir())
+    assert {"step_6.pt", "best.pt", "last.pt", "metrics.jsonl"} <= set(before)
+    with pytest.raises(TrainingError, match=r"holds a previous run \(best\.pt, "):
+        Trainer(tiny(run, toy_tokenizer, "training.max_steps=2"), resume=False)
+    assert sorted(p.name for p in run.iterdir()) == before
+    with pytest.raises(TrainingError, match="--overwrite"):
+        Trainer(tiny(run, toy_tokenizer, "training.resume=never"))
+    Trainer(
+        tiny(
+            run,
+            toy_tokenizer,
+            "training.overwrite=true",
+            "training.max_steps=2",
+            *steps,
+        ),
+        resume=False,
+    ).train()
+    assert "deleted the previous run" in caplog.text
+    assert sorted(p.name for p in run.glob("step_*.pt")) == ["step_2.pt"]
+    assert load_checkpoint(run / "best.pt")["step"] == 2
+    rows = [
+        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert max(row["step"] for row in rows) == 2
+
+
+def test_overwrite_deletes_the_tokenizer_the_run_trained_not_a_given_one(tmp_path):
+    from transformer.training.checkpointing import prepare_run_dir
+
+    for own in (True, False):
+        run = tmp_path / str(own)
+        (run / "tensorboard").mkdir(parents=True)
+        for name in ("last.pt", "step_4.pt", "spm.model", "curves.png", "notes.txt"):
+            (run / name).write_text("x")
+        prepare_run_dir(run, overwrite=True, own_tokenizer=own)
+        left = sorted(p.name for p in run.iterdir())
+        assert left == (["notes.txt"] if own else ["notes.txt", "spm.model"])
+    prepare_run_dir(tmp_path / "empty", overwrite=False, own_tokenizer=True)
+
+
+def test_overwrite_on_the_command_line_excludes_resume(tmp_path, capsys):
+    from transformer.cli import train_main
+
+    with pytest.raises(SystemExit):
+        train_main(["--config", "x.yaml", "--resume", "--overwrite"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_resume_follows_the_corpus_content_not_its_path_or_time(

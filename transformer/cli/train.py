@@ -39,7 +39,14 @@ def _train(argv: list[str] | None) -> int:
         "--no-resume",
         dest="resume",
         action="store_false",
-        help="start afresh even if <run_dir>/last.pt exists",
+        help="start afresh even if <run_dir>/last.pt exists (a folder holding "
+        "another run's checkpoints is refused: see --overwrite)",
+    )
+    resume.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh, first deleting the previous run in <run_dir> "
+        "(checkpoints, metrics, its tokenizer; training.overwrite=true)",
     )
     parser.add_argument(
         "--allow-data-change",
@@ -59,6 +66,9 @@ def _train(argv: list[str] | None) -> int:
     from transformer.training import TrainingError, train
 
     overrides = list(args.overrides)
+    if args.overwrite:
+        args.resume = False
+        overrides.append("training.overwrite=true")
     if args.allow_data_change:
         overrides.append("training.on_data_change=next_epoch")
     cfg = load_config(args.config, overrides)

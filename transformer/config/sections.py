@@ -162,6 +162,9 @@ class TrainingConfig:
     valid_bleu: bool = True  # greedy-decode the validation set for BLEU / chrF
     max_nonfinite: int = 5  # consecutive skipped (non-finite) updates before stopping
     resume: Literal["auto", "never"] = "auto"
+    # a fresh run into a folder holding another run's checkpoints or metrics:
+    # refused unless true, which deletes that run's files first (--overwrite)
+    overwrite: bool = False
     # when resuming after a change to what the data position depends on (batching
     # keys, world size, the training corpus): refuse, or restart at the next epoch
     on_data_change: Literal["error", "next_epoch"] = "error"

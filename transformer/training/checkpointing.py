@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from transformer.checkpoint import (
 )
 from transformer.config import Config
 from transformer.training.distributed import Distributed
-from transformer.training.state import TrainState
+from transformer.training.state import TrainingError, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,48 @@ def _to_bytes(obj: Any) -> bytes:
 
 def _from_bytes(blob: bytes) -> Any:
     return torch.load(io.BytesIO(blob), weights_only=True)
+
+
+# what a run writes into its folder; a fresh run refuses a folder holding the first
+# group (it would mix two runs: keep_last rotation, best.pt, averaging, metrics)
+RUN_RECORDS = ("last.pt", "best.pt", "step_*.pt", "metrics.jsonl")
+RUN_OUTPUTS = ("valid_hyps.txt", "curves.png", "config.yaml", "tensorboard")
+RUN_TOKENIZER = ("spm.model", "spm.src.model", "spm.tgt.model")
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, own_tokenizer: bool) -> None:
+    """Make ``run_dir`` ready for a fresh run (not a resumed one).
+
+    A folder that holds another run's checkpoints or metrics is refused, unless
+    ``overwrite`` deletes them (and the run's outputs, and the SentencePiece
+    model it trained when ``own_tokenizer``) first. The corpus cache stays: it
+    is keyed by content and shared.
+    """
+    found = sorted(
+        {p for pattern in RUN_RECORDS for p in run_dir.glob(pattern)},
+        key=lambda p: p.name,
+    )
+    if not found:
+        return
+    if not overwrite:
+        names = ", ".join(p.name for p in found[:4])
+        more = f" and {len(found) - 4} more" if len(found) > 4 else ""
+        raise TrainingError(
+            f"{run_dir} holds a previous run ({names}{more}): starting a new run "
+            "there would mix the two. Resume it (without --no-resume, "
+            "training.resume=auto), choose another training.run_dir, or pass "
+            "--overwrite (training.overwrite=true) to delete it first"
+        )
+    patterns = RUN_RECORDS + RUN_OUTPUTS + (RUN_TOKENIZER if own_tokenizer else ())
+    doomed = {p for pattern in patterns for p in run_dir.glob(pattern)}
+    for path in sorted(doomed):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    log.warning(
+        "--overwrite: deleted the previous run in %s (%d files)", run_dir, len(doomed)
+    )
 
 
 class Checkpointer:

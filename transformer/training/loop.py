@@ -46,6 +46,7 @@ from transformer.training.build import (
 from transformer.training.checkpointing import (
     Checkpointer,
     check_lr_meaning,
+    prepare_run_dir,
     restore,
     restore_rng,
 )
@@ -86,6 +87,14 @@ class Trainer:
             log.warning("--resume: %s does not exist: starting a new run", last)
         resume = t.resume == "auto" if resume is None else resume
         ckpt = load_checkpoint(last) if resume and last.exists() else None
+        if ckpt is None:
+            own_tokenizer = not (
+                cfg.data.tokenizer.model or cfg.data.tokenizer.src_model
+            )
+            self.dist.on_main(  # rank 0 alone: others could race its next files
+                lambda: prepare_run_dir(self.run_dir, t.overwrite, own_tokenizer),
+                "preparing the run folder",
+            )
         init = None  # fine-tuning applies to a fresh run only
         if t.init_from is not None and ckpt is not None:
             log.info("%s exists: resuming it; training.init_from is not used", last)
