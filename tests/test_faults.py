@@ -188,7 +188,9 @@ def test_a_fresh_run_refuses_a_used_folder_unless_told_to_overwrite(
     Trainer(tiny(run, toy_tokenizer, "training.max_steps=6", *steps)).train()
     before = sorted(p.name for p in run.iterdir())
     assert {"step_6.pt", "best.pt", "last.pt", "metrics.jsonl"} <= set(before)
-    with pytest.raises(TrainingError, match=r"holds a previous run \(best\.pt, "):
+    with pytest.raises(
+        TrainingError, match=r"holds a previous run's checkpoints \(best\.pt, "
+    ):
         Trainer(tiny(run, toy_tokenizer, "training.max_steps=2"), resume=False)
     assert sorted(p.name for p in run.iterdir()) == before
     with pytest.raises(TrainingError, match="--overwrite"):
@@ -218,12 +220,52 @@ def test_overwrite_deletes_the_tokenizer_the_run_trained_not_a_given_one(tmp_pat
     for own in (True, False):
         run = tmp_path / str(own)
         (run / "tensorboard").mkdir(parents=True)
-        for name in ("last.pt", "step_4.pt", "spm.model", "curves.png", "notes.txt"):
+        names = ("last.pt", "step_4.pt", "spm.model", "spm.json", "curves.png")
+        for name in (*names, "notes.txt"):
             (run / name).write_text("x")
         prepare_run_dir(run, overwrite=True, own_tokenizer=own)
         left = sorted(p.name for p in run.iterdir())
-        assert left == (["notes.txt"] if own else ["notes.txt", "spm.model"])
+        assert left == (
+            ["notes.txt"] if own else ["notes.txt", "spm.json", "spm.model"]
+        )
     prepare_run_dir(tmp_path / "empty", overwrite=False, own_tokenizer=True)
+
+
+def test_a_run_without_checkpoints_keeps_its_metrics_aside(tmp_path, caplog):
+    from transformer.training.checkpointing import prepare_run_dir
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 50}\n')
+    prepare_run_dir(tmp_path, overwrite=False, own_tokenizer=True)
+    (aside,) = tmp_path.glob("metrics.*.jsonl")
+    assert aside.read_text() == '{"step": 50}\n'
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert aside.name in caplog.text
+
+
+def test_the_run_folder_tokenizer_is_reused_only_under_its_settings(
+    tmp_path, toy_tokenizer
+):
+    from transformer.data import DataError
+    from transformer.training.build import build_tokenizer
+    from transformer.training.checkpointing import prepare_run_dir
+    from transformer.training.distributed import Distributed
+
+    run = tmp_path / "run"
+    cfg = tiny(run, toy_tokenizer)
+    cfg.data.tokenizer.model = None
+    cfg.data.tokenizer.vocab_size = 30
+    first = build_tokenizer(cfg, run, Distributed())
+    assert build_tokenizer(cfg, run, Distributed()).hash() == first.hash()
+    cfg.data.tokenizer.vocab_size = 35
+    with pytest.raises(
+        DataError,
+        match=r"spm\.model was trained with other settings \(data\.tokenizer\."
+        r"vocab_size: trained with 30, the config says 35\)",
+    ):
+        build_tokenizer(cfg, run, Distributed())
+    prepare_run_dir(run, overwrite=True, own_tokenizer=True)
+    assert not (run / "spm.model").exists() and not (run / "spm.json").exists()
+    assert build_tokenizer(cfg, run, Distributed()).src_vocab_size == 35
 
 
 def test_overwrite_on_the_command_line_excludes_resume(tmp_path, capsys):

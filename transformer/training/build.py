@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,6 +103,28 @@ def check_resumed_tokenizer(cfg: Config, saved: dict, last: Path) -> None:
         )
 
 
+def check_saved_tokenizer(saved: Path, record: Path, settings: dict[str, Any]) -> None:
+    """The run folder's SentencePiece model (from a run that ended before its
+    first checkpoint, or from ``transformer-preprocess``) is reused only under the
+    settings it was trained with."""
+    try:
+        trained = json.loads(record.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{record}: unreadable ({e}); delete it") from None
+    changed = [
+        f"data.tokenizer.{key}: trained with {trained.get(key)!r}, the config says "
+        f"{value!r}"
+        for key, value in settings.items()
+        if trained.get(key) != value
+    ]
+    if changed:
+        raise DataError(
+            f"{saved} was trained with other settings ({'; '.join(changed)}): "
+            "restore them, or delete it to train a new one (transformer-train "
+            "--overwrite does)"
+        )
+
+
 def build_tokenizer(cfg: Config, run_dir: Path, ranks: Distributed) -> Tokenizer:
     """Given model files, the run's own model, or one that rank 0 trains on a
     sample of the training data while the other ranks wait for it."""
@@ -108,8 +132,18 @@ def build_tokenizer(cfg: Config, run_dir: Path, ranks: Distributed) -> Tokenizer
     if tcfg.model or tcfg.src_model:
         return Tokenizer.from_files(tcfg)
     saved = run_dir / ("spm.model" if tcfg.joint else "spm.src.model")
+    record = run_dir / "spm.json"  # the settings it was trained with
+    settings = {
+        "joint": tcfg.joint,
+        "vocab_size": tcfg.vocab_size,
+        "model_type": tcfg.model_type,
+        "character_coverage": tcfg.character_coverage,
+        "sample_sentences": tcfg.sample_sentences,
+    }
 
     def train_or_load() -> Tokenizer:
+        if saved.exists() and record.exists():  # older runs have no record
+            check_saved_tokenizer(saved, record, settings)
         if not saved.exists():
             src, tgt, seen = sample_pairs(cfg)
             for side, texts in (("source", src), ("target", tgt)):
@@ -133,6 +167,7 @@ def build_tokenizer(cfg: Config, run_dir: Path, ranks: Distributed) -> Tokenizer
                     got,
                 )
             trained.save(run_dir)
+            record.write_text(json.dumps(settings, indent=1) + "\n", "utf-8")
         if tcfg.joint:
             return Tokenizer((run_dir / "spm.model").read_bytes())
         return Tokenizer(

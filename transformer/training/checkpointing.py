@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,46 +37,57 @@ def _from_bytes(blob: bytes) -> Any:
     return torch.load(io.BytesIO(blob), weights_only=True)
 
 
-# what a run writes into its folder; a fresh run refuses a folder holding the first
-# group (it would mix two runs: keep_last rotation, best.pt, averaging, metrics)
-RUN_RECORDS = ("last.pt", "best.pt", "step_*.pt", "metrics.jsonl")
-RUN_OUTPUTS = ("valid_hyps.txt", "curves.png", "config.yaml", "tensorboard")
-RUN_TOKENIZER = ("spm.model", "spm.src.model", "spm.tgt.model")
+# what a run writes into its folder; a fresh run refuses a folder holding its
+# checkpoints (it would mix two runs: keep_last rotation, best.pt, averaging)
+RUN_CHECKPOINTS = ("last.pt", "best.pt", "step_*.pt")
+RUN_OUTPUTS = ("metrics.jsonl", "valid_hyps.txt", "curves.png", "config.yaml")
+RUN_TOKENIZER = ("spm.model", "spm.src.model", "spm.tgt.model", "spm.json")
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, own_tokenizer: bool) -> None:
     """Make ``run_dir`` ready for a fresh run (not a resumed one).
 
-    A folder that holds another run's checkpoints or metrics is refused, unless
-    ``overwrite`` deletes them (and the run's outputs, and the SentencePiece
-    model it trained when ``own_tokenizer``) first. The corpus cache stays: it
-    is keyed by content and shared.
+    A folder that holds another run's checkpoints is refused, unless
+    ``overwrite`` deletes them (with the run's outputs, TensorBoard logs, and the
+    SentencePiece model it trained when ``own_tokenizer``) first. Without
+    checkpoints (a run that ended before its first one) the old
+    ``metrics.jsonl`` is kept aside as ``metrics.<time>.jsonl``. The corpus
+    cache always stays: it is keyed by content and shared.
     """
     found = sorted(
-        {p for pattern in RUN_RECORDS for p in run_dir.glob(pattern)},
+        {p for pattern in RUN_CHECKPOINTS for p in run_dir.glob(pattern)},
         key=lambda p: p.name,
     )
-    if not found:
-        return
-    if not overwrite:
+    if found and not overwrite:
         names = ", ".join(p.name for p in found[:4])
         more = f" and {len(found) - 4} more" if len(found) > 4 else ""
         raise TrainingError(
-            f"{run_dir} holds a previous run ({names}{more}): starting a new run "
-            "there would mix the two. Resume it (without --no-resume, "
+            f"{run_dir} holds a previous run's checkpoints ({names}{more}): a new "
+            "run there would mix with it. Resume it (without --no-resume, "
             "training.resume=auto), choose another training.run_dir, or pass "
             "--overwrite (training.overwrite=true) to delete it first"
         )
-    patterns = RUN_RECORDS + RUN_OUTPUTS + (RUN_TOKENIZER if own_tokenizer else ())
+    metrics = run_dir / "metrics.jsonl"
+    if not overwrite:
+        if metrics.exists():
+            aside = run_dir / time.strftime("metrics.%Y%m%d-%H%M%S.jsonl")
+            metrics.rename(aside)
+            log.warning("a new run: the earlier attempt's metrics are in %s", aside)
+        return
+    patterns = RUN_CHECKPOINTS + RUN_OUTPUTS + ("tensorboard",)
+    patterns += RUN_TOKENIZER if own_tokenizer else ()
     doomed = {p for pattern in patterns for p in run_dir.glob(pattern)}
     for path in sorted(doomed):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-    log.warning(
-        "--overwrite: deleted the previous run in %s (%d files)", run_dir, len(doomed)
-    )
+    if doomed:
+        log.warning(
+            "--overwrite: deleted the previous run in %s (%d files)",
+            run_dir,
+            len(doomed),
+        )
 
 
 class Checkpointer:
