@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -343,6 +344,33 @@ def checkpoint(tokenizers, tmp_path) -> Path:
         path,
     )
     return path
+
+
+def test_a_half_checkpoint_exports_half_unless_asked(checkpoint, tmp_path, caplog):
+    """A published file written with --half stays half the size in CTranslate2
+    (float16 weights, run in float32 on CPU) and decodes like the float32 one."""
+    caplog.set_level(logging.INFO)
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["model"] = {k: v.half() for k, v in ckpt["model"].items()}
+    half = tmp_path / "half.pt"
+    atomic_save(ckpt, half)
+    sizes, outputs = {}, {}
+    for name, source, extra in (
+        ("full", checkpoint, []),
+        ("half", half, []),
+        ("asked", half, ["--quantization", "float32"]),
+    ):
+        out = tmp_path / name
+        assert main(["--checkpoint", str(source), "--output", str(out), *extra]) == 0
+        info = json.loads((out / "export.json").read_text())
+        sizes[name] = (out / "model.bin").stat().st_size
+        outputs[name] = ExportedModel(out, intra_threads=1).decode([[5, 6, 7]], GREEDY)
+        expected = {"full": None, "half": "float16", "asked": "float32"}[name]
+        assert info["quantization"] == expected
+    assert "holds float16 weights: exporting float16" in caplog.text
+    assert sizes["half"] < 0.6 * sizes["full"] and sizes["asked"] > 0.9 * sizes["full"]
+    tokens = {name: [h[0].tokens for h in out] for name, out in outputs.items()}
+    assert tokens["half"] == tokens["asked"]
 
 
 def error_line(capsys) -> str:

@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from transformer import __version__
@@ -301,6 +302,11 @@ def _export_info(
     }
 
 
+def _stored_in_half(ckpt: dict[str, Any], weights: str) -> bool:
+    state = ckpt["ema" if weights == "ema" else "model"]
+    return any(v.dtype == torch.float16 for v in state.values())
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     output: str | Path,
@@ -313,6 +319,13 @@ def export_checkpoint(
     import_ctranslate2()  # fail before the (slower) checkpoint load
     _check_options(Path(output), quantization, force)
     model, cfg, tokenizer, ckpt = load_model(checkpoint, weights=weights)
+    if quantization is None and _stored_in_half(ckpt, weights):
+        quantization = "float16"  # a published (--half) file stays half the size
+        log.info(
+            "%s holds float16 weights: exporting float16 (--quantization float32 "
+            "for float32)",
+            checkpoint,
+        )
     step = ckpt.get("step")
     source = {"checkpoint": str(checkpoint), "step": step, "weights": weights}
     return export_model(
@@ -333,7 +346,8 @@ def _export(argv: list[str] | None) -> int:
     parser.add_argument(
         "--quantization",
         help="weight type: int8, int8_float32, int8_bfloat16, bfloat16, float16, "
-        "float32, ... (default: float32 weights as trained)",
+        "float32, ... (default: the checkpoint's own: float32, or float16 for a "
+        "file written with --half)",
     )
     parser.add_argument(
         "--force", action="store_true", help="replace an earlier export in --output"
