@@ -62,6 +62,18 @@ def test_tsv_pairs_and_bad_field_count(tmp_path):
     write(tmp_path / "val.tsv.gz", ["ein\tone", "kaputt"], gz=True)
     with pytest.raises(DataError, match=r"val\.tsv\.gz:2: expected 2 tab-separated"):
         list(read_pairs(cfg_for(tmp_path, format="tsv"), "val"))
+    # a blank line is an empty pair, as in plain text (the filter drops it), and a
+    # later bad line keeps its own number
+    write(tmp_path / "test.tsv", ["ein\tone", "", "  ", "zwei\ttwo", "drei"])
+    pairs = read_pairs(cfg_for(tmp_path, format="tsv"), "test")
+    assert [next(pairs) for _ in range(4)] == [
+        ("ein", "one"),
+        ("", ""),
+        ("", ""),
+        ("zwei", "two"),
+    ]
+    with pytest.raises(DataError, match=r"test\.tsv:5: expected 2 tab-separated"):
+        next(pairs)
 
 
 def test_jsonl_pairs_fields_and_errors(tmp_path):

@@ -96,7 +96,12 @@ def read_text_pairs(src_path: Path, tgt_path: Path) -> Iterator[tuple[str, str]]
 
 
 def read_tsv_pairs(path: Path) -> Iterator[tuple[str, str]]:
+    """(source, target) per line; a blank line is an empty pair, as in plain text
+    files (the filter drops it and counts it), so that line numbers still match."""
     for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            yield "", ""
+            continue
         fields = line.split("\t")
         if len(fields) != 2:
             raise DataError(
