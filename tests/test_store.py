@@ -397,3 +397,30 @@ def tmp_path_with(tmp_path: Path) -> Path:
     write(folder / "train.de", SRC)
     write(folder / "train.en", TGT)
     return folder
+
+
+def test_the_same_corpus_listed_twice_is_named(corpus_dir, tokenizer, caplog):
+    from transformer.config import Config
+    from transformer.config.data import CorpusConfig
+    from transformer.training.build import build_stores
+
+    copy = corpus_dir / "copy"
+    copy.mkdir()
+    for name in ("train.de", "train.en.gz"):
+        shutil.copy(corpus_dir / name, copy / name)
+    other = corpus_dir / "other"
+    other.mkdir()
+    write(other / "train.de", SRC[:50])
+    write(other / "train.en", TGT[:50])
+    data = cfg_for(
+        corpus_dir,
+        train=[
+            CorpusConfig(dir=str(corpus_dir)),
+            CorpusConfig(dir=str(other)),
+            CorpusConfig(dir=str(copy), weight=2.0),
+        ],
+    )
+    stores = build_stores(Config(data=data), tokenizer, progress=False)
+    assert stores[0].path == stores[2].path != stores[1].path
+    assert "data.train[2] is the same corpus as data.train[0]" in caplog.text
+    assert "data.train[1]" not in caplog.text

@@ -219,10 +219,22 @@ def build_stores(
 ) -> list[CorpusStore]:
     """The store of each training corpus, built where missing."""
     cache = cfg.data.cache_dir or "cache"
-    return [
+    stores = [
         open_store(settings, split, tokenizer, cache, cfg.training.seed, progress)
         for settings, split, _ in cfg.data.train_corpora()
     ]
+    first: dict[str, int] = {}
+    for i, store in enumerate(stores):
+        if store.key in first:  # the key follows content: a copy is the same
+            log.warning(
+                "data.train[%d] is the same corpus as data.train[%d] (%s): it is "
+                "read twice; to upsample a corpus give its entry a weight",
+                i,
+                first[store.key],
+                store.meta["source"],
+            )
+        first.setdefault(store.key, i)
+    return stores
 
 
 def build_train_data(
