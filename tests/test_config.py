@@ -207,3 +207,34 @@ def test_stored_configs_of_older_checkpoints_stay_usable():
     cfg = checkpoint_config({"format": 1, "config": old})
     assert cfg.training.lr == pytest.approx(2.0 * 512**-0.5 * 4000**-0.5)
     assert checkpoint_config({"format": 2, "config": old}).training.lr == 2.0
+
+
+def test_model_keys_the_architecture_ignores_are_named(tmp_path, caplog):
+    rnn = tmp_path / "rnn.yaml"
+    rnn.write_text(
+        "model:\n  arch: rnn\n  d_model: 64\n  n_heads: 4\n  rnn_hidden: 64\n"
+        "  gumbel_temperature: 0.5\n"
+    )
+    load_config(rnn)
+    assert (
+        f"{rnn}: model.n_heads, model.gumbel_temperature not used by model.arch=rnn"
+        in caplog.text
+    )
+    caplog.clear()
+    load_config(rnn, ["model.attention=hard"])  # hard attention reads it
+    assert "n_heads not used" in caplog.text and "gumbel" not in caplog.text
+    caplog.clear()
+    # a Transformer config run as another architecture: only what was typed
+    de_en = next(p for p in CONFIGS if p.name == "multi30k_de_en.yaml")
+    load_config(de_en, ["model.arch=rnn"])
+    assert "not used" not in caplog.text
+    load_config(de_en, ["model.arch=decoder_only", "model.encoder_layers=4"])
+    assert (
+        "command line: model.encoder_layers not used by model.arch=decoder_only"
+        in caplog.text
+    )
+    caplog.clear()
+    load_config(de_en, ["model.rnn_hidden=128", "model.n_heads=4"])
+    assert "command line: model.rnn_hidden not used by model.arch=transformer" in (
+        caplog.text
+    )

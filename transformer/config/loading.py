@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import types
@@ -17,6 +18,8 @@ import yaml
 
 from transformer.config.base import ConfigError
 from transformer.config.sections import Config
+
+log = logging.getLogger(__name__)
 
 
 class _Loader(yaml.SafeLoader):
@@ -295,11 +298,37 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:
-        return config_from_dict(tree, overrides)
+        cfg = config_from_dict(tree, overrides)
     except ConfigError as e:
         given = [k for k, _ in parse_overrides(list(overrides))]
         lines = [f"{_blame(line, given, path)}: {line}" for line in str(e).split("\n")]
         raise ConfigError("\n".join(lines)) from e
+    _warn_unused_model_keys(cfg, tree, overrides, path)
+    return cfg
+
+
+def _warn_unused_model_keys(
+    cfg: Config, tree: dict[str, Any], overrides: list[str], path: Path
+) -> None:
+    """Name the model keys that the chosen architecture ignores: those given on
+    the command line, and the file's own when the file chose the architecture
+    (a Transformer config run with ``model.arch=rnn`` is not warned about)."""
+    command_line = [
+        key.split(".", 1)[1]
+        for key, _ in parse_overrides(list(overrides))
+        if key.startswith("model.") and key.count(".") == 1
+    ]
+    model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+    in_file = list(model) if "arch" in model else []
+    for source, keys in ((path, in_file), ("command line", command_line)):
+        unused = cfg.model.unused(keys)
+        if unused:
+            log.warning(
+                "%s: %s not used by model.arch=%s",
+                source,
+                ", ".join(f"model.{key}" for key in unused),
+                cfg.model.arch,
+            )
 
 
 def _blame(message: str, overrides: list[str], path: Path) -> str:

@@ -70,6 +70,27 @@ class ModelConfig:
             )
         return None
 
+    def unused(self, keys: list[str]) -> list[str]:
+        """Which of ``keys`` this architecture does not read (``arch`` picks
+        the model; a key of another one is ignored by it)."""
+        attention_keys = {"n_heads", "d_ff", "attention_dropout", "activation"}
+        only = {
+            "rnn": {"rnn_type", "rnn_hidden", "attention", "attention_score"},
+            "transformer": attention_keys | {"norm_first", "positional"},
+            "two stacks": {"encoder_layers"},
+        }
+        uses = {
+            "transformer": only["transformer"] | only["two stacks"],
+            "decoder_only": only["transformer"],
+            "rnn": only["rnn"] | only["two stacks"],
+        }[self.arch]
+        if self.arch == "rnn" and self.attention == "hard":
+            uses = uses | {"gumbel_temperature"}
+        if self.arch == "rnn" and self.attention == "none":
+            uses = uses - {"attention_score"}
+        every = set().union(*only.values(), {"gumbel_temperature"})
+        return [key for key in keys if key in every and key not in uses]
+
     def validate(self, prefix: str = "model") -> None:
         for name in ("d_model", "n_heads", "d_ff", "max_positions", "rnn_hidden"):
             value = getattr(self, name)
