@@ -78,7 +78,6 @@ def bench_train(args) -> dict:
         "training.label_smoothing=0.1",
         "training.clip_grad_norm=1.0",
         "training.resume=never",
-        "training.overwrite=true",
         "training.tensorboard=false",
         *args.overrides,
     ]

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from tests.conftest import (
+    SMALL,
+    TOY,
     needs_torchrun,
     tiny,
     torchrun,
@@ -22,6 +24,8 @@ from tests.conftest import (
     wait_for_rows,
 )
 from transformer.checkpoint import CheckpointError, load_checkpoint
+from transformer.cli import train_main
+from transformer.config import ConfigError, load_config
 from transformer.training import Trainer, TrainingError
 
 
@@ -177,8 +181,21 @@ def test_resume_refuses_a_changed_corpus(tmp_path, toy_tokenizer):
         Trainer(tiny(run, toy_tokenizer, "data.toy_train_size=299"))
 
 
+def cli_args(run, tokenizer, *extra) -> list[str]:
+    """``transformer-train``'s arguments for the tiny toy run."""
+    return [
+        "--config",
+        str(TOY),
+        f"training.run_dir={run}",
+        f"data.tokenizer.model={tokenizer}",
+        f"data.cache_dir={Path(run).parent / 'cache'}",
+        *SMALL,
+        *extra,
+    ]
+
+
 def test_a_fresh_run_refuses_a_used_folder_unless_told_to_overwrite(
-    tmp_path, toy_tokenizer, caplog
+    tmp_path, toy_tokenizer, caplog, capsys
 ):
     """--no-resume into a folder holding another run would mix the two (its
     step_<N>.pt outrank the new ones in keep_last and averaging, its best.pt
@@ -189,22 +206,18 @@ def test_a_fresh_run_refuses_a_used_folder_unless_told_to_overwrite(
     before = sorted(p.name for p in run.iterdir())
     assert {"step_6.pt", "best.pt", "last.pt", "metrics.jsonl"} <= set(before)
     with pytest.raises(
-        TrainingError, match=r"holds a previous run's checkpoints \(best\.pt, "
+        TrainingError,
+        match=r"holds a previous run's checkpoints \(best\.pt, .*Resume it",
     ):
         Trainer(tiny(run, toy_tokenizer, "training.max_steps=2"), resume=False)
     assert sorted(p.name for p in run.iterdir()) == before
-    with pytest.raises(TrainingError, match="--overwrite"):
-        Trainer(tiny(run, toy_tokenizer, "training.resume=never"))
-    Trainer(
-        tiny(
-            run,
-            toy_tokenizer,
-            "training.overwrite=true",
-            "training.max_steps=2",
-            *steps,
-        ),
-        resume=False,
-    ).train()
+    assert train_main(cli_args(run, toy_tokenizer, "--no-resume")) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before
+    with pytest.raises(ConfigError, match="training.overwrite: .*resume=never"):
+        tiny(run, toy_tokenizer, "training.overwrite=true")  # would resume instead
+    args = cli_args(run, toy_tokenizer, "training.max_steps=2", *steps)
+    assert train_main([*args, "--overwrite"]) == 0
     assert "deleted the previous run" in caplog.text
     assert sorted(p.name for p in run.glob("step_*.pt")) == ["step_2.pt"]
     assert load_checkpoint(run / "best.pt")["step"] == 2
@@ -212,65 +225,115 @@ def test_a_fresh_run_refuses_a_used_folder_unless_told_to_overwrite(
         json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
     ]
     assert max(row["step"] for row in rows) == 2
+    saved = load_config(run / "config.yaml")  # an action, not a setting
+    assert (saved.training.overwrite, saved.training.resume) == (False, "never")
+    (run / "last.pt").unlink()  # checkpoints without last.pt: nothing to resume
+    with pytest.raises(TrainingError) as refused:
+        Trainer(tiny(run, toy_tokenizer, "training.max_steps=2"))
+    assert "Resume it" not in str(refused.value)
 
 
-def test_overwrite_deletes_the_tokenizer_the_run_trained_not_a_given_one(tmp_path):
+def test_overwrite_keeps_what_others_still_use(tmp_path):
     from transformer.training.checkpointing import prepare_run_dir
 
-    for own in (True, False):
-        run = tmp_path / str(own)
+    for drop in (True, False):
+        run = tmp_path / str(drop)
         (run / "tensorboard").mkdir(parents=True)
         names = ("last.pt", "step_4.pt", "spm.model", "spm.json", "curves.png")
         for name in (*names, "notes.txt"):
             (run / name).write_text("x")
-        prepare_run_dir(run, overwrite=True, own_tokenizer=own)
+        (run / "cache").mkdir()
+        prepare_run_dir(run, overwrite=True, drop_tokenizer=drop)
         left = sorted(p.name for p in run.iterdir())
-        assert left == (
-            ["notes.txt"] if own else ["notes.txt", "spm.json", "spm.model"]
-        )
-    prepare_run_dir(tmp_path / "empty", overwrite=False, own_tokenizer=True)
+        kept = ["cache", "notes.txt"]
+        assert left == (kept if drop else [*kept, "spm.json", "spm.model"])
+    # the checkpoint a fine-tuning run starts from: refused, nothing deleted
+    run = tmp_path / "parent"
+    run.mkdir()
+    for name in ("last.pt", "best.pt", "metrics.jsonl"):
+        (run / name).write_text("x")
+    with pytest.raises(TrainingError, match=r"would delete .*best\.pt.*init_from"):
+        prepare_run_dir(run, overwrite=True, protect=[run / "best.pt"])
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.pt",
+        "last.pt",
+        "metrics.jsonl",
+    ]
+    prepare_run_dir(tmp_path / "empty", overwrite=False)
 
 
-def test_a_run_without_checkpoints_keeps_its_metrics_aside(tmp_path, caplog):
+def test_fine_tuning_from_the_folder_it_overwrites_is_refused(
+    tmp_path, toy_tokenizer, capsys
+):
+    run = tmp_path / "run"
+    Trainer(tiny(run, toy_tokenizer, "training.max_steps=2")).train()
+    parent = run / "best.pt"
+    args = cli_args(run, toy_tokenizer, f"training.init_from={parent}", "--overwrite")
+    assert train_main(args) == 1
+    assert "copy it out of the run folder first" in capsys.readouterr().err
+    assert parent.exists() and (run / "last.pt").exists()
+
+
+def test_earlier_attempts_without_checkpoints_are_kept_aside(tmp_path, caplog):
     from transformer.training.checkpointing import prepare_run_dir
 
-    (tmp_path / "metrics.jsonl").write_text('{"step": 50}\n')
-    prepare_run_dir(tmp_path, overwrite=False, own_tokenizer=True)
-    (aside,) = tmp_path.glob("metrics.*.jsonl")
-    assert aside.read_text() == '{"step": 50}\n'
+    for attempt in (1, 2):
+        (tmp_path / "metrics.jsonl").write_text(f'{{"attempt": {attempt}}}\n')
+        (tmp_path / "tensorboard").mkdir()
+        prepare_run_dir(tmp_path, overwrite=False)
     assert not (tmp_path / "metrics.jsonl").exists()
-    assert aside.name in caplog.text
+    for attempt in (1, 2):
+        aside = tmp_path / f"metrics.{attempt}.jsonl"
+        assert aside.read_text() == f'{{"attempt": {attempt}}}\n'
+        assert (tmp_path / f"tensorboard.{attempt}").is_dir()
+    assert "metrics.2.jsonl" in caplog.text
 
 
 def test_the_run_folder_tokenizer_is_reused_only_under_its_settings(
     tmp_path, toy_tokenizer
 ):
     from transformer.data import DataError
-    from transformer.training.build import build_tokenizer
-    from transformer.training.checkpointing import prepare_run_dir
+    from transformer.training.build import build_tokenizer, saved_tokenizer_is_current
     from transformer.training.distributed import Distributed
 
     run = tmp_path / "run"
     cfg = tiny(run, toy_tokenizer)
     cfg.data.tokenizer.model = None
     cfg.data.tokenizer.vocab_size = 30
+    assert not saved_tokenizer_is_current(cfg, run)
     first = build_tokenizer(cfg, run, Distributed())
+    assert saved_tokenizer_is_current(cfg, run)
+    stamp = (run / "spm.model").stat().st_mtime_ns
     assert build_tokenizer(cfg, run, Distributed()).hash() == first.hash()
-    cfg.data.tokenizer.vocab_size = 35
-    with pytest.raises(
-        DataError,
-        match=r"spm\.model was trained with other settings \(data\.tokenizer\."
-        r"vocab_size: trained with 30, the config says 35\)",
+    assert (run / "spm.model").stat().st_mtime_ns == stamp  # reused, not retrained
+    for key, value, says in (
+        (
+            "data.tokenizer.vocab_size",
+            35,
+            "data.tokenizer.vocab_size: trained with 30, the config says 35",
+        ),
+        (
+            "training.seed",
+            7,
+            f"training.seed: trained with {cfg.training.seed}, the config says 7",
+        ),
+        ("data.toy_train_size", 299, "the training corpora (data): other content"),
     ):
-        build_tokenizer(cfg, run, Distributed())
-    prepare_run_dir(run, overwrite=True, own_tokenizer=True)
-    assert not (run / "spm.model").exists() and not (run / "spm.json").exists()
-    assert build_tokenizer(cfg, run, Distributed()).src_vocab_size == 35
+        changed = tiny(run, toy_tokenizer, f"{key}={value}")
+        changed.data.tokenizer.model = None
+        changed.data.tokenizer.vocab_size = value if "vocab" in key else 30
+        assert not saved_tokenizer_is_current(changed, run)
+        with pytest.raises(DataError, match="trained with other settings") as e:
+            build_tokenizer(changed, run, Distributed())
+        assert says in str(e.value), str(e.value)
+    for damaged in ("[1]", "{not json", "null"):
+        (run / "spm.json").write_text(damaged)
+        assert not saved_tokenizer_is_current(cfg, run)
+        with pytest.raises(DataError, match=r"spm\.json: "):
+            build_tokenizer(cfg, run, Distributed())
 
 
 def test_overwrite_on_the_command_line_excludes_resume(tmp_path, capsys):
-    from transformer.cli import train_main
-
     with pytest.raises(SystemExit):
         train_main(["--config", "x.yaml", "--resume", "--overwrite"])
     assert "not allowed with argument" in capsys.readouterr().err

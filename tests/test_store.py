@@ -4,6 +4,7 @@ packing, order, resume, ranks, workers, weighted corpora, the real corpus."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -131,7 +132,9 @@ def test_a_touched_copied_or_moved_corpus_keeps_its_store(
     assert open_store(cfg, "train", tokenizer, cfg.cache_dir).path == first.path
 
 
-def test_file_digests_are_remembered_by_path_size_and_time(tmp_path, monkeypatch):
+def test_file_digests_are_remembered_by_path_size_and_time(
+    tmp_path, monkeypatch, caplog
+):
     corpus = tmp_path / "a.txt"
     corpus.write_text("eins\nzwei\n")
     cache = tmp_path / "cache"
@@ -148,14 +151,23 @@ def test_file_digests_are_remembered_by_path_size_and_time(tmp_path, monkeypatch
     assert store_module.file_digests([corpus], cache) == [digest]
     assert corpus not in opened  # answered from the cache, not re-read
     stamp = corpus.stat().st_mtime_ns
-    corpus.write_text("drei\nvier\n")  # same size, a new time: hashed again
-    os.utime(corpus, ns=(stamp + 10**9, stamp + 10**9))
-    assert store_module.file_digests([corpus], cache) != [digest]
+    corpus.write_text("drei\nvier\n")  # same size, even the old time put back
+    os.utime(corpus, ns=(stamp, stamp))  # (cp -p, rsync -t): hashed again
+    new = hashlib.sha256(b"drei\nvier\n").hexdigest()
+    assert store_module.file_digests([corpus], cache) == [new]
     assert corpus in opened
-    (cache / store_module.DIGESTS).write_text("{not json")  # a damaged cache
-    assert store_module.file_digests([corpus], cache) == [
-        hashlib.sha256(b"drei\nvier\n").hexdigest()
-    ]
+    index = cache / store_module.DIGESTS
+    for damaged in ("{not json", "[1]", json.dumps({str(corpus): [1, 2]})):
+        index.write_text(damaged)
+        assert store_module.file_digests([corpus], cache) == [new]
+    table = json.loads(index.read_text())
+    for bad in (None, 123, "x" * 64):  # a wrong entry is never taken as a digest
+        table[str(corpus.resolve())][-1] = bad
+        index.write_text(json.dumps(table))
+        assert store_module.file_digests([corpus], cache) == [new]
+    # a cache folder that cannot be written: hashed, and said once per start
+    assert store_module.file_digests([corpus], corpus / "cache") == [new]
+    assert "cannot remember corpus digests" in caplog.text
 
 
 def test_reading_in_small_chunks_writes_the_same_store(
@@ -422,5 +434,8 @@ def test_the_same_corpus_listed_twice_is_named(corpus_dir, tokenizer, caplog):
     )
     stores = build_stores(Config(data=data), tokenizer, progress=False)
     assert stores[0].path == stores[2].path != stores[1].path
-    assert "data.train[2] is the same corpus as data.train[0]" in caplog.text
+    assert f"data.train[2] ({copy}/train.de, {copy}/train.en.gz) is the same " in (
+        caplog.text
+    )
+    assert f"as data.train[0] ({corpus_dir}/train.de, " in caplog.text
     assert "data.train[1]" not in caplog.text

@@ -1,4 +1,5 @@
-"""Files written through a temporary name: the permissions a plain write gives.
+"""Files written through a temporary name (a crash leaves the old file or the new
+one, never half of one), with the permissions a plain write gives.
 
 ``tempfile`` creates its files 0600 and its folders 0700, so that nobody else can
 read them while they are written; renamed into place they would stay that way, and
@@ -8,6 +9,7 @@ a published model or a shared corpus store would be unreadable to other users.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -23,3 +25,20 @@ def as_if_created(path: str | Path) -> None:
     path = Path(path)
     mode = 0o777 if path.is_dir() else 0o666
     os.chmod(path, mode & ~_umask())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk and
+    rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        as_if_created(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

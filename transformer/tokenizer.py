@@ -11,6 +11,7 @@ import sentencepiece as spm
 import torch
 
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID, TokenizerConfig
+from transformer.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class Tokenizer:
                 directory / "spm.tgt.model": self.tgt_proto,
             }
         for path, proto in files.items():
-            path.write_bytes(proto)
+            atomic_write_bytes(path, proto)
         return list(files)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -68,7 +68,7 @@ def _train(argv: list[str] | None) -> int:
     overrides = list(args.overrides)
     if args.overwrite:
         args.resume = False
-        overrides.append("training.overwrite=true")
+        overrides += ["training.resume=never", "training.overwrite=true"]
     if args.allow_data_change:
         overrides.append("training.on_data_change=next_epoch")
     cfg = load_config(args.config, overrides)

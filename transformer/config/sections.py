@@ -183,8 +183,9 @@ class TrainingConfig:
     valid_bleu: bool = True  # greedy-decode the validation set for BLEU / chrF
     max_nonfinite: int = 5  # consecutive skipped (non-finite) updates before stopping
     resume: Literal["auto", "never"] = "auto"
-    # a fresh run into a folder holding another run's checkpoints or metrics:
-    # refused unless true, which deletes that run's files first (--overwrite)
+    # a fresh run (resume: never) into a folder holding another run's checkpoints
+    # is refused unless true, which deletes that run's files first (--overwrite);
+    # an action, not a setting: the run's saved config says false
     overwrite: bool = False
     # when resuming after a change to what the data position depends on (batching
     # keys, world size, the training corpus): refuse, or restart at the next epoch
@@ -206,6 +207,12 @@ class TrainingConfig:
     init_weights: Literal["raw", "ema"] = "raw"  # which of init_from's weights
 
     def validate(self, prefix: str = "training") -> None:
+        _check(
+            not self.overwrite or self.resume == "never",
+            f"{prefix}.overwrite",
+            self.overwrite,
+            f"deletes a run, so it needs {prefix}.resume=never (or pass --overwrite)",
+        )
         _check(
             0.0 <= self.label_smoothing < 1.0,
             f"{prefix}.label_smoothing",

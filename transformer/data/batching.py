@@ -369,9 +369,11 @@ def _quiet_worker(worker_id: int) -> None:
     (a scheduler's signal to the group, ``pkill -f``, systemd's control group,
     Slurm's job step); a worker killed by it would fail the run mid-step. So a
     worker ignores SIGINT, and ignores the first SIGTERM: the main process
-    finishes its step, saves and shuts the workers down. A second SIGTERM (the
-    main process ending a stuck worker, or a user who insists) ends it; one whose
-    main process is gone exits by itself."""
+    finishes its step, saves and shuts the workers down. A second SIGTERM ends
+    it (a user who insists; for a worker stuck past the DataLoader's shutdown,
+    whose one ``terminate()`` it ignores, multiprocessing's exit handler sends
+    the second when the main process exits); one whose main process is gone
+    exits by itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _second_sigterm_ends)
 

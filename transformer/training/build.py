@@ -22,6 +22,8 @@ from transformer.data import (
     read_pairs,
     split_origin,
 )
+from transformer.data.store import corpus_identity
+from transformer.files import atomic_write_bytes
 from transformer.models import create_model
 from transformer.tokenizer import Tokenizer
 from transformer.training.distributed import Distributed
@@ -103,26 +105,70 @@ def check_resumed_tokenizer(cfg: Config, saved: dict, last: Path) -> None:
         )
 
 
-def check_saved_tokenizer(saved: Path, record: Path, settings: dict[str, Any]) -> None:
-    """The run folder's SentencePiece model (from a run that ended before its
-    first checkpoint, or from ``transformer-preprocess``) is reused only under the
-    settings it was trained with."""
+TOKENIZER_RECORD = "spm.json"  # beside the run's own SentencePiece model
+
+
+def tokenizer_record(cfg: Config) -> dict[str, Any]:
+    """What the run's own SentencePiece model is trained from: the
+    ``data.tokenizer`` settings, the training corpora (by content) and the seed
+    that draws the sample."""
+    tcfg = cfg.data.tokenizer
+    cache = cfg.data.cache_dir or "cache"
+    return {
+        "joint": tcfg.joint,
+        "vocab_size": tcfg.vocab_size,
+        "model_type": tcfg.model_type,
+        "character_coverage": tcfg.character_coverage,
+        "sample_sentences": tcfg.sample_sentences,
+        "seed": cfg.training.seed,
+        "corpora": [
+            [split, corpus_identity(d, split, cfg.training.seed, cache)]
+            for d, split, _ in cfg.data.train_corpora()
+        ],
+    }
+
+
+RECORD_KEYS = {"seed": "training.seed", "corpora": "the training corpora (data)"}
+
+
+def tokenizer_differences(record: Path, wanted: dict[str, Any]) -> list[str] | None:
+    """How the record of a run folder's SentencePiece model differs from what
+    this config would train; None when there is no record (an older run)."""
+    if not record.exists():
+        return None
     try:
         trained = json.loads(record.read_text("utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"{record}: unreadable ({e}); delete it") from None
-    changed = [
-        f"data.tokenizer.{key}: trained with {trained.get(key)!r}, the config says "
-        f"{value!r}"
-        for key, value in settings.items()
-        if trained.get(key) != value
-    ]
-    if changed:
-        raise DataError(
-            f"{saved} was trained with other settings ({'; '.join(changed)}): "
-            "restore them, or delete it to train a new one (transformer-train "
-            "--overwrite does)"
+    if not isinstance(trained, dict):
+        raise DataError(f"{record}: not a record of tokenizer settings; delete it")
+    changed = []
+    for key, value in wanted.items():
+        if trained.get(key) == value:
+            continue
+        name = RECORD_KEYS.get(key, f"data.tokenizer.{key}")
+        if key == "corpora":
+            changed.append(f"{name}: other content")
+        else:
+            changed.append(
+                f"{name}: trained with {trained.get(key)!r}, the config says {value!r}"
+            )
+    return changed
+
+
+def saved_tokenizer_is_current(cfg: Config, run_dir: Path) -> bool:
+    """Is the run folder's SentencePiece model the one this config would train
+    (by its record)? Then a fresh run in the folder keeps it."""
+    joint = cfg.data.tokenizer.joint
+    if not (run_dir / ("spm.model" if joint else "spm.src.model")).exists():
+        return False
+    try:
+        changed = tokenizer_differences(
+            run_dir / TOKENIZER_RECORD, tokenizer_record(cfg)
         )
+    except DataError:
+        return False
+    return changed == []
 
 
 def build_tokenizer(cfg: Config, run_dir: Path, ranks: Distributed) -> Tokenizer:
@@ -132,18 +178,17 @@ def build_tokenizer(cfg: Config, run_dir: Path, ranks: Distributed) -> Tokenizer
     if tcfg.model or tcfg.src_model:
         return Tokenizer.from_files(tcfg)
     saved = run_dir / ("spm.model" if tcfg.joint else "spm.src.model")
-    record = run_dir / "spm.json"  # the settings it was trained with
-    settings = {
-        "joint": tcfg.joint,
-        "vocab_size": tcfg.vocab_size,
-        "model_type": tcfg.model_type,
-        "character_coverage": tcfg.character_coverage,
-        "sample_sentences": tcfg.sample_sentences,
-    }
+    record = run_dir / TOKENIZER_RECORD
 
     def train_or_load() -> Tokenizer:
-        if saved.exists() and record.exists():  # older runs have no record
-            check_saved_tokenizer(saved, record, settings)
+        wanted = tokenizer_record(cfg)
+        changed = tokenizer_differences(record, wanted) if saved.exists() else None
+        if changed:
+            raise DataError(
+                f"{saved} was trained with other settings ({'; '.join(changed)}): "
+                "restore them, or delete it to train a new one (transformer-train "
+                "--overwrite does)"
+            )
         if not saved.exists():
             src, tgt, seen = sample_pairs(cfg)
             for side, texts in (("source", src), ("target", tgt)):
@@ -166,8 +211,9 @@ def build_tokenizer(cfg: Config, run_dir: Path, ranks: Distributed) -> Tokenizer
                     tcfg.vocab_size,
                     got,
                 )
-            trained.save(run_dir)
-            record.write_text(json.dumps(settings, indent=1) + "\n", "utf-8")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(record, (json.dumps(wanted, indent=1) + "\n").encode())
+            trained.save(run_dir)  # after the record: a model is never unrecorded
         if tcfg.joint:
             return Tokenizer((run_dir / "spm.model").read_bytes())
         return Tokenizer(
@@ -224,14 +270,17 @@ def build_stores(
         for settings, split, _ in cfg.data.train_corpora()
     ]
     first: dict[str, int] = {}
+    corpora = cfg.data.train_corpora()
     for i, store in enumerate(stores):
         if store.key in first:  # the key follows content: a copy is the same
+            j = first[store.key]
             log.warning(
-                "data.train[%d] is the same corpus as data.train[%d] (%s): it is "
-                "read twice; to upsample a corpus give its entry a weight",
+                "data.train[%d] (%s) is the same corpus as data.train[%d] (%s): it "
+                "is read twice; to upsample a corpus give its entry a weight",
                 i,
-                first[store.key],
-                store.meta["source"],
+                split_origin(corpora[i][0], corpora[i][1]),
+                j,
+                split_origin(corpora[j][0], corpora[j][1]),
             )
         first.setdefault(store.key, i)
     return stores

@@ -7,7 +7,6 @@ import io
 import logging
 import math
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +43,31 @@ RUN_OUTPUTS = ("metrics.jsonl", "valid_hyps.txt", "curves.png", "config.yaml")
 RUN_TOKENIZER = ("spm.model", "spm.src.model", "spm.tgt.model", "spm.json")
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, own_tokenizer: bool) -> None:
+def _aside(path: Path) -> Path:
+    """A free name beside ``path``: metrics.jsonl -> metrics.1.jsonl, .2, ..."""
+    for n in range(1, 1_000_000):
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise TrainingError(f"{path.parent}: no free name to keep {path.name} aside")
+
+
+def prepare_run_dir(
+    run_dir: Path,
+    overwrite: bool,
+    drop_tokenizer: bool = False,
+    protect: list[Path] = (),
+) -> None:
     """Make ``run_dir`` ready for a fresh run (not a resumed one).
 
     A folder that holds another run's checkpoints is refused, unless
-    ``overwrite`` deletes them (with the run's outputs, TensorBoard logs, and the
-    SentencePiece model it trained when ``own_tokenizer``) first. Without
-    checkpoints (a run that ended before its first one) the old
-    ``metrics.jsonl`` is kept aside as ``metrics.<time>.jsonl``. The corpus
-    cache always stays: it is keyed by content and shared.
+    ``overwrite`` deletes them (with the run's outputs and TensorBoard logs, and
+    its SentencePiece model when ``drop_tokenizer``: one trained under other
+    settings) first; a file in ``protect`` (the checkpoint a fine-tuning run
+    starts from) is never deleted. Without ``overwrite``, an earlier attempt's
+    ``metrics.jsonl`` and ``tensorboard/`` (a run that ended before its first
+    checkpoint) are kept aside under the next free number. The corpus cache
+    always stays: it is keyed by content and shared.
     """
     found = sorted(
         {p for pattern in RUN_CHECKPOINTS for p in run_dir.glob(pattern)},
@@ -61,32 +76,45 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, own_tokenizer: bool) -> None
     if found and not overwrite:
         names = ", ".join(p.name for p in found[:4])
         more = f" and {len(found) - 4} more" if len(found) > 4 else ""
+        resume = (
+            "Resume it (without --no-resume, training.resume=auto), choose"
+            if (run_dir / "last.pt").exists()
+            else "Choose"
+        )
         raise TrainingError(
             f"{run_dir} holds a previous run's checkpoints ({names}{more}): a new "
-            "run there would mix with it. Resume it (without --no-resume, "
-            "training.resume=auto), choose another training.run_dir, or pass "
-            "--overwrite (training.overwrite=true) to delete it first"
+            f"run there would mix with it. {resume} another training.run_dir, or "
+            "pass --overwrite (training.overwrite=true) to delete it first"
         )
-    metrics = run_dir / "metrics.jsonl"
     if not overwrite:
-        if metrics.exists():
-            aside = run_dir / time.strftime("metrics.%Y%m%d-%H%M%S.jsonl")
-            metrics.rename(aside)
-            log.warning("a new run: the earlier attempt's metrics are in %s", aside)
+        for name in ("metrics.jsonl", "tensorboard"):
+            if (run_dir / name).exists():
+                aside = _aside(run_dir / name)
+                (run_dir / name).rename(aside)
+                log.warning(
+                    "a new run: the earlier attempt's %s is now %s", name, aside
+                )
         return
     patterns = RUN_CHECKPOINTS + RUN_OUTPUTS + ("tensorboard",)
-    patterns += RUN_TOKENIZER if own_tokenizer else ()
-    doomed = {p for pattern in patterns for p in run_dir.glob(pattern)}
-    for path in sorted(doomed):
+    patterns += RUN_TOKENIZER if drop_tokenizer else ()
+    doomed = sorted({p for pattern in patterns for p in run_dir.glob(pattern)})
+    kept = {p.resolve() for p in protect if p.exists()}
+    for path in doomed:
+        if path.resolve() in kept:
+            raise TrainingError(
+                f"--overwrite would delete {path}, the checkpoint training.init_from "
+                "starts from: copy it out of the run folder first"
+            )
+    for path in doomed:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
     if doomed:
         log.warning(
-            "--overwrite: deleted the previous run in %s (%d files)",
+            "--overwrite: deleted the previous run in %s (%s)",
             run_dir,
-            len(doomed),
+            ", ".join(p.name for p in doomed[:6]) + (" ..." if len(doomed) > 6 else ""),
         )
 
 

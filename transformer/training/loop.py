@@ -41,6 +41,7 @@ from transformer.training.build import (
     build_train_data,
     check_resumed_tokenizer,
     run_dir_of,
+    saved_tokenizer_is_current,
     set_vocab_sizes,
 )
 from transformer.training.checkpointing import (
@@ -87,19 +88,27 @@ class Trainer:
             log.warning("--resume: %s does not exist: starting a new run", last)
         resume = t.resume == "auto" if resume is None else resume
         ckpt = load_checkpoint(last) if resume and last.exists() else None
-        if ckpt is None:
-            own_tokenizer = not (
-                cfg.data.tokenizer.model or cfg.data.tokenizer.src_model
-            )
-            self.dist.on_main(  # rank 0 alone: others could race its next files
-                lambda: prepare_run_dir(self.run_dir, t.overwrite, own_tokenizer),
-                "preparing the run folder",
-            )
         init = None  # fine-tuning applies to a fresh run only
         if t.init_from is not None and ckpt is not None:
             log.info("%s exists: resuming it; training.init_from is not used", last)
         elif t.init_from is not None:
-            init = load_init(cfg)
+            init = load_init(cfg)  # read before anything in the folder is deleted
+        if ckpt is None:
+            own = not (cfg.data.tokenizer.model or cfg.data.tokenizer.src_model)
+            protect = [Path(t.init_from)] if t.init_from is not None else []
+            self.dist.on_main(  # rank 0 alone: others could race its next files
+                lambda: prepare_run_dir(
+                    self.run_dir,
+                    t.overwrite,
+                    drop_tokenizer=own
+                    and init is None
+                    and t.overwrite
+                    and not saved_tokenizer_is_current(cfg, self.run_dir),
+                    protect=protect,
+                ),
+                "preparing the run folder",
+            )
+            t.overwrite = False  # done: the saved config does not delete again
         if ckpt is not None:
             self.tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
             check_resumed_tokenizer(cfg, ckpt["tokenizer"], last)
