@@ -21,43 +21,33 @@ import torch
 
 from transformer.checkpoint import (
     FORMAT_VERSION,
-    check_compatible,
-    checkpoint_config,
-    load_checkpoint,
     rng_state,
 )
-from transformer.config import Config, save_config
+from transformer.config import Config
 from transformer.data import Batch
 from transformer.data.download import ensure_corpus
 from transformer.data.readers import check_split
 from transformer.models import count_parameters
 from transformer.plots import plot_metrics
 from transformer.precision import effective_precision
-from transformer.tokenizer import Tokenizer
 from transformer.training.build import (
     build_device,
     build_model,
-    build_tokenizer,
     build_train_data,
-    check_resumed_tokenizer,
     run_dir_of,
-    saved_tokenizer_is_current,
-    set_vocab_sizes,
 )
 from transformer.training.checkpointing import (
     Checkpointer,
-    check_lr_meaning,
-    prepare_run_dir,
     restore,
     restore_rng,
 )
 from transformer.training.distributed import Distributed
 from transformer.training.ema import build_ema
-from transformer.training.finetune import load_init
 from transformer.training.loss import forward_loss
 from transformer.training.optim import build_optimizer
 from transformer.training.progress import MetricsLog, Progress
 from transformer.training.signals import StopSignals
+from transformer.training.start import start_run
 from transformer.training.state import (
     StepResult,
     TrainingError,
@@ -83,47 +73,8 @@ class Trainer:
 
         self.dist.main_first(lambda: ensure_corpus(cfg.data), "downloading the corpus")
         check_split(cfg.data, cfg.data.valid_split, "data.valid_split")
-        last = self.run_dir / "last.pt"
-        if resume and not last.exists():
-            log.warning("--resume: %s does not exist: starting a new run", last)
-        resume = t.resume == "auto" if resume is None else resume
-        ckpt = load_checkpoint(last) if resume and last.exists() else None
-        init = None  # fine-tuning applies to a fresh run only
-        if t.init_from is not None and ckpt is not None:
-            log.info("%s exists: resuming it; training.init_from is not used", last)
-        elif t.init_from is not None:
-            init = load_init(cfg)  # read before anything in the folder is deleted
-        if ckpt is None:
-            own = not (cfg.data.tokenizer.model or cfg.data.tokenizer.src_model)
-            protect = [Path(t.init_from)] if t.init_from is not None else []
-            self.dist.on_main(  # rank 0 alone: others could race its next files
-                lambda: prepare_run_dir(
-                    self.run_dir,
-                    t.overwrite,
-                    drop_tokenizer=own
-                    and init is None
-                    and t.overwrite
-                    and not saved_tokenizer_is_current(cfg, self.run_dir),
-                    protect=protect,
-                ),
-                "preparing the run folder",
-            )
-            t.overwrite = False  # done: the saved config does not delete again
-        if ckpt is not None:
-            self.tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
-            check_resumed_tokenizer(cfg, ckpt["tokenizer"], last)
-        elif init is not None:
-            self.tokenizer = init.tokenizer
-        else:
-            self.tokenizer = build_tokenizer(cfg, self.run_dir, self.dist)
-        set_vocab_sizes(cfg, self.tokenizer)
-        if ckpt is not None:
-            check_compatible(checkpoint_config(ckpt, last).model, cfg.model, last)
-            check_lr_meaning(ckpt, cfg, last)
-        if init is not None:
-            init.check(cfg)
-        if self.dist.main:
-            save_config(cfg, self.run_dir / "config.yaml")
+        run = start_run(cfg, self.run_dir, resume, self.dist)
+        ckpt, last, init, self.tokenizer = run.ckpt, run.last, run.init, run.tokenizer
 
         self.model, self.train_model = build_model(cfg, self.device, self.dist)
         if init is not None:
