@@ -69,3 +69,72 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, seconds: float) -> f
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return 2 * 1024**3 * products / elapsed / 1e9
+
+
+def recorded_products(step) -> list[tuple]:
+    """The matrix products (``mm``, ``addmm``, ``bmm``) that ``step()`` runs, as
+    (op, [(shape, stride, dtype) of each tensor argument]), in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    products = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in products:
+                self.calls.append(
+                    (
+                        func,
+                        [
+                            (tuple(a.shape), a.stride(), a.dtype)
+                            for a in args
+                            if isinstance(a, torch.Tensor)
+                        ],
+                    )
+                )
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        step()
+    return record.calls
+
+
+def products_alone(
+    calls: list[tuple], device: torch.device, seconds_each: float = 0.05
+) -> tuple[float, float]:
+    """(FLOPs, seconds) of ``calls`` (``recorded_products``) run alone, each
+    distinct one timed with operands of its own shapes, strides (a transposed
+    operand stays transposed) and dtype: what the step's products cost with
+    nothing else in the step."""
+    distinct: dict[tuple, int] = {}
+    for func, operands in calls:
+        key = (func, tuple(operands))
+        distinct[key] = distinct.get(key, 0) + 1
+    flops = seconds = 0.0
+    for (func, operands), count in distinct.items():
+        args = [
+            torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
+            for shape, stride, dtype in operands
+        ]
+        *_, a, b = args  # addmm: (bias, a, b)
+        inner = a.shape[-1]
+        out = a.shape[:-1] + b.shape[-1:]
+        per_call = 2 * inner * torch.Size(out).numel()
+        for _ in range(2):
+            func(*args)
+        synchronize(device)
+        runs, start = 0, time.perf_counter()
+        while True:
+            func(*args)
+            runs += 1
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds_each:
+                break
+        flops += per_call * count
+        seconds += elapsed / runs * count
+    return flops, seconds

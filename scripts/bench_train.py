@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import machine, matmul_gflops, peak_rss_mib, sdpa_flop_mapping
+from bench_common import (
+    machine,
+    matmul_gflops,
+    peak_rss_mib,
+    products_alone,
+    recorded_products,
+    sdpa_flop_mapping,
+)
 
 from transformer.config import load_config
 
@@ -48,6 +55,41 @@ def train_flops_per_token(trainer) -> tuple[float, int]:
         loss.backward()
     trainer.model.zero_grad(set_to_none=True)
     return count.get_total_flops() / batch.n_tokens, batch.n_tokens
+
+
+def products_ceiling(trainer) -> dict:
+    """The step's own matrix products timed alone (``products_alone``) on the
+    first batch: their rate, and the share of a measured step they would take
+    if nothing else ran. With attention and the elementwise work at no cost the
+    model would reach about this rate: the ceiling of ``fraction_of_matmul_1024``
+    at this model's shapes."""
+    from transformer.training.loss import forward_loss
+
+    t = trainer.cfg.training
+    _, _, batch = next(trainer._batches())
+    batch = batch.to(trainer.device)
+
+    def step() -> None:
+        loss = forward_loss(
+            trainer.model,
+            batch.src,
+            batch.tgt_in,
+            batch.tgt_out,
+            trainer.device,
+            trainer.precision,
+            t.label_smoothing,
+            t.loss_chunk_rows,
+        )
+        loss.backward()
+
+    calls = recorded_products(step)
+    trainer.model.zero_grad(set_to_none=True)
+    flops, seconds = products_alone(calls, trainer.device)
+    return {
+        "products_per_step": len(calls),
+        "products_gflops_per_s": flops / seconds / 1e9,
+        "products_seconds_per_target_token": seconds / batch.n_tokens,
+    }
 
 
 def bench_train(args) -> dict:
@@ -113,6 +155,7 @@ def bench_train(args) -> dict:
     matmul_dtype = dtype[trainer.precision]
     matmul = matmul_gflops(trainer.device, matmul_dtype, args.matmul_seconds)
     achieved = flops_per_token * speed / 1e9
+    ceiling = products_ceiling(trainer)
     return {
         "benchmark": "train",
         "model": "d256 3+3 4h ff1024 pre-norm, 8k joint unigram, Multi30k de-en",
@@ -131,6 +174,14 @@ def bench_train(args) -> dict:
         "matmul_1024_gflops_per_s": matmul,
         "fraction_of_matmul_1024": achieved / matmul,
         "mfu": achieved / (args.peak_tflops * 1e3) if args.peak_tflops else None,
+        # the step's own products, timed alone: their rate against the 1024-wide
+        # product's, and the share of the measured step they alone would take
+        "products_alone_gflops_per_s": ceiling["products_gflops_per_s"],
+        "products_alone_of_matmul_1024": ceiling["products_gflops_per_s"] / matmul,
+        "products_alone_share_of_step": (
+            ceiling["products_seconds_per_target_token"] * speed
+        ),
+        "products_per_step": ceiling["products_per_step"],
         "padding_efficiency": trainer.train_data.efficiency(0),
         "peak_rss_mib": peak_rss_mib(),
         "cuda_max_allocated_mib": (

@@ -50,3 +50,28 @@ def test_bad_benchmark_options_are_one_line_errors(argv, message, capsys):
     assert benchmark.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_step_products_are_recorded_and_timed_with_their_own_shapes():
+    import torch
+    from bench_common import products_alone, recorded_products
+
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(32, 16, requires_grad=True)
+
+    def step():
+        layer(x).square().sum().backward()
+
+    calls = recorded_products(step)
+    # forward x W^T + b; backward: the input's gradient and the weight's
+    assert len(calls) == 3
+    assert calls[0][0] == torch.ops.aten.addmm.default
+    shapes = sorted(
+        tuple(shape for shape, _, _ in operands)[-2:] for _, operands in calls
+    )
+    assert shapes == sorted(
+        [((32, 16), (16, 8)), ((32, 8), (8, 16)), ((8, 32), (32, 16))]
+    )
+    assert any(stride[0] == 1 for _, ops in calls for _, stride, _ in ops)  # transposed
+    flops, seconds = products_alone(calls, torch.device("cpu"), seconds_each=0.001)
+    assert flops == 3 * 2 * 32 * 16 * 8 and seconds > 0
