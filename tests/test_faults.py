@@ -378,6 +378,40 @@ def test_resume_follows_the_corpus_content_not_its_path_or_time(
         )
 
 
+def test_a_checkpoint_from_before_content_keys_resumes_while_its_files_stay(
+    tmp_path, toy_tokenizer
+):
+    from transformer.checkpoint import atomic_save
+    from transformer.data.store import legacy_store_key
+    from transformer.tokenizer import Tokenizer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = "".join(f"{'a b c d e f g h'[: 2 + 2 * (i % 7)]}\n" for i in range(200))
+    for name in ("train.src", "train.tgt", "val.src", "val.tgt"):
+        (data / name).write_text(lines)
+    files = [
+        "data.format=text",
+        "data.src_lang=src",
+        "data.tgt_lang=tgt",
+        "data.max_tokens=64",
+        f"data.dir={data}",
+    ]
+    run = tmp_path / "run"
+    cfg = tiny(run, toy_tokenizer, *files, "training.max_steps=2")
+    Trainer(cfg).train()
+    ckpt = load_checkpoint(run / "last.pt")
+    tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
+    old = legacy_store_key(cfg.data, "train", tokenizer, cfg.training.seed)
+    ckpt["data_signature"]["training corpus"] = f"{old}x1"  # as written then
+    atomic_save(ckpt, run / "last.pt")
+    resumed = Trainer(tiny(run, toy_tokenizer, *files, "training.max_steps=4"))
+    assert resumed.state.batch_in_epoch == ckpt["batch_in_epoch"]
+    os.utime(data / "train.src", ns=(10**18, 10**18))  # then, no telling: refused
+    with pytest.raises(CheckpointError, match="training corpus"):
+        Trainer(tiny(run, toy_tokenizer, *files, "training.max_steps=4"))
+
+
 def test_over_long_validation_sentences_are_truncated(tmp_path, toy_tokenizer, caplog):
     data = tmp_path / "data"
     data.mkdir()

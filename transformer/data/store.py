@@ -144,10 +144,15 @@ def file_digests(files: list[Path], cache_dir: str | Path | None = None) -> list
 
 
 def corpus_identity(
-    cfg: DataConfig, split: str, seed: int, cache_dir: str | Path | None = None
+    cfg: DataConfig,
+    split: str,
+    seed: int,
+    cache_dir: str | Path | None = None,
+    by_content: bool = True,
 ) -> dict[str, Any]:
     """What a split's raw pairs are: the format and fields, and the content of
-    its files (or a hub corpus's name, or a toy task's settings)."""
+    its files (or a hub corpus's name, or a toy task's settings); with
+    ``by_content=False`` the files' path, size and time, as keys were before."""
     identity: dict[str, Any] = {
         "format": cfg.format,
         "langs": [cfg.src_lang, cfg.tgt_lang],
@@ -164,7 +169,15 @@ def corpus_identity(
             files = hub_local_files(cfg, split)
         else:
             files = split_files(cfg, split)
-        identity["files"] = file_digests(files, cache_dir)
+        if by_content:
+            identity["files"] = file_digests(files, cache_dir)
+        else:
+            if cfg.format == "hub":
+                identity["hub"].append(cfg.dir)
+            identity["files"] = [
+                [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
+                for p in files
+            ]
     return identity
 
 
@@ -185,6 +198,23 @@ def store_key(
         "max_length": cfg.max_length,
         "max_length_ratio": cfg.max_length_ratio,
         **corpus_identity(cfg, split, seed, cache_dir),
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:20]
+
+
+def legacy_store_key(
+    cfg: DataConfig, split: str, tokenizer: Tokenizer, seed: int
+) -> str:
+    """The key of stores built before keys followed content (files by path, size
+    and modification time): a checkpoint written then names its corpus by it."""
+    settings: dict[str, Any] = {
+        "version": STORE_VERSION,
+        "split": split,
+        "tokenizer": tokenizer.hash(),
+        "max_length": cfg.max_length,
+        "max_length_ratio": cfg.max_length_ratio,
+        **corpus_identity(cfg, split, seed, cache_dir=None, by_content=False),
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:20]

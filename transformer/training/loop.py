@@ -54,6 +54,7 @@ from transformer.training.state import (
     TrainState,
     check_data_position,
     data_signature,
+    legacy_signature,
 )
 from transformer.training.validation import load_valid, validate
 
@@ -107,7 +108,9 @@ class Trainer:
             self.checkpoints.last_written = (last, self.state.step)
             check_data_position(
                 self.state,
-                ckpt.get("data_signature"),
+                legacy_signature(
+                    ckpt.get("data_signature"), self.signature, cfg, self.tokenizer
+                ),
                 self.signature,
                 t.on_data_change,
                 last,

@@ -9,6 +9,8 @@ from typing import Any
 
 from transformer.checkpoint import CheckpointError
 from transformer.config import Config
+from transformer.data.store import legacy_store_key
+from transformer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,28 @@ def data_signature(cfg: Config, world: int, corpus: str) -> dict[str, Any]:
         "world size": world,
         "training corpus": corpus,
     }
+
+
+def legacy_signature(
+    saved: dict[str, Any] | None,
+    current: dict[str, Any],
+    cfg: Config,
+    tokenizer: Tokenizer,
+) -> dict[str, Any] | None:
+    """A checkpoint written before corpus keys followed content names its corpus
+    by the files' path, size and time: when those still match, it is today's
+    corpus, and the data position resumes as before."""
+    corpus = "training corpus"
+    if saved is None or saved.get(corpus) == current[corpus]:
+        return saved
+    old = "+".join(
+        f"{legacy_store_key(d, split, tokenizer, cfg.training.seed)}x{w:g}"
+        for d, split, w in cfg.data.train_corpora()
+    )
+    if saved.get(corpus) != old:
+        return saved
+    log.info("a checkpoint from before content keys: its corpus files are unchanged")
+    return {**saved, corpus: current[corpus]}
 
 
 def check_data_position(
