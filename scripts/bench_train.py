@@ -31,38 +31,10 @@ WINDOW = 25  # updates per throughput window, as in the peer script
 PEER = ROOT.parent / "shared" / "bench" / "joeynmt_peer.sh"
 
 
-def train_flops_per_token(trainer) -> tuple[float, int]:
-    """Model FLOPs (matrix products and attention) of one forward and backward
-    pass per target token, counted on the first batch, and its target tokens."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from transformer.training.loss import forward_loss
-
-    t = trainer.cfg.training
-    _, _, batch = next(trainer._batches())
-    batch = batch.to(trainer.device)
-    with FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping()) as count:
-        loss = forward_loss(
-            trainer.model,
-            batch.src,
-            batch.tgt_in,
-            batch.tgt_out,
-            trainer.device,
-            trainer.precision,
-            t.label_smoothing,
-            t.loss_chunk_rows,
-        )
-        loss.backward()
-    trainer.model.zero_grad(set_to_none=True)
-    return count.get_total_flops() / batch.n_tokens, batch.n_tokens
-
-
-def products_ceiling(trainer) -> dict:
-    """The step's own matrix products timed alone (``products_alone``) on the
-    first batch: their rate, and the share of a measured step they would take
-    if nothing else ran. With attention and the elementwise work at no cost the
-    model would reach about this rate: the ceiling of ``fraction_of_matmul_1024``
-    at this model's shapes."""
+def first_batch_step(trainer):
+    """One forward and backward pass over the first batch, as a function to run
+    under a counter or a recorder (call ``model.zero_grad`` after it), and that
+    batch's target tokens."""
     from transformer.training.loss import forward_loss
 
     t = trainer.cfg.training
@@ -82,13 +54,35 @@ def products_ceiling(trainer) -> dict:
         )
         loss.backward()
 
+    return step, batch.n_tokens
+
+
+def train_flops_per_token(trainer) -> tuple[float, int]:
+    """Model FLOPs (matrix products and attention) of one forward and backward
+    pass per target token, counted on the first batch, and its target tokens."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step, tokens = first_batch_step(trainer)
+    with FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping()) as count:
+        step()
+    trainer.model.zero_grad(set_to_none=True)
+    return count.get_total_flops() / tokens, tokens
+
+
+def products_ceiling(trainer) -> dict:
+    """The step's own matrix products timed alone (``products_alone``) on the
+    first batch: their rate, and the share of a measured step they would take
+    if nothing else ran. With attention and the elementwise work at no cost the
+    model would reach about this rate: the ceiling of ``fraction_of_matmul_1024``
+    at this model's shapes."""
+    step, tokens = first_batch_step(trainer)
     calls = recorded_products(step)
     trainer.model.zero_grad(set_to_none=True)
     flops, seconds = products_alone(calls, trainer.device)
     return {
         "products_per_step": len(calls),
         "products_gflops_per_s": flops / seconds / 1e9,
-        "products_seconds_per_target_token": seconds / batch.n_tokens,
+        "products_seconds_per_target_token": seconds / tokens,
     }
 
 

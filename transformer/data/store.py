@@ -181,6 +181,19 @@ def corpus_identity(
     return identity
 
 
+def _key(cfg: DataConfig, split: str, tokenizer: Tokenizer, identity: dict) -> str:
+    settings: dict[str, Any] = {
+        "version": STORE_VERSION,
+        "split": split,
+        "tokenizer": tokenizer.hash(),
+        "max_length": cfg.max_length,
+        "max_length_ratio": cfg.max_length_ratio,
+        **identity,
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:20]
+
+
 def store_key(
     cfg: DataConfig,
     split: str,
@@ -191,16 +204,7 @@ def store_key(
     """Changes with the content of the corpus files (not their path or time), the
     tokenizer, the format and fields, and the filter settings: any of them builds
     a new store, and a checkpoint's data position refers to this key."""
-    settings: dict[str, Any] = {
-        "version": STORE_VERSION,
-        "split": split,
-        "tokenizer": tokenizer.hash(),
-        "max_length": cfg.max_length,
-        "max_length_ratio": cfg.max_length_ratio,
-        **corpus_identity(cfg, split, seed, cache_dir),
-    }
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()[:20]
+    return _key(cfg, split, tokenizer, corpus_identity(cfg, split, seed, cache_dir))
 
 
 def legacy_store_key(
@@ -208,16 +212,8 @@ def legacy_store_key(
 ) -> str:
     """The key of stores built before keys followed content (files by path, size
     and modification time): a checkpoint written then names its corpus by it."""
-    settings: dict[str, Any] = {
-        "version": STORE_VERSION,
-        "split": split,
-        "tokenizer": tokenizer.hash(),
-        "max_length": cfg.max_length,
-        "max_length_ratio": cfg.max_length_ratio,
-        **corpus_identity(cfg, split, seed, cache_dir=None, by_content=False),
-    }
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()[:20]
+    identity = corpus_identity(cfg, split, seed, by_content=False)
+    return _key(cfg, split, tokenizer, identity)
 
 
 class CorpusStore:
