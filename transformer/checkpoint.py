@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from transformer.config import (
     config_from_dict,
     migrate,
 )
-from transformer.files import as_if_created
+from transformer.files import atomic_write
 from transformer.models import Ensemble, create_model
 from transformer.precision import effective_precision
 from transformer.tokenizer import Tokenizer, TokenizerError
@@ -34,28 +32,9 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename.
-
-    A kill at any moment leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        as_if_created(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    """torch.save through ``atomic_write`` (temporary file, fsync, rename): a kill
+    at any moment leaves either the old file or the new one, never half of one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:

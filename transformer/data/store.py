@@ -51,7 +51,7 @@ from transformer.data.readers import (
     split_files,
     split_origin,
 )
-from transformer.files import as_if_created
+from transformer.files import as_if_created, atomic_write_bytes
 from transformer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -126,13 +126,10 @@ def file_digests(files: list[Path], cache_dir: str | Path | None = None) -> list
             changed = True
         digests.append(digest)
     if changed and index is not None:
-        try:
-            index.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{DIGESTS}.", dir=index.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(table, f, indent=1, sort_keys=True)
-            as_if_created(Path(tmp))
-            os.replace(tmp, index)  # concurrent writers: the last one wins whole
+        try:  # concurrent writers: the last one wins whole
+            atomic_write_bytes(
+                index, json.dumps(table, indent=1, sort_keys=True).encode()
+            )
         except OSError as e:
             log.warning(
                 "cannot remember corpus digests in %s (%s): the corpus files are "

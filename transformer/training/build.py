@@ -156,11 +156,16 @@ def tokenizer_differences(record: Path, wanted: dict[str, Any]) -> list[str] | N
     return changed
 
 
+def _own_model(run_dir: Path, cfg: Config) -> Path:
+    """The SentencePiece model a run trains for itself (the source one when
+    source and target have their own)."""
+    return run_dir / ("spm.model" if cfg.data.tokenizer.joint else "spm.src.model")
+
+
 def saved_tokenizer_is_current(cfg: Config, run_dir: Path) -> bool:
     """Is the run folder's SentencePiece model the one this config would train
     (by its record)? Then a fresh run in the folder keeps it."""
-    joint = cfg.data.tokenizer.joint
-    if not (run_dir / ("spm.model" if joint else "spm.src.model")).exists():
+    if not _own_model(run_dir, cfg).exists():
         return False
     try:
         changed = tokenizer_differences(
@@ -177,7 +182,7 @@ def build_tokenizer(cfg: Config, run_dir: Path, ranks: Distributed) -> Tokenizer
     tcfg = cfg.data.tokenizer
     if tcfg.model or tcfg.src_model:
         return Tokenizer.from_files(tcfg)
-    saved = run_dir / ("spm.model" if tcfg.joint else "spm.src.model")
+    saved = _own_model(run_dir, cfg)
     record = run_dir / TOKENIZER_RECORD
 
     def train_or_load() -> Tokenizer:
@@ -211,7 +216,6 @@ def build_tokenizer(cfg: Config, run_dir: Path, ranks: Distributed) -> Tokenizer
                     tcfg.vocab_size,
                     got,
                 )
-            run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(record, (json.dumps(wanted, indent=1) + "\n").encode())
             trained.save(run_dir)  # after the record: a model is never unrecorded
         if tcfg.joint:
