@@ -339,43 +339,46 @@ def test_overwrite_on_the_command_line_excludes_resume(tmp_path, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+LINES = "".join(f"{'a b c d e f g h'[: 2 + 2 * (i % 7)]}\n" for i in range(200))
+
+
+def text_corpus(folder: Path) -> list[str]:
+    """A small plain-text corpus (train and val) in ``folder``; its overrides."""
+    folder.mkdir()
+    for name in ("train.src", "train.tgt", "val.src", "val.tgt"):
+        (folder / name).write_text(LINES)
+    return [
+        "data.format=text",
+        "data.src_lang=src",
+        "data.tgt_lang=tgt",
+        "data.max_tokens=64",
+        f"data.dir={folder}",  # last: a test may point it elsewhere
+    ]
+
+
 def test_resume_follows_the_corpus_content_not_its_path_or_time(
     tmp_path, toy_tokenizer
 ):
     """A fresh checkout or a copy of the same corpus (new times, new folder) is
     the same corpus: the run resumes at its data position; new content is not."""
-    lines = "".join(f"{'a b c d e f g h'[: 2 + 2 * (i % 7)]}\n" for i in range(200))
     first = tmp_path / "first"
-    first.mkdir()
-    for name in ("train.src", "train.tgt", "val.src", "val.tgt"):
-        (first / name).write_text(lines)
-    files = [
-        "data.format=text",
-        "data.src_lang=src",
-        "data.tgt_lang=tgt",
-        "data.max_tokens=64",
-    ]
+    files = text_corpus(first)
     run = tmp_path / "run"
-    Trainer(
-        tiny(run, toy_tokenizer, *files, f"data.dir={first}", "training.max_steps=2")
-    ).train()
+    Trainer(tiny(run, toy_tokenizer, *files, "training.max_steps=2")).train()
     saved = load_checkpoint(run / "last.pt")
     copy = tmp_path / "copy"
     shutil.copytree(first, copy)
     for path in copy.iterdir():
         os.utime(path, ns=(10**18, 10**18))
-    resumed = Trainer(
-        tiny(run, toy_tokenizer, *files, f"data.dir={copy}", "training.max_steps=4")
-    )
+    files = [*files[:-1], f"data.dir={copy}"]
+    resumed = Trainer(tiny(run, toy_tokenizer, *files, "training.max_steps=4"))
     assert (resumed.state.epoch, resumed.state.batch_in_epoch) == (
         saved["epoch"],
         saved["batch_in_epoch"],
     )
-    (copy / "train.tgt").write_text(lines.replace("a b", "b a", 1))
+    (copy / "train.tgt").write_text(LINES.replace("a b", "b a", 1))
     with pytest.raises(CheckpointError, match="training corpus"):
-        Trainer(
-            tiny(run, toy_tokenizer, *files, f"data.dir={copy}", "training.max_steps=4")
-        )
+        Trainer(tiny(run, toy_tokenizer, *files, "training.max_steps=4"))
 
 
 def test_a_checkpoint_from_before_content_keys_resumes_while_its_files_stay(
@@ -386,17 +389,7 @@ def test_a_checkpoint_from_before_content_keys_resumes_while_its_files_stay(
     from transformer.tokenizer import Tokenizer
 
     data = tmp_path / "data"
-    data.mkdir()
-    lines = "".join(f"{'a b c d e f g h'[: 2 + 2 * (i % 7)]}\n" for i in range(200))
-    for name in ("train.src", "train.tgt", "val.src", "val.tgt"):
-        (data / name).write_text(lines)
-    files = [
-        "data.format=text",
-        "data.src_lang=src",
-        "data.tgt_lang=tgt",
-        "data.max_tokens=64",
-        f"data.dir={data}",
-    ]
+    files = text_corpus(data)
     run = tmp_path / "run"
     cfg = tiny(run, toy_tokenizer, *files, "training.max_steps=2")
     Trainer(cfg).train()
