@@ -50,8 +50,8 @@ class EMA:
     def update(self) -> None:
         """Fold the model's current weights into the average."""
         live = [t.detach().float() for t in self._live]  # no copy when float32
-        torch._foreach_mul_(self._avg, self.decay)
-        torch._foreach_add_(self._avg, live, alpha=1.0 - self.decay)
+        # avg + (1 - decay) * (live - avg): one pass, not a multiply and an add
+        torch._foreach_lerp_(self._avg, live, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The averaged weights, loadable into the model (``load_state_dict``)."""
