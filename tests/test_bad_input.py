@@ -79,6 +79,13 @@ def test_a_closed_output_pipe_stops_quietly(run, tmp_path):
         (["-i", "in.txt"], "give sentences (-s) or an --input file, not both"),
         (["--attention", "nodir/a.png"], "--attention nodir/a.png: no such directory"),
         (["--attention", "."], "--attention .: is a directory"),
+        (["--beam", "3", "--temperature", "2"], "--temperature: for sampling only"),
+        (["--greedy", "--seed", "1", "--top-k", "5"], "--top-k, --seed: for sampling"),
+        (["--top-p", "0.5"], "--top-p: for sampling only (add --sample)"),
+        (["--beam", "2", "--nbest", "5"], "--nbest 5 is more than --beam 2"),
+        (["--beam", "1", "--nbest", "3"], "need beam search (--beam 3 or more)"),
+        (["model.d_model=3"], "model.d_model: only decoding.* overrides"),
+        (["decoding.max_len_b=-100"], "decoding.max_len_b: >= 1 (or 0 with"),
     ],
 )
 def test_translate_options_that_do_not_fit(run, capsys, options, message):
@@ -345,3 +352,134 @@ def test_a_download_file_name_cannot_leave_the_download_folder():
         override = f"data.source_files={{'{name}': '{'0' * 64}'}}"
         with pytest.raises(ConfigError, match="a file name, without a folder"):
             load_config(config, [override])
+
+
+def _saved(tmp_path: Path, obj, name: str = "x.pt") -> Path:
+    torch.save(obj, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda c: torch.tensor([1, 2]),
+            "not a checkpoint of this toolkit (it holds a",
+        ),
+        (lambda c: 3, "not a checkpoint of this toolkit (it holds a int"),
+        (lambda c: {"model": {}}, "(no config, tokenizer)"),
+        (lambda c: {**c, "format": 99}, "written by a newer version of this toolkit"),
+        (lambda c: {**c, "format": "x"}, "not a checkpoint format ('x')"),
+        (lambda c: {**c, "config": "yaml?"}, "its 'config' entry is a str"),
+        (lambda c: {**c, "config": {}}, "stored config is invalid"),
+        (lambda c: {**c, "tokenizer": {}}, "its stored tokenizer: no SentencePiece"),
+        (lambda c: {**c, "model": [1]}, "its 'model' entry is not a state dict"),
+        (lambda c: {**c, "ema": {"a": 1}}, "its 'ema' entry is not a state dict"),
+    ],
+)
+def test_files_that_are_not_our_checkpoints(run, tmp_path, capsys, change, message):
+    path = _saved(tmp_path, change(load_checkpoint(run / "last.pt")))
+    assert translate_main(["--checkpoint", str(path), "-s", "a b"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and "Traceback" not in err
+
+
+def test_a_truncated_checkpoint_or_a_folder_is_named_as_such(run, tmp_path, capsys):
+    data = (run / "last.pt").read_bytes()
+    for size in (20000, len(data) // 2, len(data) - 10):
+        cut = tmp_path / f"cut{size}.pt"
+        cut.write_bytes(data[:size])
+        assert translate_main(["--checkpoint", str(cut), "-s", "a"]) == 2
+        err = capsys.readouterr().err
+        assert f"{cut}: truncated" in err or f"{cut}: damaged" in err, err
+    assert translate_main(["--checkpoint", str(run), "-s", "a"]) == 2
+    assert f"{run}: is a folder, not a checkpoint file; did you mean {run}/best.pt" in (
+        capsys.readouterr().err
+    )
+
+
+def test_average_never_replaces_an_input_or_a_resumable_checkpoint(
+    run, tmp_path, capsys, toy_tokenizer
+):
+    shutil.copytree(run, tmp_path / "run")
+    last = tmp_path / "run" / "last.pt"
+    before = last.read_bytes()
+    for output in (last, tmp_path / "run" / "best.pt"):
+        argv = ["--inputs", str(last), "--weights-only", "--output", str(output)]
+        assert average_main(argv) == 2
+        err = capsys.readouterr().err
+        assert str(output) in err and "Traceback" not in err
+    assert last.read_bytes() == before
+    # written anyway (by hand, or by an older version): resuming says what it is
+    assert (
+        average_main(["--inputs", str(last), "--output", str(tmp_path / "w.pt")]) == 0
+    )
+    shutil.copy(tmp_path / "w.pt", last)
+    cfg = tiny(tmp_path / "run", toy_tokenizer, "training.max_steps=20")
+    with pytest.raises(Exception, match="holds weights without a training state"):
+        Trainer(cfg)
+
+
+def test_why_a_file_holds_no_ema_weights(run, tmp_path, capsys):
+    ckpt = load_checkpoint(run / "last.pt")
+    ckpt["config"]["training"]["ema_decay"] = 0.99  # as if trained with an EMA
+    ckpt["ema"] = dict(ckpt["model"])
+    with_ema = _saved(tmp_path, ckpt, "ema.pt")
+    argv = ["--inputs", str(with_ema), "--weights-only", "--output"]
+    assert average_main([*argv, str(tmp_path / "w.pt")]) == 0
+    capsys.readouterr()
+    for path, why in [
+        (tmp_path / "w.pt", "written by transformer-average with --weights-only"),
+        (run / "last.pt", "trained with training.ema_decay: 0"),
+    ]:
+        assert translate_main(["--checkpoint", str(path), "--weights", "ema"]) == 2
+        assert why in capsys.readouterr().err
+
+
+def test_an_ensemble_translates_one_direction(run, tmp_path, capsys, caplog):
+    ckpt = load_checkpoint(run / "last.pt")
+    data = ckpt["config"]["data"]
+    ckpt["config"]["data"] = {
+        **data,
+        "src_lang": data["tgt_lang"],
+        "tgt_lang": data["src_lang"],
+    }
+    other = _saved(tmp_path, ckpt, "other.pt")
+    argv = ["--checkpoint", str(run / "last.pt"), str(other), "-s", "a b"]
+    assert translate_main(argv) == 2
+    assert "the models of an ensemble must translate the same direction" in (
+        capsys.readouterr().err
+    )
+    same = ["--checkpoint", str(run / "last.pt"), str(run / "last.pt"), "-s", "a b"]
+    assert translate_main(same) == 0
+    assert "is given twice" in caplog.text
+
+
+def test_eval_of_an_empty_test_set_is_refused(run, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    argv = ["--checkpoint", str(run / "last.pt"), "--src", str(empty)]
+    assert eval_main([*argv, "--ref", str(empty), "--greedy"]) == 2
+    assert "empty.txt: holds no sentence pairs" in capsys.readouterr().err
+
+
+def test_a_misspelt_split_of_a_synthetic_task_is_refused(run, capsys):
+    argv = ["--checkpoint", str(run / "last.pt"), "--split", "vla", "--greedy"]
+    assert eval_main(argv) == 2
+    assert "split 'vla': the synthetic" in capsys.readouterr().err
+
+
+def test_output_paths_in_the_way_are_named_not_their_temporary_files(
+    run, tmp_path, capsys
+):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (tmp_path / "adir", f"{tmp_path / 'adir'}: is a folder"),
+        (tmp_path / "afile" / "sub.pt", f"{tmp_path / 'afile'}: is a file"),
+    ]
+    for output, message in cases:
+        argv = ["--inputs", str(run / "last.pt"), "--output", str(output)]
+        assert average_main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and ".tmp" not in err, err

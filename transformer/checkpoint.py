@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import zipfile
 from pathlib import Path
@@ -23,8 +24,13 @@ from transformer.models import Ensemble, create_model
 from transformer.precision import effective_precision
 from transformer.tokenizer import Tokenizer, TokenizerError
 
+log = logging.getLogger(__name__)
+
 # 2: training.lr is the peak rate for every schedule (1: noam's lr was a factor)
 FORMAT_VERSION = 2
+
+
+_RUN_FILES = ("best.pt", "last.pt")  # what a run folder holds, for hints
 
 
 class CheckpointError(ValueError):
@@ -76,8 +82,16 @@ def _check_archive(path: Path) -> None:
     """torch.save writes a zip archive with a CRC-32 per record, which torch.load
     does not check: a damaged byte would load as a wrong weight. Reading each
     record checks it (records written without a CRC, as 0, are skipped). A file
-    that is no zip archive (older torch formats) is left to torch.load."""
+    that starts as a zip archive but has no end (a copy or a write cut short) is
+    called truncated; one that is no zip archive at all (older torch formats) is
+    left to torch.load."""
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                raise CheckpointError(
+                    f"{path}: truncated (the archive has no end); copy or write "
+                    "the file again"
+                )
         return
     try:
         with zipfile.ZipFile(path) as archive:
@@ -93,9 +107,49 @@ def _check_archive(path: Path) -> None:
         ) from None
 
 
+def _check_layout(ckpt: Any, path: Path) -> None:
+    """The keys and types every checkpoint of this toolkit has, and a format this
+    version reads: a file that passes is safe to index without a traceback."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this toolkit (it holds a "
+            f"{type(ckpt).__name__}, not a dict)"
+        )
+    missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this toolkit (no {', '.join(missing)})"
+        )
+    version = ckpt.get("format", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: not a checkpoint format ({version!r})")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written by a newer version of this toolkit (format {version}; "
+            f"this one reads formats up to {FORMAT_VERSION}): upgrade to read it"
+        )
+    for key in ("model", "ema"):
+        state = ckpt.get(key, {})
+        if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()
+        ):
+            raise CheckpointError(f"{path}: its {key!r} entry is not a state dict")
+    for key in ("config", "tokenizer"):
+        if not isinstance(ckpt[key], dict):
+            raise CheckpointError(
+                f"{path}: its {key!r} entry is a {type(ckpt[key]).__name__}, not a dict"
+            )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint safely (no code can run) and check that it is one of ours."""
     path = Path(path)
+    if path.is_dir():
+        hint = next(
+            (f"; did you mean {path / n}?" for n in _RUN_FILES if (path / n).is_file()),
+            "",
+        )
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     _check_archive(path)
@@ -106,11 +160,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: not a readable checkpoint of this toolkit ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''})"
         ) from e
-    missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
-    if not isinstance(ckpt, dict) or missing:
-        raise CheckpointError(
-            f"{path}: not a checkpoint of this toolkit (no {missing})"
-        )
+    _check_layout(ckpt, path)
     return ckpt
 
 
@@ -118,7 +168,7 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:
     """The resolved config stored in a checkpoint, in today's meaning of its keys."""
     try:
         cfg = config_from_dict(migrate(ckpt["config"]), across_sections=False)
-    except ConfigError as e:
+    except (ConfigError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{path}: stored config is invalid: {e}") from e
     t = cfg.training
     if ckpt.get("format", 1) < 2 and t.schedule == "noam":
@@ -164,10 +214,9 @@ def model_weights(
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS} (got {weights!r})")
     if weights == "ema" and "ema" not in ckpt:
-        why = "trained with training.ema_decay: 0"
-        if ckpt.get("weights") == "ema":
-            why = "its weights already are the EMA (written with --weights ema)"
-        raise CheckpointError(f"{path}: holds no EMA weights ({why}); use {use_raw}")
+        raise CheckpointError(
+            f"{path}: holds no EMA weights ({_why_no_ema(ckpt)}); use {use_raw}"
+        )
     state = ckpt["ema" if weights == "ema" else "model"]
     bad = non_finite_weights(state)
     if bad:  # a run that diverged, or weights damaged before they were saved
@@ -176,6 +225,22 @@ def model_weights(
             f"{bad[0]}): the file is damaged, or the run had diverged"
         )
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _why_no_ema(ckpt: dict) -> str:
+    """Why a checkpoint without an ``ema`` entry has none, for the error."""
+    if ckpt.get("weights") == "ema":
+        return "its weights already are the EMA (written with --weights ema)"
+    if "averaged_from" in ckpt:
+        if ckpt.get("weights_only"):
+            return "written by transformer-average with --weights-only"
+        return (
+            "written by transformer-average, which keeps them only when every "
+            "input holds them and --weights-only is not given"
+        )
+    training = ckpt["config"].get("training")
+    decay = training.get("ema_decay", 0) if isinstance(training, dict) else 0
+    return f"trained with training.ema_decay: {decay}"
 
 
 def load_model(
@@ -188,7 +253,10 @@ def load_model(
     """
     ckpt = load_checkpoint(path)
     cfg = checkpoint_config(ckpt, path)
-    model = create_model(cfg.model)
+    try:
+        model = create_model(cfg.model)
+    except ValueError as e:  # e.g. no vocabulary sizes: no model's config
+        raise CheckpointError(f"{path}: stored config is invalid: {e}") from e
     try:
         model.load_state_dict(model_weights(ckpt, path, weights))
     except RuntimeError as e:
@@ -197,7 +265,7 @@ def load_model(
         ) from e
     try:
         tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
-    except TokenizerError as e:
+    except (TokenizerError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its stored tokenizer: {e}") from e
     return model.to(device).eval(), cfg, tokenizer, ckpt
 
@@ -232,6 +300,22 @@ def _check_same_model(
         )
 
 
+def _check_same_direction(
+    config: Config, path: str | Path, first: Config, first_path: str | Path
+) -> None:
+    """The models of an ensemble translate between the same two languages: a joint
+    tokenizer lets a de->en and an en->de model load together, and their mean
+    probability would be nonsense."""
+    mine = (config.data.src_lang, config.data.tgt_lang)
+    theirs = (first.data.src_lang, first.data.tgt_lang)
+    if mine != theirs:
+        raise CheckpointError(
+            f"{path} translates {mine[0]}->{mine[1]} and {first_path} "
+            f"{theirs[0]}->{theirs[1]}: the models of an ensemble must translate "
+            "the same direction"
+        )
+
+
 def load_ensemble(
     paths: list[str | Path], device: str | torch.device = "cpu", weights: str = "raw"
 ) -> tuple[nn.Module, Config, Tokenizer, list[dict[str, Any]]]:
@@ -245,6 +329,13 @@ def load_ensemble(
     """
     if not paths:
         raise CheckpointError("no checkpoint given")
+    seen: set[Path] = set()
+    for path in paths:
+        if Path(path).resolve() in seen:
+            log.warning(
+                "%s is given twice: the ensemble counts its probabilities twice", path
+            )
+        seen.add(Path(path).resolve())
     models, infos = [], []
     cfg = tokenizer = first_tokenizer = None
     for path in paths:
@@ -256,6 +347,8 @@ def load_ensemble(
                 f"{path} and {paths[0]} have different tokenizers: the models of "
                 "an ensemble must share one SentencePiece model"
             )
+        else:
+            _check_same_direction(config, path, cfg, paths[0])
         models.append(model)
         keys = ("step", "averaged_from", "averaged_steps")
         infos.append(
@@ -320,6 +413,28 @@ def _to_half(state: dict[str, torch.Tensor], output: Path) -> dict[str, torch.Te
     return half
 
 
+def _check_output(output: Path, inputs: set[Path]) -> None:
+    """An average never replaces one of its inputs or a checkpoint a run resumes
+    from: either would lose the optimizer state and data position for good."""
+    if output.resolve() in inputs:
+        raise CheckpointError(
+            f"--output {output} is one of the inputs: write the average elsewhere"
+        )
+    if output.is_dir():
+        raise CheckpointError(f"--output {output}: is a folder; name a file in it")
+    if not output.is_file():
+        return
+    try:
+        old = torch.load(output, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a checkpoint: the user chose to replace it
+        return
+    if isinstance(old, dict) and "optimizer" in old:
+        raise CheckpointError(
+            f"--output {output}: holds a training checkpoint (optimizer state, data "
+            "position) that a run resumes from; write the average elsewhere"
+        )
+
+
 def average_checkpoints(
     paths: list[str | Path],
     output: str | Path,
@@ -344,6 +459,7 @@ def average_checkpoints(
         if Path(path).resolve() in seen:
             raise CheckpointError(f"{path} is given twice: each counts once")
         seen.add(Path(path).resolve())
+    _check_output(Path(output), seen)
     model, ema = _Mean(weights), _Mean("ema")
     steps = []
     for path in paths:  # one at a time: a checkpoint holds its optimizer state too
@@ -366,6 +482,7 @@ def average_checkpoints(
         "averaged_from": [str(p) for p in paths],
         "averaged_steps": steps,
         "weights": weights,  # what ``model`` holds
+        "weights_only": weights_only,
     }
     if not weights_only and weights == "raw" and ema.n == len(paths):
         out["ema"] = ema.mean()

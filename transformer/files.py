@@ -8,6 +8,7 @@ a published model or a shared corpus store would be unreadable to other users.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -29,14 +30,40 @@ def as_if_created(path: str | Path) -> None:
     os.chmod(path, mode & ~_umask())
 
 
+def make_parent(path: Path) -> None:
+    """Make ``path``'s folder (and theirs); an error names the folder a file is
+    in the way of, not a deeper one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        files = (p for p in reversed(path.parents) if p.exists() and not p.is_dir())
+        blocking = next(files, path.parent)
+        raise NotADirectoryError(
+            errno.ENOTDIR, "is a file, so no folder can be made in it", str(blocking)
+        ) from None
+
+
+def temp_beside(path: Path, make: Callable[..., Any], **kwargs: Any) -> Any:
+    """``tempfile.mkstemp`` / ``mkdtemp`` (``make``) in ``path``'s folder; a failure
+    names that folder, not the temporary name."""
+    try:
+        return make(prefix=f".{path.name}.", dir=path.parent, **kwargs)
+    except OSError as e:
+        raise OSError(
+            e.errno, f"cannot write {path.name} there", str(path.parent)
+        ) from None
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """Call ``write`` on a temporary file beside ``path`` (its folder is made),
     flush it to disk, give it the umask's permissions and rename it into place,
     then make the rename itself durable. A kill at any moment leaves the old
     file or the new one; concurrent writers each put a whole file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    make_parent(path)
+    fd, tmp = temp_beside(path, tempfile.mkstemp, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -149,7 +149,11 @@ class Tokenizer:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> Tokenizer:
-        tgt = state.get("tgt")
+        src, tgt = state.get("src"), state.get("tgt")
+        if not isinstance(src, torch.Tensor) or not (
+            tgt is None or isinstance(tgt, torch.Tensor)
+        ):
+            raise TokenizerError("no SentencePiece model under 'src' (and 'tgt')")
         return cls(
             state["src"].numpy().tobytes(),
             None if tgt is None else tgt.numpy().tobytes(),

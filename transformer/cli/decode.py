@@ -88,11 +88,19 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None):
     return args
 
 
+_SAMPLING = ("top_k", "top_p", "temperature", "seed")
+
+
 def _decoding_config(args, base: DecodingConfig) -> DecodingConfig:
     from transformer.config import _build
 
     values = vars(base).copy()
     for key, value in parse_overrides(args.decoding):
+        if not key.startswith("decoding."):
+            raise ConfigError(
+                f"{key}: only decoding.* overrides are accepted here (the "
+                "checkpoint fixes the model, data and training settings)"
+            )
         values[key.removeprefix("decoding.")] = value
     if args.sample:
         values["strategy"] = "sample"
@@ -114,11 +122,25 @@ def _decoding_config(args, base: DecodingConfig) -> DecodingConfig:
     for arg, key in mapping.items():
         if getattr(args, arg) is not None:
             values[key] = getattr(args, arg)
-    if values["strategy"] == "beam":
-        values["beam_size"] = max(values["beam_size"], values["nbest"])
-    elif args.nbest is not None and args.nbest > 1:
+    given = [a for a in _SAMPLING if getattr(args, a) is not None]
+    if given and values["strategy"] != "sample":
+        options = ", ".join("--" + a.replace("_", "-") for a in given)
         raise ConfigError(
-            f"--nbest {args.nbest}: several hypotheses need beam search (--beam K)"
+            f"{options}: for sampling only (add --sample); this decodes with "
+            f"{values['strategy']} search"
+        )
+    nbest = args.nbest
+    if values["strategy"] == "beam":
+        if nbest is not None and args.beam is not None and nbest > args.beam:
+            raise ConfigError(
+                f"--nbest {nbest} is more than --beam {args.beam}: a beam of K "
+                "keeps at most K hypotheses"
+            )
+        values["beam_size"] = max(values["beam_size"], values["nbest"])
+    elif nbest is not None and nbest > 1:
+        raise ConfigError(
+            f"--nbest {nbest}: several hypotheses need beam search (--beam {nbest} "
+            "or more)"
         )
     else:  # a stored decoding.nbest means nothing to greedy search or sampling
         values["nbest"] = 1
@@ -208,6 +230,8 @@ def _eval(argv: list[str] | None) -> int:
         ensure_corpus(cfg.data)
         pairs = list(read_pairs(cfg.data, split, cfg.training.seed))
         name = split
+    if not pairs:
+        raise ConfigError(f"{name}: holds no sentence pairs to evaluate")
     sources, references = [s for s, _ in pairs], [t for _, t in pairs]
     for warning in reference_warnings(references):
         log.warning(warning)

@@ -187,6 +187,13 @@ def _average(argv: list[str] | None) -> int:
         raise ConfigError("give --run-dir or --inputs")
     if not paths:
         raise CheckpointError(f"no step_*.pt checkpoints in {args.run_dir}")
+    if not args.inputs and len(paths) < args.last:
+        log.warning(
+            "--last %d: %s holds %d step checkpoint(s); averaging those",
+            args.last,
+            args.run_dir,
+            len(paths),
+        )
     out = average_checkpoints(
         paths, args.output, args.weights, args.weights_only, args.half
     )

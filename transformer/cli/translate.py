@@ -38,7 +38,10 @@ def _input_lines(args) -> list[str] | None:
                 ) from None
         return args.sentences
     if args.input:
-        return list(read_lines(Path(args.input), args.replace_invalid))
+        hint = (
+            "" if args.replace_invalid else "; pass --replace-invalid to replace them"
+        )
+        return list(read_lines(Path(args.input), args.replace_invalid, hint))
     return None
 
 

@@ -345,10 +345,10 @@ class DecodingConfig:
         )
         _check(self.max_len_a >= 0, f"{prefix}.max_len_a", self.max_len_a, ">= 0")
         _check(
-            self.max_len_b >= 1 or self.max_len_a > 0,
+            self.max_len_b >= 1 or (self.max_len_a > 0 and self.max_len_b == 0),
             f"{prefix}.max_len_b",
             self.max_len_b,
-            "max length would be zero",
+            ">= 1 (or 0 with max_len_a > 0): short sources would get no output",
         )
         _check(self.min_len >= 0, f"{prefix}.min_len", self.min_len, ">= 0")
         _check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "> 0")

@@ -43,13 +43,16 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def read_lines(path: Path, replace_invalid: bool = False) -> Iterator[str]:
+def read_lines(
+    path: Path, replace_invalid: bool = False, hint: str = ""
+) -> Iterator[str]:
     """Yield the lines of a (gzipped) UTF-8 file without line ends, checking UTF-8.
 
     Lines end at ``\\n`` only: other Unicode separators (U+2028, form feed, ...)
     stay inside their line, so that one line in is one line out. Invalid UTF-8 is
     an error naming the line, or, with ``replace_invalid``, replaced by U+FFFD. A
-    UTF-8 byte-order mark at the start is dropped.
+    UTF-8 byte-order mark at the start is dropped. ``hint`` ends that error
+    (e.g. the option that replaces invalid bytes).
     """
     try:
         with _open_binary(path) as f:
@@ -60,7 +63,7 @@ def read_lines(path: Path, replace_invalid: bool = False) -> Iterator[str]:
                     if not replace_invalid:
                         raise DataError(
                             f"{path}:{number}: not valid UTF-8 "
-                            f"(byte {raw[e.start]:#04x} at column {e.start + 1})"
+                            f"(byte {raw[e.start]:#04x} at column {e.start + 1}){hint}"
                         ) from None
                     log.warning("%s:%d: invalid UTF-8 replaced", path, number)
                     line = raw.decode("utf-8", errors="replace")
@@ -194,6 +197,12 @@ def hub_local_files(cfg: DataConfig, split: str) -> list[Path]:
 
 def toy_pairs(cfg: DataConfig, split: str, seed: int) -> list[tuple[str, str]]:
     """Synthetic copy / reverse task over letters; deterministic per split."""
+    names = [n for n in (cfg.train_split, cfg.valid_split, cfg.test_split) if n]
+    if split not in names:
+        raise DataError(
+            f"split {split!r}: the synthetic {cfg.format} task has the splits "
+            f"{', '.join(names)}"
+        )
     size = cfg.toy_train_size if split == cfg.train_split else cfg.toy_valid_size
     rng = random.Random(f"{seed}-{split}")
     letters = [chr(ord("a") + i) for i in range(min(cfg.toy_vocab, 26))]

@@ -31,7 +31,7 @@ from transformer import __version__
 from transformer.checkpoint import WEIGHTS, load_model
 from transformer.config import DecodingConfig, ModelConfig
 from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
-from transformer.files import as_if_created
+from transformer.files import as_if_created, make_parent, temp_beside
 from transformer.models import Transformer
 from transformer.tokenizer import SPECIAL_IDS, Tokenizer
 
@@ -219,8 +219,8 @@ def export_model(
     _check_options(output, quantization, force)
     spec = build_spec(model, tokenizer)
     spec.optimize(quantization=quantization)  # aliases tied weights, then quantizes
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    make_parent(output)
+    staging = Path(temp_beside(output, tempfile.mkdtemp))
     as_if_created(staging)
     try:
         spec.save(str(staging))

@@ -189,6 +189,13 @@ def restore(
     scaler: torch.amp.GradScaler,
 ) -> TrainState:
     """Load weights, optimizer, schedule and scaler; return the run's state."""
+    missing = [k for k in ("optimizer", "scheduler", "scaler") if k not in ckpt]
+    if missing:  # e.g. transformer-average's output put in place of last.pt
+        raise CheckpointError(
+            f"{path}: holds weights without a training state (no "
+            f"{', '.join(missing)}): a run cannot resume from it; start a new run "
+            f"from its weights with training.init_from={path} in another run_dir"
+        )
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
