@@ -463,12 +463,6 @@ def test_eval_of_an_empty_test_set_is_refused(run, tmp_path, capsys):
     assert "empty.txt: holds no sentence pairs" in capsys.readouterr().err
 
 
-def test_a_misspelt_split_of_a_synthetic_task_is_refused(run, capsys):
-    argv = ["--checkpoint", str(run / "last.pt"), "--split", "vla", "--greedy"]
-    assert eval_main(argv) == 2
-    assert "split 'vla': the synthetic" in capsys.readouterr().err
-
-
 def test_output_paths_in_the_way_are_named_not_their_temporary_files(
     run, tmp_path, capsys
 ):
