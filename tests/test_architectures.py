@@ -146,6 +146,11 @@ def test_decoding_compile_is_refused_for_an_rnn_alone_or_in_an_ensemble(
     args = ["--checkpoint", rnn, "--split", "val", "decoding.compile=true"]
     assert eval_main(args) == 2
     assert "model.arch: rnn" in capsys.readouterr().err
+    pytest.importorskip("ctranslate2", reason="export extra (ctranslate2) missing")
+    from transformer.export import main as export_main
+
+    assert export_main(["--checkpoint", rnn, "--output", str(tmp_path / "x")]) == 2
+    assert f"{rnn}: model.arch: rnn cannot be exported" in capsys.readouterr().err
 
 
 # --- RNN attention ---

@@ -319,6 +319,11 @@ def export_checkpoint(
     import_ctranslate2()  # fail before the (slower) checkpoint load
     _check_options(Path(output), quantization, force)
     model, cfg, tokenizer, ckpt = load_model(checkpoint, weights=weights)
+    if not isinstance(model, Transformer):
+        raise ExportError(
+            f"{checkpoint}: model.arch: {cfg.model.arch} cannot be exported; "
+            "CTranslate2's TransformerSpec holds the transformer encoder-decoder only"
+        )
     if quantization is None and _stored_in_half(ckpt, weights):
         quantization = "float16"  # a published (--half) file stays half the size
         log.info(
