@@ -210,8 +210,9 @@ def export_model(
         source: provenance recorded in ``export.json`` (checkpoint, step).
     """
     if not isinstance(model, Transformer):
+        named = f"{source['checkpoint']}: " if source and "checkpoint" in source else ""
         raise ExportError(
-            f"model.arch: {model.cfg.arch} cannot be exported; CTranslate2's "
+            f"{named}model.arch: {model.cfg.arch} cannot be exported; CTranslate2's "
             "TransformerSpec holds the transformer encoder-decoder only"
         )
     ct2 = import_ctranslate2()
@@ -319,11 +320,6 @@ def export_checkpoint(
     import_ctranslate2()  # fail before the (slower) checkpoint load
     _check_options(Path(output), quantization, force)
     model, cfg, tokenizer, ckpt = load_model(checkpoint, weights=weights)
-    if not isinstance(model, Transformer):
-        raise ExportError(
-            f"{checkpoint}: model.arch: {cfg.model.arch} cannot be exported; "
-            "CTranslate2's TransformerSpec holds the transformer encoder-decoder only"
-        )
     if quantization is None and _stored_in_half(ckpt, weights):
         quantization = "float16"  # a published (--half) file stays half the size
         log.info(
