@@ -300,6 +300,18 @@ def _check_same_model(
         )
 
 
+def _repeated(paths: list[str | Path]) -> list[str | Path]:
+    """The paths naming a file an earlier path already named."""
+    seen: set[Path] = set()
+    repeats = []
+    for path in paths:
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            repeats.append(path)
+        seen.add(resolved)
+    return repeats
+
+
 def _check_same_direction(
     config: Config, path: str | Path, first: Config, first_path: str | Path
 ) -> None:
@@ -329,13 +341,10 @@ def load_ensemble(
     """
     if not paths:
         raise CheckpointError("no checkpoint given")
-    seen: set[Path] = set()
-    for path in paths:
-        if Path(path).resolve() in seen:
-            log.warning(
-                "%s is given twice: the ensemble counts its probabilities twice", path
-            )
-        seen.add(Path(path).resolve())
+    for path in _repeated(paths):
+        log.warning(
+            "%s is given twice: the ensemble counts its probabilities twice", path
+        )
     models, infos = [], []
     cfg = tokenizer = first_tokenizer = None
     for path in paths:
@@ -454,12 +463,9 @@ def average_checkpoints(
     """
     if not paths:
         raise CheckpointError("no checkpoints to average")
-    seen = set()
-    for path in paths:
-        if Path(path).resolve() in seen:
-            raise CheckpointError(f"{path} is given twice: each counts once")
-        seen.add(Path(path).resolve())
-    _check_output(Path(output), seen)
+    for path in _repeated(paths):
+        raise CheckpointError(f"{path} is given twice: each counts once")
+    _check_output(Path(output), {Path(p).resolve() for p in paths})
     model, ema = _Mean(weights), _Mean("ema")
     steps = []
     for path in paths:  # one at a time: a checkpoint holds its optimizer state too
