@@ -21,10 +21,10 @@ from tests.conftest import (
     train_command,
     wait_for_rows,
 )
+from transformer.averaging import average_checkpoints
 from transformer.checkpoint import (
     CheckpointError,
     atomic_save,
-    average_checkpoints,
     load_checkpoint,
     load_model,
 )

@@ -8,11 +8,8 @@ import re
 import sys
 from pathlib import Path
 
-from transformer.checkpoint import (
-    WEIGHTS,
-    CheckpointError,
-    average_checkpoints,
-)
+from transformer.averaging import average_checkpoints
+from transformer.checkpoint import WEIGHTS, CheckpointError
 from transformer.cli import run_cli, setup_logging
 from transformer.config import ConfigError, load_config
 
