@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import transformer.evaluation
+import transformer.search
 from tests.conftest import ROOT, TOY, tiny, translate_cli
-from transformer.checkpoint import atomic_save, load_checkpoint
+from transformer.checkpoint import atomic_save, load_checkpoint, load_model
 from transformer.cli import average_main, eval_main, train_main, translate_main
-from transformer.config import ConfigError, load_config
+from transformer.config import EOS_ID, ConfigError, DecodingConfig, load_config
 from transformer.config.loading import read_yaml
 from transformer.data import read_lines
 from transformer.evaluation import reference_warnings
@@ -86,6 +87,7 @@ def test_a_closed_output_pipe_stops_quietly(run, tmp_path):
         (["--beam", "1", "--nbest", "3"], "need beam search (--beam 3 or more)"),
         (["model.d_model=3"], "model.d_model: only decoding.* overrides"),
         (["decoding.max_len_b=-100"], "decoding.max_len_b: >= 1 (or 0 with"),
+        (["decoding.min_len=5000"], "decoding.min_len: 5000 must be below the model"),
     ],
 )
 def test_translate_options_that_do_not_fit(run, capsys, options, message):
@@ -94,6 +96,20 @@ def test_translate_options_that_do_not_fit(run, capsys, options, message):
     out = capsys.readouterr()
     assert message in out.err and "Traceback" not in out.err
     assert out.out == ""  # refused before any translation
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_a_min_len_beyond_a_sentences_limit_is_warned_about(
+    run, caplog, monkeypatch, strategy
+):
+    monkeypatch.setattr(transformer.search, "_warned_min_len", False)
+    model = load_model(run / "last.pt")[0]
+    src = torch.tensor([[5, 6, EOS_ID]])  # a limit of floor(1.5 * 3 + 10) = 14
+    cfg = DecodingConfig(strategy=strategy, beam_size=2, min_len=20, max_len_b=10)
+    hyps = transformer.search.generate(model, src, cfg)
+    assert "decoding.min_len=20 is beyond the length limit" in caplog.text
+    # the limit wins: <eos> is banned until it, then forced (13 tokens and <eos>)
+    assert all(len(h.tokens) == 13 for h in hyps[0])
 
 
 def test_attention_layer_is_checked_before_the_input_is_translated(
@@ -192,6 +208,10 @@ def test_a_key_written_twice_is_an_error_naming_both_lines(tmp_path):
         ("training.lr=.nan", "training.lr: expected a number (got nan)"),
         ("training.seed=99999999999999999999", "does not fit in 64 bits"),
         ("training.max_stpes=3", "command line: training.max_stpes: unknown key"),
+        (
+            "decoding.min_len=9999",
+            "decoding.min_len: must be below model.max_positions",
+        ),
     ],
 )
 def test_bad_overrides_are_named_as_the_command_lines(override, message):

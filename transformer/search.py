@@ -11,6 +11,7 @@ operations.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from torch import Tensor, nn
 
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, DecodingConfig
 from transformer.models import Memory
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,10 +109,24 @@ def _constrain(
     return logp
 
 
-def _limit_range(limit: Tensor) -> tuple[int, int]:
-    """The shortest and longest length limit of a batch (one read per batch)."""
+_warned_min_len = False
+
+
+def _limit_range(limit: Tensor, min_len: int) -> tuple[int, int]:
+    """The shortest and longest length limit of a batch (one read per batch); warns
+    once when ``min_len`` is beyond a sentence's limit, which then wins."""
+    global _warned_min_len
     low, high = limit.aminmax()
     shortest, longest = torch.stack([low, high]).tolist()
+    if min_len >= shortest and not _warned_min_len:
+        _warned_min_len = True
+        log.warning(
+            "decoding.min_len=%d is beyond the length limit of some sentences "
+            "(max_len_a * source length + max_len_b, and the model's positions; "
+            "here %d tokens with <eos>): their output ends at the limit",
+            min_len,
+            shortest,
+        )
     return shortest, longest
 
 
@@ -156,7 +173,7 @@ def _greedy_or_sample(
 ) -> list[list[Hypothesis]]:
     batch = src.size(0)
     limit = max_lengths(src, cfg, model.target_positions(src))
-    shortest, longest = _limit_range(limit)
+    shortest, longest = _limit_range(limit, cfg.min_len)
     stepper = _Stepper(model, model.encode(src), use_cache, cfg.compile)
     alive = torch.arange(batch, device=src.device)  # original row of each live row
     out = torch.full((batch, longest), PAD_ID, dtype=torch.long, device=src.device)
@@ -259,7 +276,7 @@ def beam_search(
     k, alpha = cfg.beam_size, cfg.length_penalty
     batch, device = src.size(0), src.device
     limit_all = max_lengths(src, cfg, model.target_positions(src))
-    shortest, longest = _limit_range(limit_all)
+    shortest, longest = _limit_range(limit_all, cfg.min_len)
     # the penalty at each length limit bounds what a live beam can still reach
     # (alpha <= 0: the raw score does); computed in Python as for finished ones
     limit_penalty = torch.tensor(

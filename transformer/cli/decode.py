@@ -166,18 +166,24 @@ def _check_output(path: str | None, option: str) -> None:
         raise ConfigError(f"{option} {path}: no such directory {target.parent}")
 
 
-def _check_compile(dcfg: DecodingConfig, model, checkpoints: list[str]) -> None:
-    """``decoding.compile`` with a checkpoint whose architecture refuses it (alone
-    or in an ensemble) is refused as the config refuses it, naming the checkpoint."""
-    if not dcfg.compile:
-        return
+def _check_decoding(dcfg: DecodingConfig, model, checkpoints: list[str]) -> None:
+    """Decoding settings each checkpoint's model (alone or in an ensemble) refuses,
+    refused as the config refuses them, naming the checkpoint: ``decoding.compile``
+    for an architecture that cannot compile, a ``decoding.min_len`` no output of the
+    model can reach."""
     members = getattr(model, "models", [model])
     for path, member in zip(checkpoints, members, strict=True):
         refusal = member.cfg.compile_refusal()
-        if refusal is not None:
+        if dcfg.compile and refusal is not None:
             raise ConfigError(
                 f"decoding.compile: true is not supported for {path} "
                 f"(model.arch: {member.cfg.arch}: {refusal})"
+            )
+        if dcfg.min_len >= member.cfg.max_positions:
+            raise ConfigError(
+                f"decoding.min_len: {dcfg.min_len} must be below the "
+                f"model.max_positions={member.cfg.max_positions} of {path}: no "
+                "output can be that long"
             )
 
 
@@ -210,7 +216,7 @@ def _eval(argv: list[str] | None) -> int:
     device = _device(args.device)
     model, cfg, tokenizer, infos = load_ensemble(args.checkpoint, device, args.weights)
     dcfg = _decoding_config(args, cfg.decoding)
-    _check_compile(dcfg, model, args.checkpoint)
+    _check_decoding(dcfg, model, args.checkpoint)
     set_precision(model, dcfg.precision)
     if args.src or args.ref:
         if not (args.src and args.ref):

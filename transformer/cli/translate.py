@@ -11,7 +11,7 @@ from transformer.checkpoint import load_ensemble, set_precision
 from transformer.cli import run_cli, setup_logging
 from transformer.cli.decode import (
     _add_decoding_args,
-    _check_compile,
+    _check_decoding,
     _check_output,
     _decoding_config,
     _device,
@@ -118,7 +118,7 @@ def _translate(argv: list[str] | None) -> int:
     device = _device(args.device)
     model, cfg, tokenizer, _ = load_ensemble(args.checkpoint, device, args.weights)
     dcfg = _decoding_config(args, cfg.decoding)
-    _check_compile(dcfg, model, args.checkpoint)
+    _check_decoding(dcfg, model, args.checkpoint)
     set_precision(model, dcfg.precision)
     use_cache = not args.no_cache
     if args.attention:  # first: a bad --layer or --head fails before the work

@@ -392,6 +392,13 @@ class Config:
             f"{m.max_positions}",
         )
         _check(
+            self.decoding.min_len < m.max_positions,
+            "decoding.min_len",
+            self.decoding.min_len,
+            f"must be below model.max_positions={m.max_positions}: no output "
+            "can be that long",
+        )
+        _check(
             t.valid_bleu or t.best_metric not in ("bleu", "chrf"),
             "training.best_metric",
             t.best_metric,
