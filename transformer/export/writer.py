@@ -232,9 +232,7 @@ def export_model(
             json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         if output.exists():  # an earlier export (see _check_options)
-            trash = Path(
-                tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent)
-            )
+            trash = Path(temp_beside(output, tempfile.mkdtemp, suffix=".old"))
             output.rename(trash / output.name)
             try:
                 staging.rename(output)
