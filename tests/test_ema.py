@@ -18,14 +18,24 @@ from transformer.training.ema import EMA
 from transformer.training.validation import evaluate_loss
 
 
-def test_update_follows_the_formula_in_float64(tmp_path, toy_tokenizer):
-    trainer = Trainer(tiny(tmp_path / "run", toy_tokenizer, "training.ema_decay=0.8"))
+@pytest.mark.parametrize("warmup", [False, True])
+def test_update_follows_the_formula_in_float64(tmp_path, toy_tokenizer, warmup):
+    cfg = tiny(
+        tmp_path / "run",
+        toy_tokenizer,
+        "training.ema_decay=0.8",
+        f"training.ema_decay_warmup={str(warmup).lower()}",
+    )
+    trainer = Trainer(cfg)
     reference = {k: v.double() for k, v in trainer.model.state_dict().items()}
-    for ids in (range(0, 12), range(40, 47), range(100, 110), range(7, 20)):
+    ranges = [range(0, 12), range(40, 47), range(100, 110), range(7, 20)] * 3
+    for n, ids in enumerate(ranges):
         batch = trainer.train_data.collate(np.array(list(ids)))
         assert not trainer.train_step([batch]).skipped
+        # with the warm-up: 0.1, 0.18, 0.25, ... up to 0.8 from the 36th update
+        decay = min(0.8, (1 + n) / (10 + n)) if warmup else 0.8
         for k, v in trainer.model.state_dict().items():
-            reference[k] = 0.8 * reference[k] + 0.2 * v.double()
+            reference[k] = decay * reference[k] + (1 - decay) * v.double()
     ema = trainer.ema.state_dict()
     assert ema.keys() == reference.keys()
     for k, v in ema.items():
@@ -75,6 +85,9 @@ def test_resume_restores_the_ema_bit_exactly(tmp_path, toy_tokenizer):
     mid = load_checkpoint(tmp_path / "b" / "last.pt")
     assert mid["step"] == 5 and "ema" in mid
     resumed = Trainer(ema_run(tmp_path / "b", toy_tokenizer, 8), resume=True)
+    # the warm-up goes on from the step resumed (0.9 is reached at update 81): a
+    # count restarted at 0 would give another average
+    assert resumed.ema.updates == 5 and resumed.ema.current_decay() == 6 / 15
     for name, value in mid["ema"].items():
         assert torch.equal(resumed.ema.state_dict()[name], value), name
     resumed.train()

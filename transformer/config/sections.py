@@ -199,6 +199,10 @@ class TrainingConfig:
     # ema = ema_decay * ema + (1 - ema_decay) * weights; 0 = off. Saved in every
     # checkpoint (decode it with --weights ema)
     ema_decay: float = 0.0
+    # after n updates the decay is min(ema_decay, (1 + n) / (10 + n)), so that an
+    # early average follows the weights instead of holding on to the random start
+    # (0.999 alone keeps 37% of it after 1,000 updates); false: ema_decay throughout
+    ema_decay_warmup: bool = True
     validate_ema: bool = False  # validate (and pick best.pt) with the EMA weights
     # fine-tuning: a new run starts from this checkpoint's weights and tokenizer,
     # with a fresh optimizer, schedule and data position (a run dir that already

@@ -17,7 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class EMA:
-    """After every update, ``ema = decay * ema + (1 - decay) * weights``.
+    """After every update, ``ema = d * ema + (1 - d) * weights``, where ``d`` is
+    ``decay``, or with ``warmup`` ``min(decay, (1 + n) / (10 + n))`` after ``n``
+    earlier updates (as TensorFlow's ``ExponentialMovingAverage`` with
+    ``num_updates`` and OpenNMT-py's ``average_decay``).
 
     The average is kept in float32 on the model's device, whatever the weights'
     dtype. Tied weights (one tensor under several state-dict names) are averaged
@@ -27,10 +30,14 @@ class EMA:
     Args:
         model: the model being trained; the average starts from its weights.
         decay: in (0, 1).
+        warmup: a smaller decay for the first updates.
+        updates: the updates already folded in (a resumed average).
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
+    def __init__(
+        self, model: nn.Module, decay: float, warmup: bool = False, updates: int = 0
+    ) -> None:
+        self.decay, self.warmup, self.updates = decay, warmup, updates
         self._live: list[Tensor] = []  # the model's tensors, each once
         self._avg: list[Tensor] = []  # their averages, float32
         self._index: dict[str, int] = {}  # state-dict name -> position in the lists
@@ -46,12 +53,19 @@ class EMA:
                 self._avg.append(tensor.detach().float().clone())
             self._index[name] = seen[id(tensor)]
 
+    def current_decay(self) -> float:
+        """The decay of the next update."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self) -> None:
         """Fold the model's current weights into the average."""
         live = [t.detach().float() for t in self._live]  # no copy when float32
-        # avg + (1 - decay) * (live - avg): one pass, not a multiply and an add
-        torch._foreach_lerp_(self._avg, live, 1.0 - self.decay)
+        # avg + (1 - d) * (live - avg): one pass, not a multiply and an add
+        torch._foreach_lerp_(self._avg, live, 1.0 - self.current_decay())
+        self.updates += 1
 
     def state_dict(self) -> dict[str, Tensor]:
         """The averaged weights, loadable into the model (``load_state_dict``)."""
@@ -93,11 +107,15 @@ class EMA:
 
 
 def build_ema(
-    model: nn.Module, decay: float, ckpt: dict[str, Any] | None, path: Path
+    model: nn.Module,
+    decay: float,
+    warmup: bool,
+    ckpt: dict[str, Any] | None,
+    path: Path,
 ) -> EMA | None:
     """The run's average (None when ``decay`` is 0), restored from the checkpoint
-    ``ckpt`` a run resumes from; one saved without an average starts it afresh
-    from the resumed weights."""
+    ``ckpt`` a run resumes from, its warm-up counted from the checkpoint's step;
+    one saved without an average starts it afresh from the resumed weights."""
     saved = None if ckpt is None else ckpt.get("ema")
     if decay == 0:
         if saved is not None:
@@ -106,9 +124,10 @@ def build_ema(
                 path,
             )
         return None
-    ema = EMA(model, decay)
+    ema = EMA(model, decay, warmup)
     if saved is not None:
         ema.load_state_dict(saved, path)
+        ema.updates = ckpt.get("step", 0)
     elif ckpt is not None:
         log.warning(
             "%s holds no EMA weights: the average starts from its weights", path

@@ -117,7 +117,7 @@ class Trainer:
             )
             restore_rng(ckpt, last, self.dist, self.device, t.seed)
             log.info("resumed from %s at step %d", last, self.state.step)
-        self.ema = build_ema(self.model, t.ema_decay, ckpt, last)
+        self.ema = build_ema(self.model, t.ema_decay, t.ema_decay_warmup, ckpt, last)
         self._rng = rng_state(self.device)  # the RNG state at the last step boundary
         log.info(
             "model: %s parameters; device %s; %d training pairs; padding "
