@@ -156,6 +156,11 @@ def test_eval_output_paths_are_checked_before_decoding(
         target = tmp_path / "nodir" / "x"
         assert eval_main([*base, option, str(target)]) == 2
         assert f"{option} {target}: no such directory" in capsys.readouterr().err
+    # and a minimum length no output can have, naming the checkpoint
+    assert eval_main([*base, "decoding.min_len=999"]) == 2
+    err = capsys.readouterr().err
+    assert "decoding.min_len: 999 must be below the model.max_positions" in err
+    assert str(run / "last.pt") in err
 
 
 def test_a_stored_nbest_does_not_stop_greedy_search(run, tmp_path, capsys):

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from tests.conftest import tiny, tiny_model
-from transformer.checkpoint import CheckpointError, load_checkpoint, load_model
+from transformer.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    load_model,
+)
 from transformer.cli import eval_main, translate_main
 from transformer.config import ConfigError
 from transformer.training import Trainer
@@ -23,7 +28,7 @@ def test_update_follows_the_formula_in_float64(tmp_path, toy_tokenizer, warmup):
     cfg = tiny(
         tmp_path / "run",
         toy_tokenizer,
-        "training.ema_decay=0.8",
+        "training.ema_decay=0.5",
         f"training.ema_decay_warmup={str(warmup).lower()}",
     )
     trainer = Trainer(cfg)
@@ -32,8 +37,8 @@ def test_update_follows_the_formula_in_float64(tmp_path, toy_tokenizer, warmup):
     for n, ids in enumerate(ranges):
         batch = trainer.train_data.collate(np.array(list(ids)))
         assert not trainer.train_step([batch]).skipped
-        # with the warm-up: 0.1, 0.18, 0.25, ... up to 0.8 from the 36th update
-        decay = min(0.8, (1 + n) / (10 + n)) if warmup else 0.8
+        # with the warm-up: 0.1, 0.18, 0.25, ... then 0.5 from the 9th update
+        decay = min(0.5, (1 + n) / (10 + n)) if warmup else 0.5
         for k, v in trainer.model.state_dict().items():
             reference[k] = decay * reference[k] + (1 - decay) * v.double()
     ema = trainer.ema.state_dict()
@@ -105,6 +110,40 @@ def test_resume_restores_the_ema_bit_exactly(tmp_path, toy_tokenizer):
     for name in a:
         assert torch.equal(saved[name], a[name]), name
     assert not torch.equal(saved["tgt_embed.weight"], mid["ema"]["tgt_embed.weight"])
+
+
+def test_an_ema_begun_mid_run_resumes_with_its_own_count(tmp_path, toy_tokenizer):
+    def run(name, steps, *extra):
+        return Trainer(
+            ema_run(tmp_path / name, toy_tokenizer, steps, *extra), resume=True
+        ).train()
+
+    for name in ("once", "twice"):  # 5 updates without an average, then with one
+        run(name, 5, "training.ema_decay=0", "training.validate_ema=false")
+    run("once", 11)
+    run("twice", 8)
+    middle = load_checkpoint(tmp_path / "twice" / "last.pt")
+    assert middle["step"] == 8 and middle["ema_updates"] == 3
+    run("twice", 11)
+    once = load_checkpoint(tmp_path / "once" / "last.pt")
+    twice = load_checkpoint(tmp_path / "twice" / "last.pt")
+    assert once["ema_updates"] == twice["ema_updates"] == 6
+    for name, value in once["ema"].items():
+        assert torch.equal(twice["ema"][name], value), name
+
+
+def test_an_average_saved_before_warm_ups_goes_on_without(tmp_path, toy_tokenizer):
+    Trainer(ema_run(tmp_path / "run", toy_tokenizer, 4)).train()
+    last = tmp_path / "run" / "last.pt"
+    ckpt = load_checkpoint(last)
+    del ckpt["ema_updates"]  # as the code before the warm-up wrote it
+    atomic_save(ckpt, last)
+    resumed = Trainer(ema_run(tmp_path / "run", toy_tokenizer, 6), resume=True)
+    assert not resumed.ema.warmup and resumed.ema.current_decay() == 0.9
+    ckpt["ema_updates"] = "4"
+    atomic_save(ckpt, last)
+    with pytest.raises(CheckpointError, match="ema_updates is '4', not a count"):
+        Trainer(ema_run(tmp_path / "run", toy_tokenizer, 6), resume=True)
 
 
 def test_validation_uses_the_ema_weights(tmp_path, toy_tokenizer):

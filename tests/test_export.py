@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import transformer.search
 from tests.conftest import tiny_model, train_copy_model
 from transformer.checkpoint import atomic_save
 from transformer.config import (
@@ -21,6 +22,7 @@ from transformer.config import (
     EOS_ID,
     PAD_ID,
     Config,
+    ConfigError,
     DataConfig,
     DecodingConfig,
     TokenizerConfig,
@@ -192,6 +194,25 @@ def test_greedy_output_equals_ours(exported):
     for result, hyps, end in zip(raw, ours, ended, strict=True):
         if end:
             assert result.hypotheses[0] == tokenizer.tgt_pieces(hyps[0].tokens)
+
+
+def test_a_minimum_length_as_ours_up_to_the_length_limit(exported, caplog, monkeypatch):
+    srcs = sources(exported.tokenizer)
+    # 14 tokens: beyond the limits of the 1- and 2-piece sources (13 and 14 tokens
+    # with <eos>), which end at their limit; the others have 14 tokens or more
+    cfg = DecodingConfig(strategy="greedy", min_len=14)
+    lim = limits(srcs, cfg)
+    assert sorted(lim)[:3] == [13, 14, 16]
+    ours = decode_corpus(exported.model, srcs, cfg, CPU)
+    monkeypatch.setattr(transformer.search, "_warned_min_len", False)
+    theirs = exported.ct2.decode(srcs, cfg)
+    assert tokens(theirs) == tokens(ours)
+    lengths = [len(h[0].tokens) for h in ours]
+    assert all(n >= min(14, m - 1) for n, m in zip(lengths, lim, strict=True))
+    assert sorted(n for n, m in zip(lengths, lim, strict=True) if m <= 14) == [12, 13]
+    assert "decoding.min_len=14 is beyond the length limit" in caplog.text
+    with pytest.raises(ConfigError, match="min_len: 9999 must be below the model"):
+        exported.ct2.decoding_config(min_len=9999)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])

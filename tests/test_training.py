@@ -265,6 +265,10 @@ def test_average_checkpoints(tmp_path, toy_tokenizer):
     for k in avg:
         torch.testing.assert_close(avg[k], (a[k] + b[k]) / 2)
     assert averaged["step"] == 4 and averaged["averaged_steps"] == [2, 4]
+    # the function moved to transformer.averaging; the old import path still works
+    from transformer.checkpoint import average_checkpoints as old_path
+
+    assert old_path is average_checkpoints
 
 
 def test_toy_copy_config_learns(tmp_path):

@@ -112,12 +112,10 @@ def _constrain(
 _warned_min_len = False
 
 
-def _limit_range(limit: Tensor, min_len: int) -> tuple[int, int]:
-    """The shortest and longest length limit of a batch (one read per batch); warns
-    once when ``min_len`` is beyond a sentence's limit, which then wins."""
+def warn_min_len_cut(min_len: int, shortest: int) -> None:
+    """Warn once when ``min_len`` is beyond a sentence's length limit ``shortest``
+    (tokens with <eos>), which then wins."""
     global _warned_min_len
-    low, high = limit.aminmax()
-    shortest, longest = torch.stack([low, high]).tolist()
     if min_len >= shortest and not _warned_min_len:
         _warned_min_len = True
         log.warning(
@@ -127,6 +125,13 @@ def _limit_range(limit: Tensor, min_len: int) -> tuple[int, int]:
             min_len,
             shortest,
         )
+
+
+def _limit_range(limit: Tensor, min_len: int) -> tuple[int, int]:
+    """The shortest and longest length limit of a batch (one read per batch)."""
+    low, high = limit.aminmax()
+    shortest, longest = torch.stack([low, high]).tolist()
+    warn_min_len_cut(min_len, shortest)
     return shortest, longest
 
 

@@ -27,7 +27,7 @@ import torch
 from transformer.config import EOS_ID, ConfigError, DecodingConfig
 from transformer.evaluation import Translation
 from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
-from transformer.search import Hypothesis, length_penalty
+from transformer.search import Hypothesis, length_penalty, warn_min_len_cut
 from transformer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,12 @@ class ExportedModel:
         values = {**self.info["decoding"], **overrides}
         cfg = DecodingConfig(**values)
         cfg.validate()
+        if cfg.min_len >= self.max_positions:
+            raise ConfigError(
+                f"decoding.min_len: {cfg.min_len} must be below the "
+                f"model.max_positions={self.max_positions} of {self.dir}: no "
+                "output can be that long"
+            )
         return cfg
 
     def decode(
@@ -126,6 +132,8 @@ class ExportedModel:
         for i, limit in enumerate(budget.clamp(1, self.max_positions).tolist()):
             groups.setdefault(limit, []).append(i)
         results: list[list[Hypothesis] | None] = [None] * len(sources)
+        if groups:
+            warn_min_len_cut(cfg.min_len, min(groups))
         for limit, indices in sorted(groups.items()):
             n0 = sum(len(sources[i]) + 1 for i in indices) / len(indices)
             beta = _ct2_length_penalty(cfg.length_penalty, n0) if beam else 0.0

@@ -67,6 +67,11 @@ class EMA:
         torch._foreach_lerp_(self._avg, live, 1.0 - self.current_decay())
         self.updates += 1
 
+    def checkpoint_entries(self) -> dict[str, Any]:
+        """What a checkpoint holds of the average: the weights (``ema``) and the
+        updates folded in (``ema_updates``; its warm-up goes on from there)."""
+        return {"ema": self.state_dict(), "ema_updates": self.updates}
+
     def state_dict(self) -> dict[str, Tensor]:
         """The averaged weights, loadable into the model (``load_state_dict``)."""
         state = {name: self._avg[i] for name, i in self._index.items()}
@@ -114,7 +119,8 @@ def build_ema(
     path: Path,
 ) -> EMA | None:
     """The run's average (None when ``decay`` is 0), restored from the checkpoint
-    ``ckpt`` a run resumes from, its warm-up counted from the checkpoint's step;
+    ``ckpt`` a run resumes from with its count of updates (the warm-up goes on
+    from there; an average saved before warm-ups existed goes on without one);
     one saved without an average starts it afresh from the resumed weights."""
     saved = None if ckpt is None else ckpt.get("ema")
     if decay == 0:
@@ -124,10 +130,17 @@ def build_ema(
                 path,
             )
         return None
-    ema = EMA(model, decay, warmup)
+    if saved is not None and "ema_updates" not in ckpt:
+        # written before the warm-up existed: the average goes on as it began
+        if warmup:
+            log.info("%s: its EMA began without a warm-up; it goes on without", path)
+        warmup = False
+    updates = 0 if saved is None else ckpt.get("ema_updates", 0)
+    if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+        raise CheckpointError(f"{path}: ema_updates is {updates!r}, not a count")
+    ema = EMA(model, decay, warmup, updates)
     if saved is not None:
         ema.load_state_dict(saved, path)
-        ema.updates = ckpt.get("step", 0)
     elif ckpt is not None:
         log.warning(
             "%s holds no EMA weights: the average starts from its weights", path

@@ -149,7 +149,7 @@ class Trainer:
             "data_signature": self.signature,
             "config": self.cfg.to_dict(),
             "tokenizer": self.tokenizer.state_dict(),
-            **({} if self.ema is None else {"ema": self.ema.state_dict()}),
+            **({} if self.ema is None else self.ema.checkpoint_entries()),
         }
 
     def _save(self, name: str | None = None, every_rank: bool = True) -> None:
