@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.config import BOS_ID, EOS_ID, PAD_ID, DecodingConfig
+from transformer.config import BOS_ID, EOS_ID, PAD_ID, ConfigError, DecodingConfig
 from transformer.models import Memory
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,16 @@ def _constrain(
 
 
 _warned_min_len = False
+
+
+def check_min_len(min_len: int, max_positions: int, model: str) -> None:
+    """Refuse a ``min_len`` no output of ``model`` (a file or folder) can reach."""
+    if min_len >= max_positions:
+        raise ConfigError(
+            f"decoding.min_len: {min_len} must be below the "
+            f"model.max_positions={max_positions} of {model}: no output can be "
+            "that long"
+        )
 
 
 def warn_min_len_cut(min_len: int, shortest: int) -> None:

@@ -20,6 +20,7 @@ from transformer.checkpoint import (
 from transformer.cli import run_cli, setup_logging
 from transformer.config import ConfigError, DecodingConfig, parse_overrides
 from transformer.data import read_pairs
+from transformer.search import check_min_len
 
 log = logging.getLogger("transformer")
 
@@ -179,12 +180,7 @@ def _check_decoding(dcfg: DecodingConfig, model, checkpoints: list[str]) -> None
                 f"decoding.compile: true is not supported for {path} "
                 f"(model.arch: {member.cfg.arch}: {refusal})"
             )
-        if dcfg.min_len >= member.cfg.max_positions:
-            raise ConfigError(
-                f"decoding.min_len: {dcfg.min_len} must be below the "
-                f"model.max_positions={member.cfg.max_positions} of {path}: no "
-                "output can be that long"
-            )
+        check_min_len(dcfg.min_len, member.cfg.max_positions, path)
 
 
 # --- eval ---

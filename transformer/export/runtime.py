@@ -27,7 +27,12 @@ import torch
 from transformer.config import EOS_ID, ConfigError, DecodingConfig
 from transformer.evaluation import Translation
 from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
-from transformer.search import Hypothesis, length_penalty, warn_min_len_cut
+from transformer.search import (
+    Hypothesis,
+    check_min_len,
+    length_penalty,
+    warn_min_len_cut,
+)
 from transformer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -98,12 +103,7 @@ class ExportedModel:
         values = {**self.info["decoding"], **overrides}
         cfg = DecodingConfig(**values)
         cfg.validate()
-        if cfg.min_len >= self.max_positions:
-            raise ConfigError(
-                f"decoding.min_len: {cfg.min_len} must be below the "
-                f"model.max_positions={self.max_positions} of {self.dir}: no "
-                "output can be that long"
-            )
+        check_min_len(cfg.min_len, self.max_positions, str(self.dir))
         return cfg
 
     def decode(
