@@ -136,10 +136,14 @@ def test_an_average_saved_before_warm_ups_goes_on_without(tmp_path, toy_tokenize
     Trainer(ema_run(tmp_path / "run", toy_tokenizer, 4)).train()
     last = tmp_path / "run" / "last.pt"
     ckpt = load_checkpoint(last)
-    del ckpt["ema_updates"]  # as the code before the warm-up wrote it
+    del ckpt["ema_updates"], ckpt["ema_warmup"]  # as code before warm-ups wrote it
     atomic_save(ckpt, last)
     resumed = Trainer(ema_run(tmp_path / "run", toy_tokenizer, 6), resume=True)
     assert not resumed.ema.warmup and resumed.ema.current_decay() == 0.9
+    resumed.train()  # and the next resume still goes on without one
+    again = Trainer(ema_run(tmp_path / "run", toy_tokenizer, 8), resume=True)
+    assert not again.ema.warmup and again.ema.current_decay() == 0.9
+    assert load_checkpoint(last)["ema_warmup"] is False
     ckpt["ema_updates"] = "4"
     atomic_save(ckpt, last)
     with pytest.raises(CheckpointError, match="ema_updates is '4', not a count"):

@@ -68,9 +68,14 @@ class EMA:
         self.updates += 1
 
     def checkpoint_entries(self) -> dict[str, Any]:
-        """What a checkpoint holds of the average: the weights (``ema``) and the
-        updates folded in (``ema_updates``; its warm-up goes on from there)."""
-        return {"ema": self.state_dict(), "ema_updates": self.updates}
+        """What a checkpoint holds of the average: the weights (``ema``), the
+        updates folded in (``ema_updates``) and whether it warms up
+        (``ema_warmup``): a resumed average goes on as it began."""
+        return {
+            "ema": self.state_dict(),
+            "ema_updates": self.updates,
+            "ema_warmup": self.warmup,
+        }
 
     def state_dict(self) -> dict[str, Tensor]:
         """The averaged weights, loadable into the model (``load_state_dict``)."""
@@ -130,11 +135,13 @@ def build_ema(
                 path,
             )
         return None
-    if saved is not None and "ema_updates" not in ckpt:
-        # written before the warm-up existed: the average goes on as it began
-        if warmup:
-            log.info("%s: its EMA began without a warm-up; it goes on without", path)
-        warmup = False
+    if saved is not None:
+        # the average goes on as it began (written before warm-ups existed: none)
+        began = ckpt.get("ema_warmup", False) is True
+        if began != warmup:
+            how = "with" if began else "without"
+            log.info("%s: its EMA began %s a warm-up; it goes on %s", path, how, how)
+        warmup = began
     updates = 0 if saved is None else ckpt.get("ema_updates", 0)
     if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
         raise CheckpointError(f"{path}: ema_updates is {updates!r}, not a count")
