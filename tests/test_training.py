@@ -210,10 +210,12 @@ class Payload:
 def test_checkpoints_cannot_run_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "config": {}, "tokenizer": Payload()}, path)
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint") as e:
         load_checkpoint(path)
+    assert "system" in str(e.value) and "safe load refuses" in str(e.value)
+    assert "weights_only" not in str(e.value)  # no advice to load it unsafely
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="junk.pt"):
+    with pytest.raises(CheckpointError, match="junk.pt: .*not a file written by"):
         load_checkpoint(tmp_path / "junk.pt")
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -141,6 +143,20 @@ def _check_layout(ckpt: Any, path: Path) -> None:
             )
 
 
+def _load_failure(path: Path, e: Exception) -> str:
+    """Why torch.load refused a file, without torch's advice to load it unsafely."""
+    text = str(e)
+    blocked = re.search(r"unsupported GLOBAL (\S+)", text)
+    if isinstance(e, pickle.UnpicklingError) and blocked:
+        return (
+            f"it holds a Python object ({blocked.group(1)}) that a safe load "
+            "refuses: only tensors and plain containers are read"
+        )
+    if not zipfile.is_zipfile(path):
+        return "not a file written by torch.save"
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint safely (no code can run) and check that it is one of ours."""
     path = Path(path)
@@ -156,9 +172,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
+        why = _load_failure(path, e)
         raise CheckpointError(
-            f"{path}: not a readable checkpoint of this toolkit ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})"
+            f"{path}: not a readable checkpoint of this toolkit ({why})"
         ) from e
     _check_layout(ckpt, path)
     return ckpt
