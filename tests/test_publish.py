@@ -87,6 +87,38 @@ def test_ema_weights_only(last, tmp_path, capsys):
     assert "already are the EMA" in capsys.readouterr().err
 
 
+def test_tied_weights_are_stored_once(last, tmp_path):
+    """The tied source, target and output embeddings are one tensor in a published
+    file, whichever weights it holds and in either dtype, and in an average."""
+    cfg = load_checkpoint(last)["config"]["model"]
+    assert cfg["tie_src_tgt_embeddings"] and cfg["tie_output_embeddings"]
+    files = {
+        "raw16": ("--half",),
+        "ema16": ("--weights", "ema", "--half"),
+        "ema32": ("--weights", "ema"),
+    }
+    for name, options in files.items():
+        model = publish(last, tmp_path / f"{name}.pt", *options)["model"]
+        src, tgt = model["src_embed.weight"], model["tgt_embed.weight"]
+        assert src.untyped_storage().data_ptr() == tgt.untyped_storage().data_ptr()
+        unique = {v.untyped_storage().data_ptr(): v for v in model.values()}
+        stored = sum(v.numel() * v.element_size() for v in unique.values())
+        assert stored < sum(v.numel() * v.element_size() for v in model.values())
+    # an average of two inputs keeps the tie and its mean is the mean of each
+    other = tmp_path / "other.pt"
+    publish(last, other, "--weights", "ema")
+    out = tmp_path / "avg.pt"
+    assert average_main(["--inputs", str(last), str(other), "--output", str(out)]) == 0
+    avg = load_checkpoint(out)["model"]
+    raw, ema = load_checkpoint(last)["model"], load_checkpoint(other)["model"]
+    assert avg["tgt_embed.weight"] is avg["src_embed.weight"] or (
+        avg["tgt_embed.weight"].untyped_storage().data_ptr()
+        == avg["src_embed.weight"].untyped_storage().data_ptr()
+    )
+    expected = (raw["tgt_embed.weight"].double() + ema["tgt_embed.weight"]) / 2
+    assert torch.allclose(avg["tgt_embed.weight"].double(), expected, atol=1e-7)
+
+
 def test_average_keeps_the_ema_unless_weights_only(last, tmp_path):
     out = tmp_path / "avg.pt"
     assert average_main(["--inputs", str(last), "--output", str(out)]) == 0

@@ -49,46 +49,84 @@ def _check_same_model(
         )
 
 
+def _tied(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Each name whose tensor is another's (tied embeddings, saved once) -> the
+    first name that holds it."""
+    first: dict[tuple, str] = {}
+    alias = {}
+    for name, v in state.items():
+        if v.numel() == 0:
+            continue
+        where = (
+            v.untyped_storage().data_ptr(),
+            v.storage_offset(),
+            v.shape,
+            v.stride(),
+        )
+        alias[name] = first.setdefault(where, name)
+    return {name: to for name, to in alias.items() if name != to}
+
+
+def _retie(out: dict[str, torch.Tensor], tied: dict[str, str]) -> dict:
+    """Point tied names at one tensor again, so that torch.save writes it once."""
+    for name, to in tied.items():
+        out[name] = out[to]
+    return out
+
+
 class _Mean:
     """The element-wise mean of state dicts added one at a time, summed in float64
-    and returned in the first one's dtypes; ``what`` names the weights in errors."""
+    and returned in the first one's dtypes, tied weights (one tensor under several
+    names in the first) averaged and returned once; ``what`` names the weights in
+    errors."""
 
     def __init__(self, what: str) -> None:
         self.what, self.total, self.dtypes, self.first, self.n = what, None, {}, "", 0
+        self.tied: dict[str, str] = {}
 
     def add(self, state: dict[str, torch.Tensor], path: str | Path) -> None:
         if self.total is None:
-            self.total = {k: v.double().clone() for k, v in state.items()}
+            self.tied = _tied(state)
+            self.total = {
+                k: v.double().clone() for k, v in state.items() if k not in self.tied
+            }
             self.dtypes = {k: v.dtype for k, v in state.items()}
             self.first = path
         else:
-            if state.keys() != self.total.keys() or any(
-                state[k].shape != self.total[k].shape for k in state
+            if state.keys() != self.dtypes.keys() or any(
+                state[k].shape != self.total[self.tied.get(k, k)].shape for k in state
             ):
                 raise CheckpointError(
                     f"{path}: {self.what} weights differ in shape from {self.first}"
                 )
-            for k, v in state.items():
-                self.total[k] += v.double()
+            for k, v in self.total.items():
+                v += state[k].double()
         self.n += 1
 
     def mean(self) -> dict[str, torch.Tensor]:
-        return {k: (v / self.n).to(self.dtypes[k]) for k, v in self.total.items()}
+        out = {k: (v / self.n).to(self.dtypes[k]) for k, v in self.total.items()}
+        return _retie(out, self.tied)
 
 
 def _to_half(state: dict[str, torch.Tensor], output: Path) -> dict[str, torch.Tensor]:
     """float16 weights. float16 rather than bfloat16: its 10 mantissa bits round
     a weight 8x more finely (relative error 2^-11 against 2^-8), and trained
     weights lie far inside its range (|w| < 65504), so a model cast back to float32
-    decodes as before; bfloat16's wider range buys nothing here."""
-    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    decodes as before; bfloat16's wider range buys nothing here. Tied weights stay
+    one tensor."""
+    tied = _tied(state)
+    half = {
+        k: v.half() if v.is_floating_point() else v
+        for k, v in state.items()
+        if k not in tied
+    }
     bad = non_finite_weights(half)
     if bad:
         raise CheckpointError(
             f"{output}: weights do not fit in float16 (beyond 65504): "
             + ", ".join(bad[:3])
         )
-    return half
+    return _retie(half, tied)
 
 
 def _check_output(output: Path, inputs: set[Path]) -> None:
