@@ -94,8 +94,25 @@ def test_another_architecture_is_refused(parent, tmp_path, toy_tokenizer):
         CheckpointError, match=r"model\.d_ff: checkpoint 64, config 128"
     ):
         Trainer(reverse_run(tmp_path / "a", toy_tokenizer, init, "model.d_ff=128"))
-    # dropout is no part of the architecture
+    # dropout is no part of the architecture, nor a key only the RNN reads
     Trainer(reverse_run(tmp_path / "b", toy_tokenizer, init, "model.dropout=0.3"))
+    Trainer(reverse_run(tmp_path / "c", toy_tokenizer, init, "model.rnn_hidden=7"))
+    # refused before training.overwrite deletes anything of the run it would replace
+    old = tmp_path / "old"
+    Trainer(reverse_run(old, toy_tokenizer, "training.max_steps=1")).train()
+    before = sorted(p.name for p in old.iterdir())
+    wrong = reverse_run(
+        old,
+        toy_tokenizer,
+        init,
+        "model.d_ff=128",
+        "training.overwrite=true",
+        "training.resume=never",
+    )
+    with pytest.raises(CheckpointError, match=r"model\.d_ff"):
+        Trainer(wrong)
+    assert sorted(p.name for p in old.iterdir()) == before
+    assert load_checkpoint(old / "last.pt")["step"] == 1
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, toy_tokenizer, capsys):

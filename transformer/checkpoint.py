@@ -198,12 +198,16 @@ _NOT_ARCHITECTURE = {"dropout", "attention_dropout", "gumbel_temperature"}
 
 
 def architecture_diffs(a: ModelConfig, b: ModelConfig) -> list[str]:
-    """The architecture fields on which two model configs differ."""
-    return [
+    """The architecture fields on which two model configs differ; a field that
+    their architecture does not read (an RNN key of two Transformers) does not
+    count."""
+    diffs = [
         name
         for name, value in vars(b).items()
         if getattr(a, name) != value and name not in _NOT_ARCHITECTURE
     ]
+    unused = set(b.unused(diffs)) if a.arch == b.arch else set()
+    return [name for name in diffs if name not in unused]
 
 
 def check_compatible(saved: ModelConfig, wanted: ModelConfig, path: str | Path) -> None:

@@ -54,6 +54,8 @@ def start_run(
         log.info("%s exists: resuming it; training.init_from is not used", last)
     elif t.init_from is not None:
         init = load_init(cfg)  # read before anything in the folder is deleted
+        set_vocab_sizes(cfg, init.tokenizer)
+        init.check(cfg)  # and refused before, with training.overwrite too
     if ckpt is None:
         own = not (cfg.data.tokenizer.model or cfg.data.tokenizer.src_model)
         drop_tokenizer = (
@@ -79,8 +81,6 @@ def start_run(
     if ckpt is not None:
         check_compatible(checkpoint_config(ckpt, last).model, cfg.model, last)
         check_lr_meaning(ckpt, cfg, last)
-    if init is not None:
-        init.check(cfg)
     if ranks.main:
         save_config(cfg, run_dir / "config.yaml")
     return RunStart(last, ckpt, init, tokenizer)
