@@ -36,6 +36,7 @@ from transformer.export import (
     main,
     translate_with_ctranslate2,
 )
+from transformer.export.writer import quantization_name
 from transformer.models import Transformer
 from transformer.search import decode_corpus, max_lengths
 from transformer.tokenizer import Tokenizer
@@ -276,6 +277,11 @@ def test_translate_with_ctranslate2_uses_the_export_defaults(exported):
     ours = translate(model, tokenizer, sentences, greedy, CPU)
     assert [t[0].text for t in got] == [t[0].text for t in ours]
     assert [t[0].tokens for t in got] == [t[0].tokens for t in ours]
+    # never fewer hypotheses than asked for without a word
+    with pytest.raises(ValueError, match="several hypotheses need beam search"):
+        translate_with_ctranslate2(export_dir, sentences, beam_size=1, nbest=3)
+    with pytest.raises(ValueError, match="nbest=4 is more than beam_size=2"):
+        translate_with_ctranslate2(export_dir, sentences, beam_size=2, nbest=4)
 
 
 def test_the_export_folder_describes_itself(exported):
@@ -414,6 +420,16 @@ def test_cli_exports_and_replaces_only_with_force(checkpoint, tmp_path, capsys):
     assert info["quantization"] == "int8_float32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2", "model.pt"]
     ExportedModel(out, intra_threads=1).decode([[5, 6]], GREEDY)
+    # this toolkit's short names are CTranslate2's long ones
+    assert main([*args, "--force", "--quantization", "int8_bf16"]) == 0
+    info = json.loads((out / "export.json").read_text())
+    assert info["quantization"] == "int8_bfloat16"
+    assert [quantization_name(q) for q in ("bf16", "fp16", "int8", None)] == [
+        "bfloat16",
+        "float16",
+        "int8",
+        None,
+    ]
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")

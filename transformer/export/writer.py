@@ -45,6 +45,20 @@ def quantizations() -> tuple[str, ...]:
     return tuple(ACCEPTED_MODEL_TYPES)
 
 
+# this toolkit's short names (--precision bf16) for CTranslate2's weight types
+_SHORT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def quantization_name(quantization: str | None) -> str | None:
+    """CTranslate2's name for a weight type given as ours (``bf16``,
+    ``int8_bf16``) or as its own (``bfloat16``)."""
+    if quantization is None:
+        return None
+    head, _, tail = quantization.rpartition("_")
+    tail = _SHORT.get(tail, tail)
+    return f"{head}_{tail}" if head else tail
+
+
 # --- building the specification ---
 
 
@@ -170,7 +184,9 @@ def build_spec(model: Transformer, tokenizer: Tokenizer):
 
 
 def _check_options(output: Path, quantization: str | None, force: bool) -> None:
-    if quantization is not None and quantization not in quantizations():
+    if quantization is not None and quantization_name(quantization) not in (
+        quantizations()
+    ):
         choices = ", ".join(quantizations())
         raise ExportError(f"--quantization {quantization}: must be one of {choices}")
     if not output.exists() and not output.is_symlink():
@@ -204,7 +220,7 @@ def export_model(
         output: the folder to create; the files are written to a temporary sibling
             folder first and renamed into place, so a failure leaves no half export.
         quantization: a CTranslate2 weight type (``int8``, ``int8_float32``,
-            ``bfloat16``, ...); None keeps float32 weights.
+            ``bfloat16`` or ``bf16``, ...); None keeps float32 weights.
         force: replace ``output`` if it is an earlier export (or empty).
         decoding: search defaults recorded in ``export.json``.
         source: provenance recorded in ``export.json`` (checkpoint, step).
@@ -218,6 +234,7 @@ def export_model(
     ct2 = import_ctranslate2()
     output = Path(output)
     _check_options(output, quantization, force)
+    quantization = quantization_name(quantization)
     spec = build_spec(model, tokenizer)
     spec.optimize(quantization=quantization)  # aliases tied weights, then quantizes
     make_parent(output)
@@ -344,9 +361,9 @@ def _export(argv: list[str] | None) -> int:
     parser.add_argument("--output", required=True, help="the folder to create")
     parser.add_argument(
         "--quantization",
-        help="weight type: int8, int8_float32, int8_bfloat16, bfloat16, float16, "
-        "float32, ... (default: the checkpoint's own: float32, or float16 for a "
-        "file written with --half)",
+        help="weight type: int8, int8_float32, int8_bfloat16, bfloat16 (or bf16), "
+        "float16 (fp16), float32 (fp32), ... (default: the checkpoint's own: "
+        "float32, or float16 for a file written with --half)",
     )
     parser.add_argument(
         "--force", action="store_true", help="replace an earlier export in --output"
