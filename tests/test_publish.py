@@ -104,6 +104,13 @@ def test_tied_weights_are_stored_once(last, tmp_path):
         unique = {v.untyped_storage().data_ptr(): v for v in model.values()}
         stored = sum(v.numel() * v.element_size() for v in unique.values())
         assert stored < sum(v.numel() * v.element_size() for v in model.values())
+        # and so does a file written again from the published one
+        again = publish(tmp_path / f"{name}.pt", tmp_path / f"{name}_again.pt")
+        src, tgt = (
+            again["model"]["src_embed.weight"],
+            again["model"]["tgt_embed.weight"],
+        )
+        assert src.untyped_storage().data_ptr() == tgt.untyped_storage().data_ptr()
     # an average of two inputs keeps the tie and its mean is the mean of each
     other = tmp_path / "other.pt"
     publish(last, other, "--weights", "ema")

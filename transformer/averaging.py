@@ -19,7 +19,9 @@ from transformer.checkpoint import (
     model_weights,
     non_finite_weights,
     repeated_paths,
+    retie,
     same_tokenizer,
+    tied_names,
 )
 from transformer.config import ModelConfig
 
@@ -49,31 +51,6 @@ def _check_same_model(
         )
 
 
-def _tied(state: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Each name whose tensor is another's (tied embeddings, saved once) -> the
-    first name that holds it."""
-    first: dict[tuple, str] = {}
-    alias = {}
-    for name, v in state.items():
-        if v.numel() == 0:
-            continue
-        where = (
-            v.untyped_storage().data_ptr(),
-            v.storage_offset(),
-            v.shape,
-            v.stride(),
-        )
-        alias[name] = first.setdefault(where, name)
-    return {name: to for name, to in alias.items() if name != to}
-
-
-def _retie(out: dict[str, torch.Tensor], tied: dict[str, str]) -> dict:
-    """Point tied names at one tensor again, so that torch.save writes it once."""
-    for name, to in tied.items():
-        out[name] = out[to]
-    return out
-
-
 class _Mean:
     """The element-wise mean of state dicts added one at a time, summed in float64
     and returned in the first one's dtypes, tied weights (one tensor under several
@@ -86,7 +63,7 @@ class _Mean:
 
     def add(self, state: dict[str, torch.Tensor], path: str | Path) -> None:
         if self.total is None:
-            self.tied = _tied(state)
+            self.tied = tied_names(state)
             self.total = {
                 k: v.double().clone() for k, v in state.items() if k not in self.tied
             }
@@ -105,7 +82,7 @@ class _Mean:
 
     def mean(self) -> dict[str, torch.Tensor]:
         out = {k: (v / self.n).to(self.dtypes[k]) for k, v in self.total.items()}
-        return _retie(out, self.tied)
+        return retie(out, self.tied)
 
 
 def _to_half(state: dict[str, torch.Tensor], output: Path) -> dict[str, torch.Tensor]:
@@ -114,7 +91,7 @@ def _to_half(state: dict[str, torch.Tensor], output: Path) -> dict[str, torch.Te
     weights lie far inside its range (|w| < 65504), so a model cast back to float32
     decodes as before; bfloat16's wider range buys nothing here. Tied weights stay
     one tensor."""
-    tied = _tied(state)
+    tied = tied_names(state)
     half = {
         k: v.half() if v.is_floating_point() else v
         for k, v in state.items()
@@ -126,7 +103,7 @@ def _to_half(state: dict[str, torch.Tensor], output: Path) -> dict[str, torch.Te
             f"{output}: weights do not fit in float16 (beyond 65504): "
             + ", ".join(bad[:3])
         )
-    return _retie(half, tied)
+    return retie(half, tied)
 
 
 def _check_output(output: Path, inputs: set[Path]) -> None:

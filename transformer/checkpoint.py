@@ -223,6 +223,31 @@ def check_compatible(saved: ModelConfig, wanted: ModelConfig, path: str | Path) 
         )
 
 
+def tied_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Each name whose tensor is another's (tied embeddings, saved once) -> the
+    first name that holds it."""
+    first: dict[tuple, str] = {}
+    alias = {}
+    for name, v in state.items():
+        if v.numel() == 0:
+            continue
+        where = (
+            v.untyped_storage().data_ptr(),
+            v.storage_offset(),
+            v.shape,
+            v.stride(),
+        )
+        alias[name] = first.setdefault(where, name)
+    return {name: to for name, to in alias.items() if name != to}
+
+
+def retie(out: dict[str, torch.Tensor], tied: dict[str, str]) -> dict:
+    """Point tied names at one tensor again, so that torch.save writes it once."""
+    for name, to in tied.items():
+        out[name] = out[to]
+    return out
+
+
 WEIGHTS = ("raw", "ema")  # the trained weights, or their moving average
 
 
@@ -244,7 +269,13 @@ def model_weights(
             f"{path}: {len(bad)} {weights} weight tensor(s) hold NaN or inf (first: "
             f"{bad[0]}): the file is damaged, or the run had diverged"
         )
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    tied = tied_names(state)  # cast once: the copies stay tied
+    out = {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in state.items()
+        if k not in tied
+    }
+    return retie(out, tied)
 
 
 def _why_no_ema(ckpt: dict) -> str:
