@@ -245,6 +245,44 @@ def test_beam_search_output_equals_ours(exported, alpha):
     assert [h[0] for h in tokens(ours)] != [h[0] for h in greedy]  # beam mattered
 
 
+class _CountingTranslator:
+    """A ctranslate2.Translator that counts its translate_batch calls."""
+
+    def __init__(self, translator) -> None:
+        self.translator, self.batches = translator, []
+
+    def translate_batch(self, source, **options):
+        self.batches.append(len(source))
+        return self.translator.translate_batch(source, **options)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_one_padded_batch_equals_ours(exported, monkeypatch, strategy):
+    """With one length limit for every source (max_len_a 0), CTranslate2 decodes
+    sources of 1 to 9 pieces in one padded batch: the best hypotheses still equal
+    ours (unmasked, as above; alpha 0, where no length penalty is approximated)."""
+    srcs = sources(exported.tokenizer)
+    cfg = DecodingConfig(
+        strategy=strategy, beam_size=5, length_penalty=0.0, max_len_a=0, max_len_b=16
+    )
+    assert len(set(limits(srcs, cfg))) == 1 and len({len(s) for s in srcs}) == 9
+    counting = _CountingTranslator(exported.exact.translator)
+    monkeypatch.setattr(exported.exact, "translator", counting)
+    theirs = exported.exact.decode(srcs, cfg)
+    assert counting.batches == [len(srcs)]
+    ours = decode_corpus(exported.model, srcs, cfg, CPU)
+    assert [h[0] for h in tokens(theirs)] == [h[0] for h in tokens(ours)]
+    limit = limits(srcs, cfg)[0]
+    ended = [
+        (a, b)
+        for a, b in zip(ours, theirs, strict=True)
+        if len(a[0].tokens) < limit - 1
+    ]
+    for a, b in ended:  # at the limit ours adds the forced <eos>'s score
+        assert abs(a[0].score - b[0].score) < 1e-4
+    assert len(ended) >= 5 and len({len(a[0].tokens) for a, _ in ended}) >= 3
+
+
 def test_masked_beam_search_never_emits_specials(exported):
     srcs = sources(exported.tokenizer)
     cfg = DecodingConfig(strategy="beam", beam_size=5, nbest=5, max_len_b=6)
