@@ -12,7 +12,7 @@ import torch
 from tests.conftest import tiny
 from transformer.checkpoint import load_checkpoint, load_model
 from transformer.cli import average_main, eval_main, translate_main
-from transformer.config import DataConfig
+from transformer.config import BOS_ID, EOS_ID, DataConfig
 from transformer.data import read_pairs
 from transformer.evaluation import translate
 from transformer.training import Trainer
@@ -148,3 +148,24 @@ def test_export_reads_published_and_ema_weights(last, tmp_path):
         info = json.loads((out / EXPORT_INFO).read_text())
         assert (info["checkpoint"], info["weights"]) == (str(source), weights)
         assert (out / "model.bin").stat().st_size > 0
+    # transformer-export --weights ema exports the average, not the raw weights:
+    # CTranslate2's scores of one pair are the EMA model's, not the raw model's
+    from transformer.export import ExportedModel
+    from transformer.export import main as export_main
+
+    out = tmp_path / "ema_cli"
+    args = ["--checkpoint", str(last), "--output", str(out), "--weights", "ema"]
+    assert export_main(args) == 0
+    src, tgt = [5, 6, 7, 8], [5, 6, 7, 8]
+    translator = ExportedModel(out, intra_threads=1)
+    tokenizer = load_model(last)[2]
+    scored = translator.translator.score_batch(
+        [[tokenizer.src.id_to_piece(i) for i in src]], [tokenizer.tgt_pieces(tgt)]
+    )[0].log_probs
+    for weights, same in (("ema", True), ("raw", False)):
+        model = load_model(last, weights=weights)[0]
+        logits = model(torch.tensor([[*src, EOS_ID]]), torch.tensor([[BOS_ID, *tgt]]))
+        logp = torch.log_softmax(logits[0], -1)
+        ours = logp.gather(1, torch.tensor([*tgt, EOS_ID])[:, None]).squeeze(1)
+        close = torch.allclose(torch.tensor(scored), ours, atol=1e-4)
+        assert close == same, weights
