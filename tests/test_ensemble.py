@@ -60,6 +60,25 @@ def test_ensemble_of_two_copies_is_the_model(strategy):
             assert hb.score == pytest.approx(ha.score, abs=1e-4)
 
 
+def test_sampling_from_one_model_or_two_copies_is_the_models():
+    """The same random draws pick the same tokens: the ensemble's distribution is
+    the model's (exactly for one, to rounding for two copies)."""
+    model = sharp_model(0)
+    cfg = DecodingConfig(strategy="sample", temperature=1.5)
+
+    def sample(m, seed):
+        return generate(m, SRC, cfg, generator=torch.Generator().manual_seed(seed))
+
+    alone = sample(model, 7)
+    assert hyps(sample(Ensemble([model]), 7)) == hyps(alone)
+    twice = sample(Ensemble([model, copy.deepcopy(model)]), 7)
+    for a, b in zip(alone, twice, strict=True):
+        assert a[0].tokens == b[0].tokens
+        assert b[0].score == pytest.approx(a[0].score, abs=1e-4)
+    # not trivially: other draws give other outputs
+    assert hyps(sample(model, 8)) != hyps(alone)
+
+
 def test_step_scores_are_the_log_of_the_mean_probability():
     # different architectures and lengths: only the vocabulary must be shared
     one = sharp_model(1)
