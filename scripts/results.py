@@ -63,13 +63,16 @@ def parse_row(text: str) -> tuple[str, list[Path]]:
 
 
 def score_row(name: str, paths: list[Path], args) -> dict:
-    from transformer.checkpoint import load_ensemble
+    from transformer.checkpoint import load_ensemble, set_precision
     from transformer.data import read_pairs
     from transformer.data.download import ensure_corpus
     from transformer.evaluation import score_corpus, translate
 
     device = torch.device("cpu")
     model, cfg, tokenizer, _ = load_ensemble(paths, device, args.weights)
+    set_precision(model, cfg.decoding.precision)  # as transformer-eval does
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    precision = "bf16" if bf16 else "fp32"
     if args.data_dir:
         cfg.data.dir = args.data_dir
     ensure_corpus(cfg.data)
@@ -105,12 +108,14 @@ def score_row(name: str, paths: list[Path], args) -> dict:
         command += ["--weights", args.weights]
     command += ["--split", test, "--beam", str(beam)]
     command += ["--length-penalty", str(alpha), "--device", "cpu"]
+    command += ["--precision", precision]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     return {
         "row": name,
         "checkpoints": [describe(p) for p in paths],
         "weights": args.weights,
+        "precision": precision,
         "valid_split": valid,
         "valid_bleu": [
             {"beam": b, "alpha": a, "bleu": bleu} for (b, a), bleu in sweep.items()
