@@ -271,16 +271,19 @@ def test_one_padded_batch_equals_ours(exported, monkeypatch, strategy):
     theirs = exported.exact.decode(srcs, cfg)
     assert counting.batches == [len(srcs)]
     ours = decode_corpus(exported.model, srcs, cfg, CPU)
-    assert [h[0] for h in tokens(theirs)] == [h[0] for h in tokens(ours)]
+    # where a hypothesis runs to the limit, ours adds the forced <eos>, and these
+    # barely trained models repeat themselves there with nearly tied beams, which
+    # padding's rounding can swap: compare the sentences that ended by <eos>
     limit = limits(srcs, cfg)[0]
     ended = [
-        (a, b)
+        (a[0], b[0])
         for a, b in zip(ours, theirs, strict=True)
         if len(a[0].tokens) < limit - 1
     ]
-    for a, b in ended:  # at the limit ours adds the forced <eos>'s score
-        assert abs(a[0].score - b[0].score) < 1e-4
-    assert len(ended) >= 5 and len({len(a[0].tokens) for a, _ in ended}) >= 3
+    assert len(ended) >= 5 and len({len(a.tokens) for a, _ in ended}) >= 3
+    for a, b in ended:
+        assert a.tokens == b.tokens
+        assert abs(a.score - b.score) < 1e-4
 
 
 def test_masked_beam_search_never_emits_specials(exported):
@@ -373,13 +376,20 @@ def test_int8_export_holds_int8_weights_and_decodes(tokenizers, tmp_path):
         [[tokenizer.src.id_to_piece(i) for i in s] for s in srcs],
         [tokenizer.tgt_pieces(t) for t in tgts],
     )
-    for src, tgt, result in zip(srcs, tgts, scored, strict=True):
-        logits = rounded(torch.tensor([[*src, EOS_ID]]), torch.tensor([[BOS_ID, *tgt]]))
-        logp = torch.log_softmax(logits[0], -1)
-        expected = logp.gather(1, torch.tensor([*tgt, EOS_ID])[:, None]).squeeze(1)
-        torch.testing.assert_close(
-            torch.tensor(result.log_probs), expected, atol=1e-4, rtol=0
-        )
+
+    def gap(m: Transformer) -> float:
+        """The largest difference between CTranslate2's and ``m``'s scores."""
+        worst = 0.0
+        for src, tgt, result in zip(srcs, tgts, scored, strict=True):
+            logits = m(torch.tensor([[*src, EOS_ID]]), torch.tensor([[BOS_ID, *tgt]]))
+            logp = torch.log_softmax(logits[0], -1)
+            ours = logp.gather(1, torch.tensor([*tgt, EOS_ID])[:, None]).squeeze(1)
+            worst = max(worst, (torch.tensor(result.log_probs) - ours).abs().max())
+        return float(worst)
+
+    # a weight on a rounding boundary may round the other way (up to ~3e-4 here,
+    # by the threads that trained the model); unrounded weights are ~100x off
+    assert gap(rounded) < 2e-3 < 1e-2 < gap(model)
     # int8 compute also quantizes activations: outputs are valid, not always ours
     quantized = ExportedModel(int8, intra_threads=1)
     assert quantized.translator.compute_type.startswith("int8")
