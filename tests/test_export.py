@@ -377,6 +377,7 @@ def test_int8_export_holds_int8_weights_and_decodes(tokenizers, tmp_path):
         [tokenizer.tgt_pieces(t) for t in tgts],
     )
 
+    @torch.no_grad()
     def gap(m: Transformer) -> float:
         """The largest difference between CTranslate2's and ``m``'s scores."""
         worst = 0.0
@@ -384,8 +385,9 @@ def test_int8_export_holds_int8_weights_and_decodes(tokenizers, tmp_path):
             logits = m(torch.tensor([[*src, EOS_ID]]), torch.tensor([[BOS_ID, *tgt]]))
             logp = torch.log_softmax(logits[0], -1)
             ours = logp.gather(1, torch.tensor([*tgt, EOS_ID])[:, None]).squeeze(1)
-            worst = max(worst, (torch.tensor(result.log_probs) - ours).abs().max())
-        return float(worst)
+            diff = (torch.tensor(result.log_probs) - ours).abs().max()
+            worst = max(worst, diff.item())
+        return worst
 
     # a weight on a rounding boundary may round the other way (up to ~3e-4 here,
     # by the threads that trained the model); unrounded weights are ~100x off
