@@ -17,13 +17,16 @@ from transformer.checkpoint import (
     checkpoint_config,
     load_checkpoint,
     model_weights,
-    non_finite_weights,
     repeated_paths,
-    retie,
     same_tokenizer,
-    tied_names,
 )
 from transformer.config import ModelConfig
+from transformer.state_dicts import (
+    cast_weights,
+    non_finite_weights,
+    retie,
+    tied_names,
+)
 
 
 def _check_same_model(
@@ -91,19 +94,14 @@ def _to_half(state: dict[str, torch.Tensor], output: Path) -> dict[str, torch.Te
     weights lie far inside its range (|w| < 65504), so a model cast back to float32
     decodes as before; bfloat16's wider range buys nothing here. Tied weights stay
     one tensor."""
-    tied = tied_names(state)
-    half = {
-        k: v.half() if v.is_floating_point() else v
-        for k, v in state.items()
-        if k not in tied
-    }
+    half = cast_weights(state, torch.float16)
     bad = non_finite_weights(half)
     if bad:
         raise CheckpointError(
             f"{output}: weights do not fit in float16 (beyond 65504): "
             + ", ".join(bad[:3])
         )
-    return retie(half, tied)
+    return half
 
 
 def _check_output(output: Path, inputs: set[Path]) -> None:

@@ -24,6 +24,7 @@ from transformer.config import (
 from transformer.files import atomic_write
 from transformer.models import Ensemble, create_model
 from transformer.precision import effective_precision
+from transformer.state_dicts import cast_weights, non_finite_weights
 from transformer.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -69,15 +70,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
     cuda = state.get("cuda")
     if device is not None and device.type == "cuda" and isinstance(cuda, torch.Tensor):
         torch.cuda.set_rng_state(cuda, device)
-
-
-def non_finite_weights(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point tensors holding a NaN or an infinity."""
-    return [
-        name
-        for name, value in state_dict.items()
-        if value.is_floating_point() and not bool(torch.isfinite(value).all())
-    ]
 
 
 def _check_archive(path: Path) -> None:
@@ -223,31 +215,6 @@ def check_compatible(saved: ModelConfig, wanted: ModelConfig, path: str | Path) 
         )
 
 
-def tied_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Each name whose tensor is another's (tied embeddings, saved once) -> the
-    first name that holds it."""
-    first: dict[tuple, str] = {}
-    alias = {}
-    for name, v in state.items():
-        if v.numel() == 0:
-            continue
-        where = (
-            v.untyped_storage().data_ptr(),
-            v.storage_offset(),
-            v.shape,
-            v.stride(),
-        )
-        alias[name] = first.setdefault(where, name)
-    return {name: to for name, to in alias.items() if name != to}
-
-
-def retie(out: dict[str, torch.Tensor], tied: dict[str, str]) -> dict:
-    """Point tied names at one tensor again, so that torch.save writes it once."""
-    for name, to in tied.items():
-        out[name] = out[to]
-    return out
-
-
 WEIGHTS = ("raw", "ema")  # the trained weights, or their moving average
 
 
@@ -269,13 +236,7 @@ def model_weights(
             f"{path}: {len(bad)} {weights} weight tensor(s) hold NaN or inf (first: "
             f"{bad[0]}): the file is damaged, or the run had diverged"
         )
-    tied = tied_names(state)  # cast once: the copies stay tied
-    out = {
-        k: v.float() if v.is_floating_point() else v
-        for k, v in state.items()
-        if k not in tied
-    }
-    return retie(out, tied)
+    return cast_weights(state, torch.float32)
 
 
 def _why_no_ema(ckpt: dict) -> str:

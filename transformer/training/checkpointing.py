@@ -16,10 +16,10 @@ from transformer.checkpoint import (
     CheckpointError,
     atomic_save,
     checkpoint_config,
-    non_finite_weights,
     set_rng_state,
 )
 from transformer.config import Config
+from transformer.state_dicts import non_finite_weights
 from transformer.training.distributed import Distributed
 from transformer.training.state import TrainingError, TrainState
 
