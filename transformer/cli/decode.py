@@ -130,22 +130,8 @@ def _decoding_config(args, base: DecodingConfig) -> DecodingConfig:
             f"{options}: for sampling only (add --sample); this decodes with "
             f"{values['strategy']} search"
         )
-    nbest = args.nbest
-    if values["strategy"] == "beam":
-        if nbest is not None and args.beam is not None and nbest > args.beam:
-            raise ConfigError(
-                f"--nbest {nbest} is more than --beam {args.beam}: a beam of K "
-                "keeps at most K hypotheses"
-            )
-        values["beam_size"] = max(values["beam_size"], values["nbest"])
-    elif nbest is not None and nbest > 1:
-        raise ConfigError(
-            f"--nbest {nbest}: several hypotheses need beam search (--beam {nbest} "
-            "or more)"
-        )
-    else:  # a stored decoding.nbest means nothing to greedy search or sampling
-        values["nbest"] = 1
     cfg = _build(DecodingConfig, values, "decoding")
+    cfg.settle_nbest(args.nbest, args.beam, cli=True)
     cfg.validate()
     return cfg
 

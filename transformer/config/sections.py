@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from transformer.config.base import PAD_ID, _check
+from transformer.config.base import PAD_ID, ConfigError, _check
 from transformer.config.data import DataConfig
 
 
@@ -331,6 +331,31 @@ class DecodingConfig:
     # torch.compile the cached decoding step (dynamic shapes, a few graphs per
     # model); on CPU the compile takes about a minute, see the README's benchmarks
     compile: bool = False
+
+    def settle_nbest(self, asked: int | None, beam: int | None, cli: bool) -> None:
+        """Make ``nbest`` (asked for now, or stored) fit the search: beam search
+        widens its beam to hold ``nbest`` hypotheses unless the beam was given too
+        and is smaller (an error); greedy search and sampling give one, and asking
+        them for more is an error. ``cli``: name ``--nbest``/``--beam`` in errors,
+        else ``nbest=``/``beam_size=``."""
+
+        nbest, beam_of = (
+            ("--nbest {}", "--beam {}") if cli else ("nbest={}", "beam_size={}")
+        )
+        if self.strategy == "beam":
+            if asked is not None and beam is not None and asked > beam:
+                raise ConfigError(
+                    f"{nbest.format(asked)} is more than {beam_of.format(beam)}: "
+                    "a beam of K keeps at most K hypotheses"
+                )
+            self.beam_size = max(self.beam_size, self.nbest)
+        elif asked is not None and asked > 1:
+            raise ConfigError(
+                f"{nbest.format(asked)}: several hypotheses need beam search "
+                f"({beam_of.format(asked)} or more), not {self.strategy}"
+            )
+        else:  # a stored nbest means nothing to greedy search or sampling
+            self.nbest = 1
 
     def validate(self, prefix: str = "decoding") -> None:
         for name in ("length_penalty", "max_len_a", "temperature", "top_p"):

@@ -210,16 +210,7 @@ def translate_with_ctranslate2(
         cfg.beam_size = beam_size
     if length_penalty is not None:
         cfg.length_penalty = length_penalty
-    if nbest > 1 and cfg.strategy != "beam":
-        raise ValueError(
-            f"nbest={nbest}: several hypotheses need beam search (beam_size={nbest} "
-            f"or more; the search here is {cfg.strategy})"
-        )
-    if beam_size is not None and nbest > beam_size:
-        raise ValueError(
-            f"nbest={nbest} is more than beam_size={beam_size}: a beam of K keeps "
-            "at most K hypotheses"
-        )
-    cfg.nbest, cfg.beam_size = nbest, max(cfg.beam_size, nbest)
+    cfg.nbest = nbest
+    cfg.settle_nbest(nbest, beam_size, cli=False)
     cfg.validate()
     return model.translate(sentences, cfg)
