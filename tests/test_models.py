@@ -1,0 +1,71 @@
+"""The models published in ``models/``: the files behind the README's results
+(``results/*.json`` names each with its sha256), each weights only, float16, under
+20 MB with its tokenizer, and loadable and decodable like any checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformer.checkpoint import load_checkpoint, load_ensemble
+from transformer.evaluation import translate
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = sorted((ROOT / "models").glob("*.pt"))
+RESULTS = sorted((ROOT / "results").glob("*.json"))
+TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng", "ema", "data_signature")
+SENTENCES = {
+    "en": ["A man in a blue shirt is riding a bike.", "Two dogs play in the snow."],
+    "de": ["Ein Mann in einem blauen Hemd fährt Fahrrad.", "Zwei Hunde spielen."],
+}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def result_rows() -> list[dict]:
+    return [row for f in RESULTS for row in json.loads(f.read_text())["rows"]]
+
+
+def test_every_result_names_a_published_file_with_its_sha256():
+    rows = result_rows()
+    if not rows:
+        pytest.skip("no results/*.json in this checkout")
+    for row in rows:
+        for entry in row["checkpoints"]:
+            path = ROOT / entry["file"]
+            assert path.parent == ROOT / "models", f"{row['row']}: {entry['file']}"
+            assert path.is_file(), f"{row['row']}: {entry['file']} is not published"
+            assert sha256(path) == entry["sha256"], f"{entry['file']} has changed"
+
+
+def test_the_readme_names_every_published_file_and_no_other():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"models/[\w.+-]+\.pt", readme))
+    named.discard("models/<name>.pt")
+    published = {f"models/{p.name}" for p in MODELS}
+    assert named == published
+
+
+@pytest.mark.parametrize("path", MODELS, ids=[p.name for p in MODELS])
+def test_a_published_file_is_small_half_weights_only_and_decodes(path):
+    assert path.stat().st_size < 20 * 10**6
+    ckpt = load_checkpoint(path)
+    assert ckpt.get("weights_only") is True
+    assert not [k for k in TRAINING_ONLY if k in ckpt]
+    dtypes = {v.dtype for v in ckpt["model"].values() if v.is_floating_point()}
+    assert dtypes == {torch.float16}
+    assert ckpt["tokenizer"], "the SentencePiece model travels inside"
+    model, cfg, tokenizer, _ = load_ensemble([path])
+    assert next(model.parameters()).dtype == torch.float32  # cast back to decode
+    cfg.decoding.strategy = "greedy"
+    sources = SENTENCES[cfg.data.src_lang]
+    out = translate(model, tokenizer, sources, cfg.decoding, torch.device("cpu"))
+    texts = [hyps[0].text for hyps in out]
+    assert all(texts) and texts != sources, texts
