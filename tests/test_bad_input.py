@@ -85,6 +85,13 @@ def test_a_closed_output_pipe_stops_quietly(run, tmp_path):
         (["--top-p", "0.5"], "--top-p: for sampling only (add --sample)"),
         (["--beam", "2", "--nbest", "5"], "--nbest 5 is more than --beam 2"),
         (["--beam", "1", "--nbest", "3"], "need beam search (--beam 3 or more)"),
+        (["--beam", "2", "--nbest", "0"], "--nbest 0: must be >= 1"),
+        (["--greedy", "decoding.nbest=3"], "decoding.nbest=3: several hypotheses"),
+        (["--beam", "2", "decoding.nbest=5"], "decoding.nbest=5 is more than --beam 2"),
+        (
+            ["decoding.strategy=beam", "decoding.beam_size=2", "--nbest", "4"],
+            "--nbest 4 is more than decoding.beam_size=2",
+        ),
         (["model.d_model=3"], "model.d_model: only decoding.* overrides"),
         (["decoding.max_len_b=-100"], "decoding.max_len_b: >= 1 (or 0 with"),
         (["decoding.min_len=5000"], "decoding.min_len: 5000 must be below the model"),

@@ -323,6 +323,8 @@ def test_translate_with_ctranslate2_uses_the_export_defaults(exported):
         translate_with_ctranslate2(export_dir, sentences, beam_size=1, nbest=3)
     with pytest.raises(ValueError, match="nbest=4 is more than beam_size=2"):
         translate_with_ctranslate2(export_dir, sentences, beam_size=2, nbest=4)
+    with pytest.raises(ValueError, match="nbest=0: must be >= 1"):
+        translate_with_ctranslate2(export_dir, sentences, beam_size=1, nbest=0)
 
 
 def test_the_export_folder_describes_itself(exported):

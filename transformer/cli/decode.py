@@ -96,6 +96,7 @@ def _decoding_config(args, base: DecodingConfig) -> DecodingConfig:
     from transformer.config import _build
 
     values = vars(base).copy()
+    overridden = set()
     for key, value in parse_overrides(args.decoding):
         if not key.startswith("decoding."):
             raise ConfigError(
@@ -103,6 +104,7 @@ def _decoding_config(args, base: DecodingConfig) -> DecodingConfig:
                 "checkpoint fixes the model, data and training settings)"
             )
         values[key.removeprefix("decoding.")] = value
+        overridden.add(key.removeprefix("decoding."))
     if args.sample:
         values["strategy"] = "sample"
     elif args.greedy:
@@ -131,7 +133,13 @@ def _decoding_config(args, base: DecodingConfig) -> DecodingConfig:
             f"{values['strategy']} search"
         )
     cfg = _build(DecodingConfig, values, "decoding")
-    cfg.settle_nbest(args.nbest, args.beam, cli=True)
+    # --nbest / --beam, or else decoding.nbest= / decoding.beam_size=, count as asked
+    nbest, beam, names = args.nbest, args.beam, ["--nbest {}", "--beam {}"]
+    if nbest is None and "nbest" in overridden:
+        nbest, names[0] = cfg.nbest, "decoding.nbest={}"
+    if beam is None and "beam_size" in overridden:
+        beam, names[1] = cfg.beam_size, "decoding.beam_size={}"
+    cfg.settle_nbest(nbest, beam, (names[0], names[1]))
     cfg.validate()
     return cfg
 

@@ -326,22 +326,26 @@ class DecodingConfig:
     max_tokens: int = 8192  # source tokens per decoding batch
     seed: int = 0  # for sampling
     # weights and activations of transformer-eval / -translate; bf16 decodes 1.15-1.5x
-    # faster on AVX-512-bf16 CPUs (benchmarks/decode.json); scores stay float32
+    # faster on AVX-512-bf16 CPUs (README: Decoding speed); scores stay float32
     precision: Literal["fp32", "bf16"] = "fp32"
     # torch.compile the cached decoding step (dynamic shapes, a few graphs per
     # model); on CPU the compile takes about a minute, see the README's benchmarks
     compile: bool = False
 
-    def settle_nbest(self, asked: int | None, beam: int | None, cli: bool) -> None:
-        """Make ``nbest`` (asked for now, or stored) fit the search: beam search
-        widens its beam to hold ``nbest`` hypotheses unless the beam was given too
+    def settle_nbest(
+        self,
+        asked: int | None,
+        beam: int | None,
+        names: tuple[str, str] = ("nbest={}", "beam_size={}"),
+    ) -> None:
+        """Make ``nbest`` (``asked`` for now, or stored) fit the search: beam search
+        widens its beam to hold ``nbest`` hypotheses unless ``beam`` was given too
         and is smaller (an error); greedy search and sampling give one, and asking
-        them for more is an error. ``cli``: name ``--nbest``/``--beam`` in errors,
-        else ``nbest=``/``beam_size=``."""
-
-        nbest, beam_of = (
-            ("--nbest {}", "--beam {}") if cli else ("nbest={}", "beam_size={}")
-        )
+        them for more is an error. ``names``: how errors write the two settings
+        (``"--nbest {}"``, ``"--beam {}"`` on the command line)."""
+        nbest, beam_of = names
+        if asked is not None and asked < 1:
+            raise ConfigError(f"{nbest.format(asked)}: must be >= 1")
         if self.strategy == "beam":
             if asked is not None and beam is not None and asked > beam:
                 raise ConfigError(

@@ -211,6 +211,6 @@ def translate_with_ctranslate2(
     if length_penalty is not None:
         cfg.length_penalty = length_penalty
     cfg.nbest = nbest
-    cfg.settle_nbest(nbest, beam_size, cli=False)
+    cfg.settle_nbest(nbest, beam_size)
     cfg.validate()
     return model.translate(sentences, cfg)
