@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import sacrebleu
 import torch
 
 from transformer.checkpoint import load_checkpoint, load_ensemble
@@ -19,9 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = sorted((ROOT / "models").glob("*.pt"))
 RESULTS = sorted((ROOT / "results").glob("*.json"))
 TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng", "ema", "data_signature")
+# the same two sentences in each language, each side the other's reference
 SENTENCES = {
     "en": ["A man in a blue shirt is riding a bike.", "Two dogs play in the snow."],
-    "de": ["Ein Mann in einem blauen Hemd fährt Fahrrad.", "Zwei Hunde spielen."],
+    "de": [
+        "Ein Mann in einem blauen Hemd fährt Fahrrad.",
+        "Zwei Hunde spielen im Schnee.",
+    ],
 }
 
 
@@ -48,9 +53,39 @@ def test_every_result_names_a_published_file_with_its_sha256():
 def test_the_readme_names_every_published_file_and_no_other():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     named = set(re.findall(r"models/[\w.+-]+\.pt", readme))
-    named.discard("models/<name>.pt")
     published = {f"models/{p.name}" for p in MODELS}
     assert named == published
+    others = [p.name for p in (ROOT / "models").iterdir() if p.suffix != ".pt"]
+    assert not others, f"models/ holds more than published models: {others}"
+
+
+def test_the_readme_quotes_each_result_as_the_json_holds_it():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").replace("**", "")
+    for row in result_rows():
+        t = row["test"]
+        cells = [t["bleu"], t["bleu_lc"], t["chrf"], row["valid_bleu_chosen"]]
+        quoted = " | ".join(f"{x:.2f}" for x in cells)
+        quoted += f" | {row['beam']} | {row['alpha']} |"
+        assert quoted in readme, f"{row['row']}: the README does not quote {quoted}"
+
+
+def decode(paths: list[Path]) -> tuple[list[str], list[str]]:
+    """Greedy translations of SENTENCES by a model or an ensemble, and references."""
+    model, cfg, tokenizer, _ = load_ensemble(paths)
+    cfg.decoding.strategy = "greedy"
+    sources = SENTENCES[cfg.data.src_lang]
+    out = translate(model, tokenizer, sources, cfg.decoding, torch.device("cpu"))
+    return [hyps[0].text for hyps in out], SENTENCES[cfg.data.tgt_lang]
+
+
+@pytest.mark.parametrize(
+    "row",
+    [r for r in result_rows() if len(r["checkpoints"]) > 1],
+    ids=lambda r: r["row"],
+)
+def test_a_reported_ensemble_loads_and_translates(row):
+    texts, refs = decode([ROOT / c["file"] for c in row["checkpoints"]])
+    assert sacrebleu.corpus_chrf(texts, [refs]).score > 60, texts
 
 
 @pytest.mark.parametrize("path", MODELS, ids=[p.name for p in MODELS])
@@ -62,10 +97,7 @@ def test_a_published_file_is_small_half_weights_only_and_decodes(path):
     dtypes = {v.dtype for v in ckpt["model"].values() if v.is_floating_point()}
     assert dtypes == {torch.float16}
     assert ckpt["tokenizer"], "the SentencePiece model travels inside"
-    model, cfg, tokenizer, _ = load_ensemble([path])
+    model = load_ensemble([path])[0]
     assert next(model.parameters()).dtype == torch.float32  # cast back to decode
-    cfg.decoding.strategy = "greedy"
-    sources = SENTENCES[cfg.data.src_lang]
-    out = translate(model, tokenizer, sources, cfg.decoding, torch.device("cpu"))
-    texts = [hyps[0].text for hyps in out]
-    assert all(texts) and texts != sources, texts
+    texts, refs = decode([path])
+    assert sacrebleu.corpus_chrf(texts, [refs]).score > 60, texts
