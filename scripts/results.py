@@ -10,9 +10,13 @@ A row is one checkpoint or an ensemble of several (comma-separated). For each ro
 every beam size and GNMT alpha decodes the validation split (data.valid_split of
 the row's first checkpoint); the setting with the highest validation BLEU (the
 smaller beam, then the smaller alpha, on a tie) is the only one that decodes the
-test split (data.test_split, or --test-split). The JSON holds the whole validation
-sweep, the test scores with their sacreBLEU signatures, each checkpoint's size and
-sha256, and the ``transformer-eval`` command that gives the test number again.
+test split (data.test_split, or --test-split). A name given to several --row
+options names candidates for one row (which members, which steps): each is swept
+on the validation split, and only the best candidate's best setting (the earlier
+candidate on a tie) decodes the test split. The JSON holds the whole validation
+sweep of every candidate, the test scores with their sacreBLEU signatures, each
+checkpoint's size and sha256, and the ``transformer-eval`` command that gives the
+test number again.
 """
 
 from __future__ import annotations
@@ -62,7 +66,70 @@ def parse_row(text: str) -> tuple[str, list[Path]]:
     return name, paths
 
 
-def score_row(name: str, paths: list[Path], args) -> dict:
+def score_row(name: str, candidates: list[list[Path]], args) -> dict:
+    """Sweep each candidate on the validation split, decode the test split once
+    with the best candidate's best setting."""
+    swept, best = [], None  # one candidate's models at a time besides the best
+    for paths in candidates:
+        c = sweep_candidate(name, paths, args)
+        if best is not None and (c["valid"], c["test"], c["direction"]) != (
+            best["valid"],
+            best["test"],
+            best["direction"],
+        ):
+            raise ConfigError(
+                f"--row {name}: {paths[0]} and {candidates[0][0]} translate "
+                "different directions or splits: candidates of a row must not"
+            )
+        if best is None or top(c["sweep"]) > top(best["sweep"]):  # earlier on a tie
+            best = c
+        swept.append(c["sweep"])
+    beam, alpha = choose(best["sweep"])
+    paths, precision, decode = best["paths"], best["precision"], best["decode"]
+    scores = decode(best["test"], beam, alpha)
+    print(
+        f"{name}: {best['test']} beam {beam} alpha {alpha}: BLEU {scores['bleu']:.2f}"
+    )
+    command = ["transformer-eval", "--checkpoint", *map(str, paths)]
+    if args.weights != "raw":
+        command += ["--weights", args.weights]
+    command += ["--split", best["test"], "--beam", str(beam)]
+    command += ["--length-penalty", str(alpha), "--device", "cpu"]
+    command += ["--precision", precision]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    row = {
+        "row": name,
+        "checkpoints": [describe(p) for p in paths],
+        "weights": args.weights,
+        "precision": precision,
+        "valid_split": best["valid"],
+        "valid_bleu": sweep_list(best["sweep"]),
+        "beam": beam,
+        "alpha": alpha,
+        "valid_bleu_chosen": best["sweep"][beam, alpha],
+        "test_split": best["test"],
+        "test": scores,
+        "command": shlex.join(command),
+    }
+    if len(candidates) > 1:
+        row["candidates"] = [
+            {"checkpoints": [str(p) for p in paths], "valid_bleu": sweep_list(sweep)}
+            for paths, sweep in zip(candidates, swept, strict=True)
+        ]
+    return row
+
+
+def top(sweep: dict[tuple[int, float], float]) -> float:
+    return sweep[choose(sweep)]
+
+
+def sweep_list(sweep: dict[tuple[int, float], float]) -> list[dict]:
+    return [{"beam": b, "alpha": a, "bleu": bleu} for (b, a), bleu in sweep.items()]
+
+
+def sweep_candidate(name: str, paths: list[Path], args) -> dict:
+    """One candidate's validation sweep, and what decodes its test split."""
     from transformer.checkpoint import load_ensemble, set_precision
     from transformer.data import read_pairs
     from transformer.data.download import ensure_corpus
@@ -95,37 +162,20 @@ def score_row(name: str, paths: list[Path], args) -> dict:
         results = translate(model, tokenizer, [s for s, _ in pairs], dcfg, device)
         return score_corpus([r[0].text for r in results], [t for _, t in pairs])
 
+    label = name if len(paths) == 1 else f"{name} [{', '.join(p.name for p in paths)}]"
     sweep = {}
     for beam in args.beams:
         for alpha in args.alphas if beam > 1 else args.alphas[:1]:  # greedy: once
             sweep[beam, alpha] = bleu = decode(valid, beam, alpha)["bleu"]
-            print(f"{name}: {valid} beam {beam} alpha {alpha}: BLEU {bleu:.2f}")
-    beam, alpha = choose(sweep)
-    scores = decode(test, beam, alpha)
-    print(f"{name}: {test} beam {beam} alpha {alpha}: BLEU {scores['bleu']:.2f}")
-    command = ["transformer-eval", "--checkpoint", *map(str, paths)]
-    if args.weights != "raw":
-        command += ["--weights", args.weights]
-    command += ["--split", test, "--beam", str(beam)]
-    command += ["--length-penalty", str(alpha), "--device", "cpu"]
-    command += ["--precision", precision]
-    if args.data_dir:
-        command += ["--data-dir", args.data_dir]
+            print(f"{label}: {valid} beam {beam} alpha {alpha}: BLEU {bleu:.2f}")
     return {
-        "row": name,
-        "checkpoints": [describe(p) for p in paths],
-        "weights": args.weights,
+        "paths": paths,
+        "sweep": sweep,
         "precision": precision,
-        "valid_split": valid,
-        "valid_bleu": [
-            {"beam": b, "alpha": a, "bleu": bleu} for (b, a), bleu in sweep.items()
-        ],
-        "beam": beam,
-        "alpha": alpha,
-        "valid_bleu_chosen": sweep[beam, alpha],
-        "test_split": test,
-        "test": scores,
-        "command": shlex.join(command),
+        "decode": decode,
+        "valid": valid,
+        "test": test,
+        "direction": (cfg.data.src_lang, cfg.data.tgt_lang),
     }
 
 
@@ -159,10 +209,11 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--data-dir", help="override data.dir of the checkpoints")
     parser.add_argument("--test-split", help="default: data.test_split")
     args = parser.parse_args(argv)
-    rows = [parse_row(r) for r in args.row]
-    names = [name for name, _ in rows]
-    if len(set(names)) < len(names):
-        raise ConfigError(f"--row: a name is used twice ({', '.join(names)})")
+    rows: dict[str, list[list[Path]]] = {}  # a name given twice: candidates
+    for name, paths in map(parse_row, args.row):
+        if paths in rows.get(name, []):
+            raise ConfigError(f"--row {name}: the same checkpoints twice")
+        rows.setdefault(name, []).append(paths)
     if min(args.beams) < 1:
         raise ConfigError(f"--beams: must be >= 1 (got {args.beams})")
     if not all(math.isfinite(a) for a in args.alphas):
@@ -170,8 +221,10 @@ def _main(argv: list[str] | None) -> int:
     from bench_common import machine
 
     result = {
-        "selection": "beam and alpha by validation BLEU; test decoded once",
-        "rows": [score_row(name, paths, args) for name, paths in rows],
+        "selection": "candidate, beam and alpha by validation BLEU; test decoded once",
+        "rows": [
+            score_row(name, candidates, args) for name, candidates in rows.items()
+        ],
         "machine": machine(),
     }
     out = Path(args.out)

@@ -77,3 +77,26 @@ def test_a_bad_row_is_refused_naming_it(tmp_path, capsys):
     assert "expected NAME=CHECKPOINT" in capsys.readouterr().err
     assert results.main([*out, "--row", f"r={tmp_path / 'missing.pt'}"]) == 2
     assert "no such checkpoint: " in capsys.readouterr().err
+
+
+def test_a_name_given_twice_names_candidates_chosen_on_validation(
+    runs, tmp_path, capsys
+):
+    out = tmp_path / "res.json"
+    a, b = map(str, runs)
+    argv = ["--out", str(out), "--beams", "1", "2", "--alphas", "1.0"]
+    rows = ["--row", f"pick={a}", "--row", f"pick={b}", "--row", f"pick={a},{b}"]
+    assert results.main([*argv, *rows]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    candidates = row["candidates"]
+    assert [c["checkpoints"] for c in candidates] == [[a], [b], [a, b]]
+    tops = [max(v["bleu"] for v in c["valid_bleu"]) for c in candidates]
+    chosen = candidates[tops.index(max(tops))]
+    assert [c["file"] for c in row["checkpoints"]] == chosen["checkpoints"]
+    assert row["valid_bleu"] == chosen["valid_bleu"]
+    assert row["valid_bleu_chosen"] == max(tops)
+    printed = capsys.readouterr().out
+    assert printed.count(": test beam") == 1  # the test split decoded once
+    assert printed.count(": val beam") == 6  # 3 candidates x (greedy, beam 2)
+    assert results.main([*argv, "--row", f"p={a}", "--row", f"p={a}"]) == 2
+    assert "the same checkpoints twice" in capsys.readouterr().err
