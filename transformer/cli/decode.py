@@ -103,8 +103,9 @@ def _decoding_config(args, base: DecodingConfig) -> DecodingConfig:
                 f"{key}: only decoding.* overrides are accepted here (the "
                 "checkpoint fixes the model, data and training settings)"
             )
-        values[key.removeprefix("decoding.")] = value
-        overridden.add(key.removeprefix("decoding."))
+        name = key.removeprefix("decoding.")
+        values[name] = value
+        overridden.add(name)
     if args.sample:
         values["strategy"] = "sample"
     elif args.greedy:

@@ -7,6 +7,7 @@ nearest valid one), wrong types and out-of-range values, each with its dotted ke
 
 from transformer.config.base import BOS_ID, EOS_ID, PAD_ID, UNK_ID, ConfigError
 from transformer.config.data import CorpusConfig, DataConfig, TokenizerConfig
+from transformer.config.decoding import DecodingConfig
 from transformer.config.loading import (
     REMOVED_KEYS,
     _build,
@@ -17,12 +18,7 @@ from transformer.config.loading import (
     read_yaml,
     save_config,
 )
-from transformer.config.sections import (
-    Config,
-    DecodingConfig,
-    ModelConfig,
-    TrainingConfig,
-)
+from transformer.config.sections import Config, ModelConfig, TrainingConfig
 
 __all__ = [
     "BOS_ID",
