@@ -263,6 +263,21 @@ def test_beam_alternatives_and_options(client, models):
     assert one["translatedText"] == expected[0][0] and one["alternatives"] == []
 
 
+def test_alternatives_widen_an_open_beam_and_refuse_a_set_one():
+    from transformer.config import ConfigError
+    from transformer.serve.models import search_settings
+
+    base, limits = DecodingConfig(strategy="beam", beam_size=2), ServeConfig()
+    widened = search_settings(base, {"alternatives": 3}, limits)
+    assert (widened.beam_size, widened.nbest) == (4, 4)
+    kept = search_settings(base, {"alternatives": 1, "beam_size": 6}, limits)
+    assert (kept.beam_size, kept.nbest) == (6, 2)
+    with pytest.raises(ConfigError, match="is more than beam_size=3"):
+        search_settings(base, {"alternatives": 3, "beam_size": 3}, limits)
+    greedy = DecodingConfig(strategy="greedy", nbest=1)
+    assert search_settings(greedy, {}, limits).nbest == 1
+
+
 def test_sampling_is_reproducible_from_its_seed(client, models):
     request = {"q": "a b c d e f", "source": "de", "target": "en", "sample": True}
     request.update(temperature=1.5, top_k=10)
@@ -355,6 +370,12 @@ BAD_REQUESTS = [
         {"q": "a", "source": "de", "target": "en", "alternatives": 5},
         400,
         "alternatives",
+    ),
+    (
+        "alternatives beyond the beam set",
+        {"q": "a", "source": "de", "target": "en", "beam_size": 2, "alternatives": 3},
+        400,
+        "alternatives + 1 = 4 hypotheses is more than beam_size=2",
     ),
     (
         "beam over the limit",

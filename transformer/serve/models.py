@@ -126,14 +126,16 @@ def search_settings(
     for key in ("beam_size", "length_penalty", "temperature", "top_k", "top_p", "seed"):
         if options.get(key) is not None:
             values[key] = options[key]
-    values["nbest"] = options.get("alternatives", 0) + 1
-    if values["nbest"] > 1:
-        if values["strategy"] != "beam":
-            raise ConfigError("alternatives need beam search (beam_size > 1)")
-        values["beam_size"] = max(values["beam_size"], values["nbest"])
-    if values["strategy"] == "beam" and values["beam_size"] > limits.max_beam:
-        raise ConfigError(f"beam_size: at most {limits.max_beam} on this server")
+    asked = values["nbest"] = options.get("alternatives", 0) + 1
+    if asked > 1 and values["strategy"] != "beam":
+        raise ConfigError("alternatives need beam search (beam_size > 1)")
     values["max_tokens"] = limits.batch_tokens
     settings = DecodingConfig(**values)
+    # the rule of --nbest / --beam: a beam the request left open widens to hold the
+    # hypotheses asked for; one it set and too small for them is an error
+    names = ("alternatives + 1 = {} hypotheses", "beam_size={}")
+    settings.settle_nbest(asked, options.get("beam_size"), names)
+    if settings.strategy == "beam" and settings.beam_size > limits.max_beam:
+        raise ConfigError(f"beam_size: at most {limits.max_beam} on this server")
     settings.validate(prefix="")
     return settings
