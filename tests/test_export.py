@@ -235,7 +235,9 @@ def test_beam_search_output_equals_ours(exported, alpha):
     assert [h[0] for h in tokens(theirs)] == [h[0] for h in tokens(ours)]
     ended = 0
     for a, b, limit in zip(ours, theirs, limits(srcs, cfg), strict=True):
-        if max(len(h.tokens) for h in a) < limit - 1:
+        # on either side, a hypothesis cut by the limit scores differently (ours
+        # pays for the forced <eos>): it may enter one n-best list and not the other
+        if max(len(h.tokens) for h in a + b) < limit - 1:
             ended += 1
             if alpha == 0.0:  # plain log-probabilities: the 5-best lists agree
                 assert [h.tokens for h in b] == [h.tokens for h in a]
