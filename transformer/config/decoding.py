@@ -39,14 +39,16 @@ class DecodingConfig:
         beam: int | None,
         names: tuple[str, str] = ("nbest={}", "beam_size={}"),
     ) -> None:
-        """Make ``nbest`` (``asked`` for now, or stored) fit the search: beam search
-        widens its beam to hold ``nbest`` hypotheses unless ``beam`` was given too
-        and is smaller (an error); greedy search and sampling give one, and asking
-        them for more is an error. ``names``: how errors write the two settings
-        (``"--nbest {}"``, ``"--beam {}"`` on the command line)."""
+        """Set ``nbest`` to ``asked`` (None: keep the stored one) and make it fit
+        the search: beam search widens its beam to hold ``nbest`` hypotheses unless
+        ``beam`` was given too and is smaller (an error); greedy search and sampling
+        give one, and asking them for more is an error. ``names``: how errors write
+        the two settings (``"--nbest {}"``, ``"--beam {}"`` on the command line)."""
         nbest, beam_of = names
-        if asked is not None and asked < 1:
-            raise ConfigError(f"{nbest.format(asked)}: must be >= 1")
+        if asked is not None:
+            if asked < 1:
+                raise ConfigError(f"{nbest.format(asked)}: must be >= 1")
+            self.nbest = asked
         if self.strategy == "beam":
             if asked is not None and beam is not None and asked > beam:
                 raise ConfigError(

@@ -210,7 +210,6 @@ def translate_with_ctranslate2(
         cfg.beam_size = beam_size
     if length_penalty is not None:
         cfg.length_penalty = length_penalty
-    cfg.nbest = nbest
     cfg.settle_nbest(nbest, beam_size)
     cfg.validate()
     return model.translate(sentences, cfg)

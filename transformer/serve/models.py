@@ -126,7 +126,7 @@ def search_settings(
     for key in ("beam_size", "length_penalty", "temperature", "top_k", "top_p", "seed"):
         if options.get(key) is not None:
             values[key] = options[key]
-    asked = values["nbest"] = options.get("alternatives", 0) + 1
+    asked = options.get("alternatives", 0) + 1
     if asked > 1 and values["strategy"] != "beam":
         raise ConfigError("alternatives need beam search (beam_size > 1)")
     values["max_tokens"] = limits.batch_tokens
