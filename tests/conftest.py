@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer.config import ModelConfig, TokenizerConfig, load_config
+from transformer.config import ModelConfig, TokenizerConfig, load_config, model_config
 from transformer.models import Transformer, create_model
 from transformer.tokenizer import Tokenizer
 
@@ -109,6 +110,18 @@ def translate_cli(args: list[str], stdin: bytes = b""):
     )
 
 
+def small_for(extra) -> list[str]:
+    """``SMALL`` without the keys the architecture ``extra`` chooses lacks."""
+    arch = next(
+        (e.split("=", 1)[1] for e in extra if e.startswith("model.arch=")),
+        "transformer",
+    )
+    names = {f.name for f in dataclasses.fields(ModelConfig.variant({"arch": arch}))}
+    return [
+        s for s in SMALL if not s.startswith("model.") or s[6:].split("=")[0] in names
+    ]
+
+
 def tiny(run_dir, tokenizer, *extra):
     return load_config(
         TOY,
@@ -116,7 +129,7 @@ def tiny(run_dir, tokenizer, *extra):
             f"training.run_dir={run_dir}",
             f"data.tokenizer.model={tokenizer}",
             f"data.cache_dir={Path(run_dir).parent / 'cache'}",
-            *SMALL,
+            *small_for(extra),
             *extra,
         ],
     )
@@ -135,7 +148,11 @@ def tiny_config(**overrides) -> ModelConfig:
         max_positions=64,
     )
     values.update(overrides)
-    return ModelConfig(**values)
+    # the defaults above that the chosen architecture has (an RNN has no heads)
+    arch = values.get("arch", "transformer")
+    fields = dataclasses.fields(ModelConfig.variant({"arch": arch}))
+    names = {f.name for f in fields}
+    return model_config(**{k: v for k, v in values.items() if k in names})
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:

@@ -209,32 +209,45 @@ def test_stored_configs_of_older_checkpoints_stay_usable():
     assert checkpoint_config({"format": 2, "config": old}).training.lr == 2.0
 
 
-def test_model_keys_the_architecture_ignores_are_named(tmp_path, caplog):
+def test_an_option_of_another_architecture_is_refused(tmp_path, caplog):
     rnn = tmp_path / "rnn.yaml"
-    rnn.write_text(
-        "model:\n  arch: rnn\n  d_model: 64\n  n_heads: 4\n  rnn_hidden: 64\n"
-        "  gumbel_temperature: 0.5\n"
-    )
-    load_config(rnn)
-    assert (
-        f"{rnn}: model.n_heads, model.gumbel_temperature not used by model.arch=rnn"
-        in caplog.text
-    )
-    caplog.clear()
-    load_config(rnn, ["model.attention=hard"])  # hard attention reads it
-    assert "n_heads not used" in caplog.text and "gumbel" not in caplog.text
-    caplog.clear()
-    # a Transformer config run as another architecture: only what was typed
+    rnn.write_text("model:\n  arch: rnn\n  d_model: 64\n  n_heads: 4\n  d_ff: 8\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(rnn)
+    assert str(e.value).splitlines() == [
+        f"{rnn}: model.n_heads: an option of model.arch transformer or "
+        "decoder_only, not of rnn",
+        f"{rnn}: model.d_ff: an option of model.arch transformer or "
+        "decoder_only, not of rnn",
+    ]
     de_en = next(p for p in CONFIGS if p.name == "multi30k_de_en.yaml")
-    load_config(de_en, ["model.arch=rnn"])
-    assert "not used" not in caplog.text
-    load_config(de_en, ["model.arch=decoder_only", "model.encoder_layers=4"])
-    assert (
-        "command line: model.encoder_layers not used by model.arch=decoder_only"
-        in caplog.text
-    )
-    caplog.clear()
-    load_config(de_en, ["model.rnn_hidden=128", "model.n_heads=4"])
-    assert "command line: model.rnn_hidden not used by model.arch=transformer" in (
-        caplog.text
-    )
+    with pytest.raises(ConfigError, match="command line: model.rnn_hidden: an "):
+        load_config(de_en, ["model.rnn_hidden=128"])
+    with pytest.raises(ConfigError, match="encoder_layers: an option of model.arch"):
+        load_config(de_en, ["model.arch=decoder_only", "model.encoder_layers=4"])
+    # a Transformer file run as another architecture: its own keys are dropped,
+    # named in a warning; what the command line typed is still checked
+    cfg = load_config(de_en, ["model.arch=rnn", "model.rnn_hidden=64"])
+    assert (cfg.model.arch, cfg.model.rnn_hidden) == ("rnn", 64)
+    assert not hasattr(cfg.model, "n_heads")
+    assert "model.n_heads" in caplog.text and "chose model.arch=rnn" in caplog.text
+    with pytest.raises(ConfigError, match="command line: model.d_ff: an option"):
+        load_config(de_en, ["model.arch=rnn", "model.d_ff=64"])
+    with pytest.raises(ConfigError, match="model.arch: must be one of"):
+        load_config(de_en, ["model.arch=lstm"])
+
+
+def test_a_stored_flat_model_section_loads_as_its_architecture():
+    """Checkpoints written before the split stored every architecture's keys."""
+    from transformer.checkpoint import checkpoint_config
+
+    flat = {
+        "arch": "rnn", "d_model": 32, "n_heads": 8, "d_ff": 2048, "norm_first": True,
+        "encoder_layers": 2, "rnn_hidden": 64, "attention": "hard",
+        "gumbel_temperature": 0.5, "positional": "learned",
+    }  # fmt: skip
+    stored = {**Config().to_dict(), "model": flat}
+    cfg = checkpoint_config({"format": 2, "config": stored})
+    assert type(cfg.model).__name__ == "RNNConfig"
+    assert (cfg.model.rnn_hidden, cfg.model.gumbel_temperature) == (64, 0.5)
+    assert not hasattr(cfg.model, "n_heads")

@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import SMALL, TOY, tiny
 from transformer.checkpoint import CheckpointError, load_checkpoint
-from transformer.cli import train_main
+from transformer.cli.train import train_main
 from transformer.tokenizer import Tokenizer
 from transformer.training import Trainer
 from transformer.training.validation import evaluate_loss
@@ -94,9 +94,10 @@ def test_another_architecture_is_refused(parent, tmp_path, toy_tokenizer):
         CheckpointError, match=r"model\.d_ff: checkpoint 64, config 128"
     ):
         Trainer(reverse_run(tmp_path / "a", toy_tokenizer, init, "model.d_ff=128"))
-    # dropout is no part of the architecture, nor a key only the RNN reads
+    # dropout is no part of the architecture; another architecture is
     Trainer(reverse_run(tmp_path / "b", toy_tokenizer, init, "model.dropout=0.3"))
-    Trainer(reverse_run(tmp_path / "c", toy_tokenizer, init, "model.rnn_hidden=7"))
+    with pytest.raises(CheckpointError, match=r"model\.arch: checkpoint 'transf"):
+        Trainer(reverse_run(tmp_path / "c", toy_tokenizer, init, "model.arch=rnn"))
     # refused before training.overwrite deletes anything of the run it would replace
     old = tmp_path / "old"
     Trainer(reverse_run(old, toy_tokenizer, "training.max_steps=1")).train()

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import tiny_config, tiny_model
 from transformer.attention import causal_mask, reference_attention
-from transformer.config import ConfigError, ModelConfig
+from transformer.config import ConfigError, model_config
 from transformer.embeddings import sinusoidal_table
 from transformer.models import Transformer, count_parameters
 
@@ -154,7 +154,9 @@ def test_reorder_then_step_equals_recompute(reorders):
 
 def test_base_parameter_count_matches_closed_form():
     d, ff, v, n = 512, 2048, 37000, 6
-    cfg = ModelConfig(src_vocab_size=v, tgt_vocab_size=v, d_model=d, n_heads=8, d_ff=ff)
+    cfg = model_config(
+        src_vocab_size=v, tgt_vocab_size=v, d_model=d, n_heads=8, d_ff=ff
+    )
     attention = 4 * (d * d + d)  # Q, K, V, output projections with biases
     ffn = (d * ff + ff) + (ff * d + d)
     norm = 2 * d

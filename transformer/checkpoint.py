@@ -1,4 +1,7 @@
-"""Self-describing checkpoints, written atomically and read with weights_only=True."""
+"""The checkpoint file: self-describing, written atomically, read with
+weights_only=True and checked before use; which weights it holds and whether two
+checkpoints mean the same model. Loading a model for decoding is
+``transformer.inference``'s."""
 
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from transformer.config import (
     Config,
@@ -22,10 +24,7 @@ from transformer.config import (
     migrate,
 )
 from transformer.files import atomic_write
-from transformer.models import Ensemble, create_model
-from transformer.precision import effective_precision
 from transformer.state_dicts import cast_weights, non_finite_weights
-from transformer.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -190,16 +189,15 @@ _NOT_ARCHITECTURE = {"dropout", "attention_dropout", "gumbel_temperature"}
 
 
 def architecture_diffs(a: ModelConfig, b: ModelConfig) -> list[str]:
-    """The architecture fields on which two model configs differ; a field that
-    their architecture does not read (an RNN key of two Transformers) does not
-    count."""
-    diffs = [
+    """The architecture fields on which two model configs differ (only ``arch``
+    when their architectures do)."""
+    if a.arch != b.arch:
+        return ["arch"]
+    return [
         name
         for name, value in vars(b).items()
         if getattr(a, name) != value and name not in _NOT_ARCHITECTURE
     ]
-    unused = set(b.unused(diffs)) if a.arch == b.arch else set()
-    return [name for name in diffs if name not in unused]
 
 
 def check_compatible(saved: ModelConfig, wanted: ModelConfig, path: str | Path) -> None:
@@ -255,33 +253,6 @@ def _why_no_ema(ckpt: dict) -> str:
     return f"trained with training.ema_decay: {decay}"
 
 
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu", weights: str = "raw"
-) -> tuple[nn.Module, Config, Tokenizer, dict]:
-    """A ready-to-use model (eval mode), its config and tokenizer, from a checkpoint.
-
-    Args:
-        weights: ``raw`` (the trained weights) or ``ema`` (their moving average).
-    """
-    ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(ckpt, path)
-    try:
-        model = create_model(cfg.model)
-    except ValueError as e:  # e.g. no vocabulary sizes: no model's config
-        raise CheckpointError(f"{path}: stored config is invalid: {e}") from e
-    try:
-        model.load_state_dict(model_weights(ckpt, path, weights))
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"{path}: weights do not fit the stored config: {e}"
-        ) from e
-    try:
-        tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
-    except (TokenizerError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its stored tokenizer: {e}") from e
-    return model.to(device).eval(), cfg, tokenizer, ckpt
-
-
 def same_tokenizer(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """Do two stored tokenizers hold the same SentencePiece model bytes?"""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -297,80 +268,3 @@ def repeated_paths(paths: list[str | Path]) -> list[str | Path]:
             repeats.append(path)
         seen.add(resolved)
     return repeats
-
-
-def _check_same_direction(
-    config: Config, path: str | Path, first: Config, first_path: str | Path
-) -> None:
-    """The models of an ensemble translate between the same two languages: a joint
-    tokenizer lets a de->en and an en->de model load together, and their mean
-    probability would be nonsense."""
-    mine = (config.data.src_lang, config.data.tgt_lang)
-    theirs = (first.data.src_lang, first.data.tgt_lang)
-    if mine != theirs:
-        raise CheckpointError(
-            f"{path} translates {mine[0]}->{mine[1]} and {first_path} "
-            f"{theirs[0]}->{theirs[1]}: the models of an ensemble must translate "
-            "the same direction"
-        )
-
-
-def load_ensemble(
-    paths: list[str | Path], device: str | torch.device = "cpu", weights: str = "raw"
-) -> tuple[nn.Module, Config, Tokenizer, list[dict[str, Any]]]:
-    """One checkpoint's model as ``load_model`` gives it, or several as an
-    ``Ensemble``; the first checkpoint's config (decoding defaults, data) and the
-    tokenizer they must all share.
-
-    Returns:
-        the model, config, tokenizer, and per checkpoint what a report names:
-        its path, step and, for an average, what went into it.
-    """
-    if not paths:
-        raise CheckpointError("no checkpoint given")
-    for path in repeated_paths(paths):
-        log.warning(
-            "%s is given twice: the ensemble counts its probabilities twice", path
-        )
-    models, infos = [], []
-    cfg = tokenizer = first_tokenizer = None
-    for path in paths:
-        model, config, tok, ckpt = load_model(path, device, weights)
-        if first_tokenizer is None:
-            cfg, tokenizer, first_tokenizer = config, tok, ckpt["tokenizer"]
-        elif not same_tokenizer(ckpt["tokenizer"], first_tokenizer):
-            raise CheckpointError(
-                f"{path} and {paths[0]} have different tokenizers: the models of "
-                "an ensemble must share one SentencePiece model"
-            )
-        else:
-            _check_same_direction(config, path, cfg, paths[0])
-        models.append(model)
-        keys = ("step", "averaged_from", "averaged_steps")
-        infos.append(
-            {"checkpoint": str(path), **{k: ckpt[k] for k in keys if k in ckpt}}
-        )
-        del ckpt  # the optimizer state of each is not needed: free it as we go
-    if len(models) == 1:
-        return models[0], cfg, tokenizer, infos
-    return Ensemble(models).eval(), cfg, tokenizer, infos
-
-
-def set_precision(model: nn.Module, precision: str) -> nn.Module:
-    """Cast a loaded model for decoding (``decoding.precision``): bf16 weights and
-    activations use the bf16 matmuls of AVX-512 CPUs and GPUs; the search still
-    ranks float32 log-probabilities. Without native bf16 (``precision.native_bf16``)
-    the model stays float32, with a warning."""
-    device = next(model.parameters()).device
-    if effective_precision(device, precision, "decoding.precision") == "bf16":
-        model.to(torch.bfloat16)
-    return model
-
-
-def __getattr__(name: str) -> Any:
-    # averaging lives in transformer.averaging; this name stays importable from here
-    if name == "average_checkpoints":
-        from transformer.averaging import average_checkpoints
-
-        return average_checkpoints
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

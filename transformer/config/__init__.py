@@ -6,11 +6,10 @@ nearest valid one), wrong types and out-of-range values, each with its dotted ke
 """
 
 from transformer.config.base import BOS_ID, EOS_ID, PAD_ID, UNK_ID, ConfigError
+from transformer.config.coerce import REMOVED_KEYS, build_dataclass
 from transformer.config.data import CorpusConfig, DataConfig, TokenizerConfig
 from transformer.config.decoding import DecodingConfig
 from transformer.config.loading import (
-    REMOVED_KEYS,
-    _build,
     config_from_dict,
     load_config,
     migrate,
@@ -18,9 +17,22 @@ from transformer.config.loading import (
     read_yaml,
     save_config,
 )
-from transformer.config.sections import Config, ModelConfig, TrainingConfig
+from transformer.config.model import (
+    ARCHITECTURES,
+    DecoderOnlyConfig,
+    ModelConfig,
+    RNNConfig,
+    TransformerConfig,
+    model_config,
+)
+from transformer.config.sections import Config, TrainingConfig
 
 __all__ = [
+    "ARCHITECTURES",
+    "DecoderOnlyConfig",
+    "RNNConfig",
+    "TransformerConfig",
+    "model_config",
     "BOS_ID",
     "EOS_ID",
     "PAD_ID",
@@ -34,7 +46,7 @@ __all__ = [
     "ModelConfig",
     "TokenizerConfig",
     "TrainingConfig",
-    "_build",
+    "build_dataclass",
     "config_from_dict",
     "load_config",
     "migrate",

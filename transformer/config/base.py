@@ -11,6 +11,6 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 
-def _check(ok: bool, key: str, value: Any, why: str) -> None:
+def check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {why} (got {value!r})")

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from transformer.config.base import _check
+from transformer.config.base import check
 
 
 @dataclass
@@ -24,33 +24,33 @@ class TokenizerConfig:
     sample_sentences: int = 1_000_000
 
     def validate(self, prefix: str = "data.tokenizer") -> None:
-        _check(
+        check(
             self.vocab_size >= 8,
             f"{prefix}.vocab_size",
             self.vocab_size,
             "must be at least 8",
         )
-        _check(
+        check(
             self.sample_sentences >= 1,
             f"{prefix}.sample_sentences",
             self.sample_sentences,
             "must be positive",
         )
-        _check(
+        check(
             0.0 < self.character_coverage <= 1.0,
             f"{prefix}.character_coverage",
             self.character_coverage,
             "must be in (0, 1]",
         )
         if self.joint:
-            _check(
+            check(
                 self.src_model is None and self.tgt_model is None,
                 f"{prefix}.src_model",
                 self.src_model or self.tgt_model,
                 "separate models need joint: false (use 'model' for a joint one)",
             )
         else:
-            _check(
+            check(
                 self.model is None,
                 f"{prefix}.model",
                 self.model,
@@ -76,7 +76,7 @@ class CorpusConfig:
     weight: float = 1.0
 
     def validate(self, prefix: str) -> None:
-        _check(self.weight > 0, f"{prefix}.weight", self.weight, "must be positive")
+        check(self.weight > 0, f"{prefix}.weight", self.weight, "must be positive")
 
 
 @dataclass
@@ -141,14 +141,14 @@ class DataConfig:
 
     def validate(self, prefix: str = "data") -> None:
         if self.format == "hub":
-            _check(bool(self.hub_name), f"{prefix}.hub_name", self.hub_name, "needed")
-        _check(
+            check(bool(self.hub_name), f"{prefix}.hub_name", self.hub_name, "needed")
+        check(
             self.max_length >= 1,
             f"{prefix}.max_length",
             self.max_length,
             "must be >= 1",
         )
-        _check(
+        check(
             self.max_length_ratio >= 1.0,
             f"{prefix}.max_length_ratio",
             self.max_length_ratio,
@@ -156,21 +156,21 @@ class DataConfig:
         )
         for name in ("max_tokens", "valid_max_tokens"):
             value = getattr(self, name)
-            _check(value >= 1, f"{prefix}.{name}", value, "must be positive")
-        _check(
+            check(value >= 1, f"{prefix}.{name}", value, "must be positive")
+        check(
             not self.source_files or bool(self.source_url),
             f"{prefix}.source_url",
             self.source_url,
             "needed to download data.source_files",
         )
         for name, digest in self.source_files.items():
-            _check(  # written into data.download_dir: never outside it
+            check(  # written into data.download_dir: never outside it
                 name not in ("", ".", "..") and "/" not in name and "\\" not in name,
                 f"{prefix}.source_files",
                 name,
                 "a file name, without a folder",
             )
-            _check(
+            check(
                 len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
                 f"{prefix}.source_files.{name}",
                 digest,
@@ -178,19 +178,19 @@ class DataConfig:
             )
         for name in ("max_sentences", "workers"):
             value = getattr(self, name)
-            _check(value >= 0, f"{prefix}.{name}", value, "must not be negative")
+            check(value >= 0, f"{prefix}.{name}", value, "must not be negative")
         for i, corpus in enumerate(self.train):
             corpus.validate(f"{prefix}.train[{i}]")
             if (corpus.format or self.format) == "hub":
-                _check(
+                check(
                     bool(corpus.hub_name or self.hub_name),
                     f"{prefix}.train[{i}].hub_name",
                     None,
                     "needed for format hub",
                 )
         if self.synthetic:
-            _check(self.toy_vocab >= 2, f"{prefix}.toy_vocab", self.toy_vocab, ">= 2")
-            _check(
+            check(self.toy_vocab >= 2, f"{prefix}.toy_vocab", self.toy_vocab, ">= 2")
+            check(
                 1 <= self.toy_min_len <= self.toy_max_len,
                 f"{prefix}.toy_min_len",
                 self.toy_min_len,

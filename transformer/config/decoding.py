@@ -4,10 +4,15 @@ translation, and how a request for several hypotheses fits the search."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
-from transformer.config.base import ConfigError, _check
+from transformer.config.base import ConfigError, check
+from transformer.config.coerce import build_dataclass
+
+# the options of sampling alone
+SAMPLING = ("temperature", "top_k", "top_p", "seed")
 
 
 @dataclass
@@ -21,6 +26,9 @@ class DecodingConfig:
     max_len_a: float = 1.5  # max output length = a * source length + b
     max_len_b: int = 10
     min_len: int = 0
+    # subtracted from <unk>'s log-probability at every step (fairseq's --unkpen):
+    # > 0 gives fewer <unk>, < 0 more; it counts in the scores
+    unk_penalty: float = 0.0
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
@@ -33,61 +41,106 @@ class DecodingConfig:
     # model); on CPU the compile takes about a minute, see the README's benchmarks
     compile: bool = False
 
-    def settle_nbest(
+    def with_options(
         self,
-        asked: int | None,
-        beam: int | None,
-        names: tuple[str, str] = ("nbest={}", "beam_size={}"),
-    ) -> None:
-        """Set ``nbest`` to ``asked`` (None: keep the stored one) and make it fit
-        the search: beam search widens its beam to hold ``nbest`` hypotheses unless
-        ``beam`` was given too and is smaller (an error); greedy search and sampling
-        give one, and asking them for more is an error. ``names``: how errors write
-        the two settings (``"--nbest {}"``, ``"--beam {}"`` on the command line)."""
-        nbest, beam_of = names
-        if asked is not None:
-            if asked < 1:
-                raise ConfigError(f"{nbest.format(asked)}: must be >= 1")
-            self.nbest = asked
-        if self.strategy == "beam":
+        options: Mapping[str, Any],
+        spelling: Mapping[str, str] | None = None,
+        prefix: str = "decoding",
+    ) -> DecodingConfig:
+        """A copy with a user's search options applied, by the rules every front
+        end (command line, server, exported model) shares.
+
+        Args:
+            options: field name -> value; None (or absent) keeps this config's
+                value. Left without ``strategy``, a ``beam_size`` of 1 means
+                greedy search and more means beam search.
+            spelling: how the front end writes an option in its errors, a format
+                with ``{}`` for the value (``{"beam_size": "--beam {}"}``), and
+                under ``"sample"`` how to ask for sampling; default
+                ``prefix.name={}`` (``name={}`` without a prefix).
+            prefix: the section name that type and range errors carry.
+
+        Rules: the sampling options (temperature, top_k, top_p, seed) need
+        sampling; beam search widens its beam to hold ``nbest`` hypotheses
+        unless ``beam_size`` was given too and is smaller; greedy search and
+        sampling give one hypothesis, and asking them for more is an error.
+
+        Raises:
+            ConfigError: naming the option as the front end spells it.
+        """
+        spelling = dict(spelling or {})
+        section = f"{prefix}." if prefix else ""
+
+        def spell(name: str, value: Any = None) -> str:
+            form = spelling.get(name, f"{section}{name}={{}}")
+            return form.format(value) if value is not None else _bare(form)
+
+        given = {k: v for k, v in options.items() if v is not None}
+        merged = build_dataclass(type(self), {**asdict(self), **given}, prefix)
+        if "strategy" not in given and "beam_size" in given:
+            merged.strategy = "beam" if merged.beam_size > 1 else "greedy"
+        sampling = [k for k in SAMPLING if k in given]
+        if sampling and merged.strategy != "sample":
+            how = spelling.get("sample", f"{section}strategy=sample")
+            raise ConfigError(
+                f"{', '.join(spell(k) for k in sampling)}: for sampling only (add "
+                f"{how}); this decodes with {merged.strategy} search"
+            )
+        asked = merged.nbest if "nbest" in given else None
+        beam = merged.beam_size if "beam_size" in given else None
+        if asked is not None and asked < 1:
+            raise ConfigError(f"{spell('nbest', asked)}: must be >= 1")
+        if merged.strategy == "beam":
             if asked is not None and beam is not None and asked > beam:
                 raise ConfigError(
-                    f"{nbest.format(asked)} is more than {beam_of.format(beam)}: "
-                    "a beam of K keeps at most K hypotheses"
+                    f"{spell('nbest', asked)} is more than {spell('beam_size', beam)}:"
+                    " a beam of K keeps at most K hypotheses"
                 )
-            self.beam_size = max(self.beam_size, self.nbest)
+            merged.beam_size = max(merged.beam_size, merged.nbest)
         elif asked is not None and asked > 1:
             raise ConfigError(
-                f"{nbest.format(asked)}: several hypotheses need beam search "
-                f"({beam_of.format(asked)} or more), not {self.strategy}"
+                f"{spell('nbest', asked)}: several hypotheses need beam search "
+                f"({spell('beam_size', asked)} or more), not {merged.strategy}"
             )
         else:  # a stored nbest means nothing to greedy search or sampling
-            self.nbest = 1
+            merged.nbest = 1
+        merged.validate(prefix)
+        return merged
 
     def validate(self, prefix: str = "decoding") -> None:
-        for name in ("length_penalty", "max_len_a", "temperature", "top_p"):
+        at = f"{prefix}." if prefix else ""
+        for name in (
+            "length_penalty",
+            "max_len_a",
+            "temperature",
+            "top_p",
+            "unk_penalty",
+        ):
             value = getattr(self, name)
-            _check(math.isfinite(value), f"{prefix}.{name}", value, "must be finite")
-        _check(
-            -(2**63) <= self.seed < 2**63, f"{prefix}.seed", self.seed, "64-bit range"
-        )
-        _check(self.beam_size >= 1, f"{prefix}.beam_size", self.beam_size, ">= 1")
-        _check(self.nbest >= 1, f"{prefix}.nbest", self.nbest, "must be >= 1")
-        _check(
+            check(math.isfinite(value), f"{at}{name}", value, "must be finite")
+        check(-(2**63) <= self.seed < 2**63, f"{at}seed", self.seed, "64-bit range")
+        check(self.beam_size >= 1, f"{at}beam_size", self.beam_size, ">= 1")
+        check(self.nbest >= 1, f"{at}nbest", self.nbest, "must be >= 1")
+        check(
             self.strategy != "beam" or self.nbest <= self.beam_size,
-            f"{prefix}.nbest",
+            f"{at}nbest",
             self.nbest,
             f"must not exceed beam_size={self.beam_size}",
         )
-        _check(self.max_len_a >= 0, f"{prefix}.max_len_a", self.max_len_a, ">= 0")
-        _check(
+        check(self.max_len_a >= 0, f"{at}max_len_a", self.max_len_a, ">= 0")
+        check(
             self.max_len_b >= 1 or (self.max_len_a > 0 and self.max_len_b == 0),
-            f"{prefix}.max_len_b",
+            f"{at}max_len_b",
             self.max_len_b,
             ">= 1 (or 0 with max_len_a > 0): short sources would get no output",
         )
-        _check(self.min_len >= 0, f"{prefix}.min_len", self.min_len, ">= 0")
-        _check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "> 0")
-        _check(self.top_k >= 0, f"{prefix}.top_k", self.top_k, "must be >= 0")
-        _check(0 < self.top_p <= 1.0, f"{prefix}.top_p", self.top_p, "in (0, 1]")
-        _check(self.max_tokens >= 1, f"{prefix}.max_tokens", self.max_tokens, ">= 1")
+        check(self.min_len >= 0, f"{at}min_len", self.min_len, ">= 0")
+        check(self.temperature > 0, f"{at}temperature", self.temperature, "> 0")
+        check(self.top_k >= 0, f"{at}top_k", self.top_k, "must be >= 0")
+        check(0 < self.top_p <= 1.0, f"{at}top_p", self.top_p, "in (0, 1]")
+        check(self.max_tokens >= 1, f"{at}max_tokens", self.max_tokens, ">= 1")
+
+
+def _bare(form: str) -> str:
+    """An option's name from its spelling: ``--beam {}`` -> ``--beam``."""
+    return form.split("{}")[0].rstrip(" =:")

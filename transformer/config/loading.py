@@ -5,18 +5,16 @@ key, the keys that were renamed or removed, and writing the resolved config."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
-import math
 import re
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from transformer.config.base import ConfigError
+from transformer.config.coerce import build_dataclass
+from transformer.config.model import ARCHITECTURES, foreign_keys, own_keys
 from transformer.config.sections import Config
 
 log = logging.getLogger(__name__)
@@ -84,95 +82,6 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or origin is types.UnionType:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(
-                f"{key}: must be one of {', '.join(map(repr, choices))} (got {value!r})"
-            )
-        return value
-    if origin is dict:
-        key_type, value_type = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping (got {value!r})")
-        return {
-            _coerce(key_type, k, f"{key}"): _coerce(value_type, v, f"{key}.{k}")
-            for k, v in value.items()
-        }
-    if origin is list:
-        (arg,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list (got {value!r})")
-        return [_coerce(arg, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(
-                f"{key}: expected a list of {len(args)} values (got {value!r})"
-            )
-        return tuple(
-            _coerce(a, v, f"{key}[{i}]")
-            for i, (a, v) in enumerate(zip(args, value, strict=True))
-        )
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping (got {value!r})")
-        return _build(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false (got {value!r})")
-        return value
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)  # 25e3 written for 25000
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer (got {value!r})")
-        if not -(2**63) <= value < 2**63:
-            raise ConfigError(f"{key}: {value} does not fit in 64 bits")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number (got {value!r})")
-        if math.isnan(value):  # every range check would pass it
-            raise ConfigError(f"{key}: expected a number (got {value!r})")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string (got {value!r})")
-        return value
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
-
-
-# keys that existed once: the error says what took their place
-REMOVED_KEYS = {
-    "data.streaming": "removed: the corpus store reads a corpus of any size in a "
-    "stream (delete this key)",
-    "data.stream_buffer": "removed: the corpus store reads a corpus of any size in "
-    "a stream (delete this key)",
-    "data.tokenizer.input_sentence_size": "renamed data.tokenizer.sample_sentences",
-}
-
-
 def migrate(tree: dict[str, Any]) -> dict[str, Any]:
     """A stored config of an older version with today's keys (for checkpoints)."""
     tree = _deep_copy(tree)
@@ -183,39 +92,9 @@ def migrate(tree: dict[str, Any]) -> dict[str, Any]:
     if "input_sentence_size" in tokenizer:
         size = tokenizer.pop("input_sentence_size")
         tokenizer.setdefault("sample_sentences", size or 1_000_000)
+    if isinstance(tree.get("model"), dict):  # one flat section for every arch
+        tree["model"] = own_keys(tree["model"])
     return tree
-
-
-def _suggest(key: str, names: list[str]) -> str | None:
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    if close:
-        return close[0]
-    words = set(key.split("_"))  # match on words too: 'lr_warmup' ~ 'warmup_steps'
-    return next((n for n in names if words & set(n.split("_"))), None)
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = []
-    for key in values:
-        if key not in names:
-            dotted = f"{prefix}.{key}" if prefix else str(key)
-            if dotted in REMOVED_KEYS:
-                unknown.append(f"{dotted}: {REMOVED_KEYS[dotted]}")
-                continue
-            close = _suggest(str(key), names)
-            where = f"{prefix}.{close}" if prefix and close else close
-            unknown.append(
-                f"{dotted}: unknown key" + (f"; did you mean {where}?" if close else "")
-            )
-    if unknown:
-        raise ConfigError("\n".join(unknown))
-    kwargs = {
-        key: _coerce(hints[key], value, f"{prefix}.{key}" if prefix else str(key))
-        for key, value in values.items()
-    }
-    return cls(**kwargs)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -257,7 +136,7 @@ def config_from_dict(
     tree = _deep_copy(tree or {})
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
-    cfg = _build(Config, tree, "")
+    cfg = build_dataclass(Config, tree, "")
     if across_sections:
         cfg.validate()
     else:
@@ -298,37 +177,40 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:
+        tree = _switch_architecture(tree, overrides, path)
         cfg = config_from_dict(tree, overrides)
     except ConfigError as e:
         given = [k for k, _ in parse_overrides(list(overrides))]
         lines = [f"{_blame(line, given, path)}: {line}" for line in str(e).split("\n")]
         raise ConfigError("\n".join(lines)) from e
-    _warn_unused_model_keys(cfg, tree, overrides, path)
     return cfg
 
 
-def _warn_unused_model_keys(
-    cfg: Config, tree: dict[str, Any], overrides: list[str], path: Path
-) -> None:
-    """Name the model keys that the chosen architecture ignores: those given on
-    the command line, and the file's own when the file chose the architecture
-    (a Transformer config run with ``model.arch=rnn`` is not warned about)."""
-    command_line = [
-        key.split(".", 1)[1]
-        for key, _ in parse_overrides(list(overrides))
-        if key.startswith("model.") and key.count(".") == 1
-    ]
-    model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
-    in_file = list(model) if "arch" in model else []
-    for source, keys in ((path, in_file), ("command line", command_line)):
-        unused = cfg.model.unused(keys)
-        if unused:
-            log.warning(
-                "%s: %s not used by model.arch=%s",
-                source,
-                ", ".join(f"model.{key}" for key in unused),
-                cfg.model.arch,
-            )
+def _switch_architecture(
+    tree: dict[str, Any], overrides: list[str], path: Path
+) -> dict[str, Any]:
+    """A file run as another architecture (``model.arch=rnn`` on the command line
+    for a Transformer config) without the file's keys of its own architecture,
+    which the new one does not have; they are named in a warning."""
+    arch = None
+    for key, value in parse_overrides(list(overrides)):
+        if key == "model.arch":
+            arch = value
+    model = tree.get("model")
+    if arch not in ARCHITECTURES or not isinstance(model, dict):
+        return tree
+    mine = {f.name for f in dataclasses.fields(ARCHITECTURES[arch])}
+    dropped = [k for k in model if k in foreign_keys() and k not in mine]
+    if not dropped:
+        return tree
+    log.warning(
+        "%s: %s not used: the command line chose model.arch=%s",
+        path,
+        ", ".join(f"model.{k}" for k in dropped),
+        arch,
+    )
+    kept = {k: v for k, v in model.items() if k not in dropped}
+    return {**tree, "model": kept}
 
 
 def _blame(message: str, overrides: list[str], path: Path) -> str:

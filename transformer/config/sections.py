@@ -1,5 +1,5 @@
-"""The model and training sections, and the whole experiment
-(``Config``) with the checks across sections."""
+"""The training section, and the whole experiment (``Config``) with the checks
+across sections."""
 
 from __future__ import annotations
 
@@ -8,137 +8,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from transformer.config.base import PAD_ID, _check
+from transformer.config.base import check
 from transformer.config.data import DataConfig
 from transformer.config.decoding import DecodingConfig
-
-
-@dataclass
-class ModelConfig:
-    """The architecture: ``arch`` picks the model, the rest sizes it.
-
-    Vocabulary sizes of 0 are filled in from the tokenizer before the model is built.
-    ``rnn`` uses d_model (embeddings), rnn_hidden, encoder_layers, decoder_layers,
-    dropout and the rnn_* / attention* keys; ``decoder_only`` the Transformer keys
-    of its one stack (decoder_layers, d_model, n_heads, d_ff, ...).
-    """
-
-    # transformer: the paper's encoder-decoder; rnn: a bidirectional LSTM/GRU
-    # encoder and an attentional decoder; decoder_only: one causal Transformer
-    # over "source <eos> <bos> target" (GPT-style)
-    arch: Literal["transformer", "rnn", "decoder_only"] = "transformer"
-    src_vocab_size: int = 0
-    tgt_vocab_size: int = 0
-    d_model: int = 512
-    n_heads: int = 8
-    encoder_layers: int = 6
-    decoder_layers: int = 6
-    d_ff: int = 2048
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation: Literal["relu", "gelu", "silu"] = "relu"
-    norm_first: bool = False  # False: post-norm as in the paper; True: pre-norm
-    positional: Literal["sinusoidal", "learned"] = "sinusoidal"
-    max_positions: int = 1024
-    tie_src_tgt_embeddings: bool = True  # needs a shared (joint) vocabulary
-    tie_output_embeddings: bool = True
-    pad_id: int = PAD_ID
-    # rnn only
-    rnn_type: Literal["lstm", "gru"] = "lstm"
-    rnn_hidden: int = 512  # decoder state; each encoder direction has half
-    # none: the fixed-vector model (the decoder starts from the final encoder
-    # state and sees nothing else); soft: a weighted sum of encoder states; hard:
-    # one encoder state, sampled from the weights in training (Gumbel-softmax,
-    # straight-through) and the argmax at inference
-    attention: Literal["none", "soft", "hard"] = "soft"
-    attention_score: Literal["additive", "dot", "general"] = "additive"
-    gumbel_temperature: float = 1.0  # hard attention's Gumbel-softmax temperature
-
-    def max_pieces(self) -> int:
-        """Pieces a source (or target) sentence may hold: one position is kept
-        for <eos> / <bos>; a decoder_only model reads both in one sequence."""
-        if self.arch == "decoder_only":
-            return self.max_positions // 2 - 1
-        return self.max_positions - 1
-
-    def compile_refusal(self) -> str | None:
-        """Why ``torch.compile`` (training or decoding) is refused for this
-        architecture; None where it is not."""
-        if self.arch == "rnn":
-            return (
-                "its decoder is a Python loop over time steps: "
-                "one graph per target length"
-            )
-        return None
-
-    def unused(self, keys: list[str]) -> list[str]:
-        """Which of ``keys`` this architecture does not read (``arch`` picks
-        the model; a key of another one is ignored by it)."""
-        attention_keys = {"n_heads", "d_ff", "attention_dropout", "activation"}
-        only = {
-            "rnn": {"rnn_type", "rnn_hidden", "attention", "attention_score"},
-            "transformer": attention_keys | {"norm_first", "positional"},
-            "two stacks": {"encoder_layers"},
-        }
-        uses = {
-            "transformer": only["transformer"] | only["two stacks"],
-            "decoder_only": only["transformer"],
-            "rnn": only["rnn"] | only["two stacks"],
-        }[self.arch]
-        if self.arch == "rnn" and self.attention == "hard":
-            uses = uses | {"gumbel_temperature"}
-        if self.arch == "rnn" and self.attention == "none":
-            uses = uses - {"attention_score"}
-        every = set().union(*only.values(), {"gumbel_temperature"})
-        return [key for key in keys if key in every and key not in uses]
-
-    def validate(self, prefix: str = "model") -> None:
-        for name in ("d_model", "n_heads", "d_ff", "max_positions", "rnn_hidden"):
-            value = getattr(self, name)
-            _check(value > 0, f"{prefix}.{name}", value, "must be positive")
-        for name in ("encoder_layers", "decoder_layers"):
-            value = getattr(self, name)
-            _check(value >= 1, f"{prefix}.{name}", value, "must be at least 1")
-        _check(
-            self.arch == "rnn" or self.d_model % self.n_heads == 0,
-            f"{prefix}.d_model",
-            self.d_model,
-            f"must be divisible by {prefix}.n_heads={self.n_heads}",
-        )
-        _check(
-            self.gumbel_temperature > 0,
-            f"{prefix}.gumbel_temperature",
-            self.gumbel_temperature,
-            "must be positive",
-        )
-        _check(
-            self.arch != "rnn" or self.rnn_hidden % 2 == 0,
-            f"{prefix}.rnn_hidden",
-            self.rnn_hidden,
-            "must be even (each encoder direction has half)",
-        )
-        for name in ("dropout", "attention_dropout"):
-            value = getattr(self, name)
-            _check(0.0 <= value < 1.0, f"{prefix}.{name}", value, "must be in [0, 1)")
-        for name in ("src_vocab_size", "tgt_vocab_size"):
-            value = getattr(self, name)
-            _check(value >= 0, f"{prefix}.{name}", value, "must not be negative")
-        if self.src_vocab_size and self.tgt_vocab_size:
-            _check(
-                not self.tie_src_tgt_embeddings
-                or self.src_vocab_size == self.tgt_vocab_size,
-                f"{prefix}.tie_src_tgt_embeddings",
-                True,
-                "needs equal source and target vocabularies "
-                f"({self.src_vocab_size} != {self.tgt_vocab_size}); "
-                "use a joint tokenizer or set it to false",
-            )
-            _check(
-                0 <= self.pad_id < min(self.src_vocab_size, self.tgt_vocab_size),
-                f"{prefix}.pad_id",
-                self.pad_id,
-                "must be a valid token id",
-            )
+from transformer.config.model import ModelConfig, TransformerConfig
 
 
 @dataclass
@@ -212,22 +85,22 @@ class TrainingConfig:
     init_weights: Literal["raw", "ema"] = "raw"  # which of init_from's weights
 
     def validate(self, prefix: str = "training") -> None:
-        _check(
+        check(
             not self.overwrite or self.resume == "never",
             f"{prefix}.overwrite",
             self.overwrite,
             f"deletes a run, so it needs {prefix}.resume=never (or pass --overwrite)",
         )
-        _check(
+        check(
             0.0 <= self.label_smoothing < 1.0,
             f"{prefix}.label_smoothing",
             self.label_smoothing,
             "must be in [0, 1)",
         )
-        _check(self.lr > 0, f"{prefix}.lr", self.lr, "must be positive")
+        check(self.lr > 0, f"{prefix}.lr", self.lr, "must be positive")
         for name in ("lr", "eps", "weight_decay"):  # inf would train NaN weights
             value = getattr(self, name)
-            _check(math.isfinite(value), f"{prefix}.{name}", value, "must be finite")
+            check(math.isfinite(value), f"{prefix}.{name}", value, "must be finite")
         for name in (
             "accumulate",
             "loss_chunk_rows",
@@ -237,7 +110,7 @@ class TrainingConfig:
             "max_nonfinite",
         ):
             value = getattr(self, name)
-            _check(value >= 1, f"{prefix}.{name}", value, "must be at least 1")
+            check(value >= 1, f"{prefix}.{name}", value, "must be at least 1")
         for name in (
             "warmup_steps",
             "cooldown_steps",
@@ -248,26 +121,26 @@ class TrainingConfig:
             "threads",
         ):
             value = getattr(self, name)
-            _check(value >= 0, f"{prefix}.{name}", value, "must not be negative")
-        _check(
+            check(value >= 0, f"{prefix}.{name}", value, "must not be negative")
+        check(
             self.schedule != "noam" or self.warmup_steps > 0,
             f"{prefix}.warmup_steps",
             self.warmup_steps,
             "the noam schedule needs warmup_steps > 0",
         )
-        _check(
+        check(
             self.cooldown_steps <= self.max_steps,
             f"{prefix}.cooldown_steps",
             self.cooldown_steps,
             f"must not exceed training.max_steps ({self.max_steps})",
         )
-        _check(
+        check(
             all(0.0 <= b < 1.0 for b in self.betas),
             f"{prefix}.betas",
             self.betas,
             "must be in [0, 1)",
         )
-        _check(
+        check(
             self.max_minutes >= 0,
             f"{prefix}.max_minutes",
             self.max_minutes,
@@ -275,32 +148,32 @@ class TrainingConfig:
         )
         for name in ("dist_timeout", "prepare_timeout", "log_seconds"):
             value = getattr(self, name)
-            _check(value > 0, f"{prefix}.{name}", value, "must be positive")
-        _check(
+            check(value > 0, f"{prefix}.{name}", value, "must be positive")
+        check(
             0.0 <= self.ema_decay < 1.0,
             f"{prefix}.ema_decay",
             self.ema_decay,
             "must be in [0, 1)",
         )
-        _check(
+        check(
             not self.validate_ema or self.ema_decay > 0,
             f"{prefix}.validate_ema",
             self.validate_ema,
             f"needs {prefix}.ema_decay > 0 (the EMA is off)",
         )
-        _check(
+        check(
             self.init_from is None or bool(self.init_from.strip()),
             f"{prefix}.init_from",
             self.init_from,
             "must be a checkpoint path (or null)",
         )
-        _check(
+        check(
             self.init_weights == "raw" or self.init_from is not None,
             f"{prefix}.init_weights",
             self.init_weights,
             f"needs {prefix}.init_from",
         )
-        _check(
+        check(
             self.device == "auto"
             or self.device == "cpu"
             or self.device.startswith("cuda"),
@@ -315,7 +188,7 @@ class Config:
     """A whole experiment."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=TransformerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
 
@@ -329,14 +202,14 @@ class Config:
     def _check_across_sections(self) -> None:
         """Settings that are fine alone but fail together, found at load time."""
         d, m, t = self.data, self.model, self.training
-        _check(
+        check(
             d.max_length < m.max_positions,
             "data.max_length",
             d.max_length,
             f"must be below model.max_positions={m.max_positions} "
             "(a sequence also holds <bos> or <eos>)",
         )
-        _check(
+        check(
             m.arch != "decoder_only" or 2 * d.max_length + 2 <= m.max_positions,
             "data.max_length",
             d.max_length,
@@ -344,14 +217,14 @@ class Config:
             f"2 * data.max_length + 2 must be at most model.max_positions="
             f"{m.max_positions}",
         )
-        _check(
+        check(
             self.decoding.min_len < m.max_positions,
             "decoding.min_len",
             self.decoding.min_len,
             f"must be below model.max_positions={m.max_positions}: no output "
             "can be that long",
         )
-        _check(
+        check(
             t.valid_bleu or t.best_metric not in ("bleu", "chrf"),
             "training.best_metric",
             t.best_metric,
@@ -362,13 +235,13 @@ class Config:
             ("training.compile", t.compile),
             ("decoding.compile", self.decoding.compile),
         ):
-            _check(
+            check(
                 refusal is None or not value,
                 key,
                 value,
                 f"is not supported for model.arch: {m.arch} ({refusal})",
             )
-        _check(
+        check(
             d.tokenizer.joint or not m.tie_src_tgt_embeddings,
             "model.tie_src_tgt_embeddings",
             True,

@@ -8,7 +8,7 @@ returns, decodes an ensemble exactly as it decodes one model.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -51,9 +51,9 @@ class Ensemble(nn.Module):
     """Several models that share one tokenizer, decoded as one.
 
     The models may differ in architecture; their vocabularies must be the same.
-    ``cfg`` is the first model's, with ``max_positions`` the smallest of all
-    (and ``arch`` decoder_only when one is, so that ``cfg.max_pieces()`` fits
-    every model); ``target_positions`` is the smallest over the models.
+    ``cfg`` is the config of the member that reads the fewest pieces, with
+    ``max_positions`` the smallest of all, so that ``cfg.max_pieces()`` fits
+    every model; ``target_positions`` is the smallest over the models.
 
     Args:
         models: at least one model following the decoding protocol.
@@ -78,11 +78,12 @@ class Ensemble(nn.Module):
                     "needs one tokenizer"
                 )
         self.models = nn.ModuleList(models)
-        self.cfg = copy.copy(first)  # the first model keeps its own max_positions
-        self.cfg.max_positions = min(m.cfg.max_positions for m in models)
-        if any(m.cfg.arch == "decoder_only" for m in models):
-            # its source and target share the positions: cfg.max_pieces() halves
-            self.cfg.arch = "decoder_only"
+        # the member that reads the fewest pieces (a decoder_only model halves its
+        # positions), with the fewest positions of all: its max_pieces() fits all
+        narrowest = min((m.cfg for m in models), key=lambda c: c.max_pieces())
+        self.cfg = dataclasses.replace(
+            narrowest, max_positions=min(m.cfg.max_positions for m in models)
+        )
 
     def encode(self, src: Tensor) -> EnsembleMemory:
         """(B, S) source ids -> every model's memory."""
