@@ -2,7 +2,7 @@
 
 import sys
 
-from transformer.cli import average_main
+from transformer.cli.train import average_main
 
 if __name__ == "__main__":
     sys.exit(average_main())

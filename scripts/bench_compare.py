@@ -124,7 +124,7 @@ def summarize(name: str, run: Path, greedy: dict, beam: dict, data_dir: Path) ->
         for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     ]
     train = [r for r in rows if r["type"] == "train"]
-    from transformer.checkpoint import load_model
+    from transformer.inference import load_model
     from transformer.models import count_parameters
 
     model, cfg, _, ckpt = load_model(run / "last.pt")

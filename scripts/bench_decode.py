@@ -108,7 +108,8 @@ def ctranslate2_process(export: Path, sources, dcfg, tmp: Path) -> dict:
 
 def bench_compiled_decoding(model, tokenizer, sources, refs, dcfg, device) -> dict:
     """decoding.compile: the first run (which compiles) and a second, timed."""
-    from transformer.evaluation import score_corpus, translate
+    from transformer.evaluation import score_corpus
+    from transformer.inference import translate
 
     dcfg = replace(dcfg, compile=True)
     start = time.perf_counter()
@@ -127,9 +128,9 @@ def bench_compiled_decoding(model, tokenizer, sources, refs, dcfg, device) -> di
 
 
 def bench_decode(args) -> dict:
-    from transformer.checkpoint import load_model, set_precision
     from transformer.data import read_pairs
-    from transformer.evaluation import score_corpus, translate
+    from transformer.evaluation import score_corpus
+    from transformer.inference import load_model, set_precision, translate
 
     device = torch.device(args.device if args.device != "auto" else "cpu")
     if args.threads:

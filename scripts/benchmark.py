@@ -104,13 +104,13 @@ def _check_numbers(args: argparse.Namespace) -> None:
                     f"--{name.replace('_', '-')}: must be {need} (got {v})"
                 )
     if getattr(args, "device", "auto") != "auto":
-        from transformer.training import resolve_device
+        from transformer.inference import resolve_device
 
         resolve_device(args.device, "--device")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformer.cli import run_cli
+    from transformer.cli.common import run_cli
 
     return run_cli(_main, argv, (subprocess.CalledProcessError,))
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from transformer.cli import eval_main
+from transformer.cli.evaluate import eval_main
 
 if __name__ == "__main__":
     sys.exit(eval_main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from transformer.cli import preprocess_main
+from transformer.cli.train import preprocess_main
 
 if __name__ == "__main__":
     sys.exit(preprocess_main())

@@ -130,10 +130,10 @@ def sweep_list(sweep: dict[tuple[int, float], float]) -> list[dict]:
 
 def sweep_candidate(name: str, paths: list[Path], args) -> dict:
     """One candidate's validation sweep, and what decodes its test split."""
-    from transformer.checkpoint import load_ensemble, set_precision
     from transformer.data import read_pairs
     from transformer.data.download import ensure_corpus
-    from transformer.evaluation import score_corpus, translate
+    from transformer.evaluation import score_corpus
+    from transformer.inference import load_ensemble, set_precision, translate
 
     device = torch.device("cpu")
     model, cfg, tokenizer, _ = load_ensemble(paths, device, args.weights)
@@ -236,7 +236,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformer.cli import run_cli
+    from transformer.cli.common import run_cli
 
     return run_cli(_main, argv)
 

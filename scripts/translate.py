@@ -2,7 +2,7 @@
 
 import sys
 
-from transformer.cli import translate_main
+from transformer.cli.translate import translate_main
 
 if __name__ == "__main__":
     sys.exit(translate_main())

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tests.conftest import tiny, tiny_config, tiny_model, train_copy_model
-from transformer.checkpoint import load_checkpoint, load_model
+from transformer.checkpoint import load_checkpoint
 from transformer.config import BOS_ID, ConfigError, DecodingConfig
+from transformer.inference import load_model
 from transformer.models.rnn import Attention
 from transformer.search import generate
 from transformer.training import Trainer
@@ -127,7 +128,8 @@ def test_checkpoint_round_trip_and_bit_identical_resume(name, tmp_path, toy_toke
 def test_decoding_compile_is_refused_for_an_rnn_alone_or_in_an_ensemble(
     tmp_path, toy_tokenizer, capsys
 ):
-    from transformer.cli import eval_main, translate_main
+    from transformer.cli.evaluate import eval_main
+    from transformer.cli.translate import translate_main
 
     runs = {}
     for name in ("transformer", "rnn-soft-additive"):

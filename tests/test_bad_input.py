@@ -14,15 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import transformer.evaluation
+import transformer.inference
 import transformer.search
 from tests.conftest import ROOT, TOY, tiny, translate_cli
-from transformer.checkpoint import atomic_save, load_checkpoint, load_model
-from transformer.cli import average_main, eval_main, train_main, translate_main
+from transformer.checkpoint import atomic_save, load_checkpoint
+from transformer.cli.evaluate import eval_main
+from transformer.cli.train import average_main, train_main
+from transformer.cli.translate import translate_main
 from transformer.config import EOS_ID, ConfigError, DecodingConfig, load_config
 from transformer.config.loading import read_yaml
 from transformer.data import read_lines
 from transformer.evaluation import reference_warnings
+from transformer.inference import load_model
 from transformer.training import Trainer
 
 
@@ -74,6 +77,7 @@ def test_a_closed_output_pipe_stops_quietly(run, tmp_path):
         (["--sample", "--nbest", "2"], "several hypotheses need beam search"),
         (["--device", "foo"], "--device: 'foo' is not a device"),
         (["--sample", "--temperature", "inf"], "temperature: must be finite"),
+        (["--unk-penalty", "inf"], "decoding.unk_penalty: must be finite"),
         (["--length-penalty", "nan"], "length_penalty: expected a number (got nan)"),
         (["--sample", "--seed", "9" * 23], "does not fit in 64 bits"),
         (["--batch-lines", "0"], "--batch-lines: must be >= 1"),
@@ -157,7 +161,7 @@ def test_eval_output_paths_are_checked_before_decoding(
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded before the output paths were checked")
 
-    monkeypatch.setattr(transformer.evaluation, "translate", no_decoding)
+    monkeypatch.setattr(transformer.inference, "translate", no_decoding)
     base = ["--checkpoint", str(run / "last.pt"), "--split", "val", "--greedy"]
     for option in ("--output", "--report"):
         target = tmp_path / "nodir" / "x"

@@ -10,10 +10,11 @@ import torch
 
 import transformer.precision
 from tests.conftest import translate_cli
-from transformer.checkpoint import load_model, set_precision
-from transformer.cli import average_main, eval_main, train_main, translate_main
+from transformer.cli.evaluate import eval_main
+from transformer.cli.train import average_main, train_main
+from transformer.cli.translate import translate_main
 from transformer.config import load_config
-from transformer.evaluation import translate
+from transformer.inference import load_model, set_precision, translate
 from transformer.training import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import pytest
 
 import transformer.data.download
 from tests.conftest import SRC, TGT
-from transformer.cli import preprocess_main
+from transformer.cli.train import preprocess_main
 from transformer.config import DataConfig
 from transformer.data import DataError
 from transformer.data.download import ensure_corpus
@@ -107,9 +107,10 @@ def config(tmp_path, url: str, sums=None) -> DataConfig:
 def test_download_verifies_and_is_reused(tmp_path, server, caplog):
     cfg = config(tmp_path, server.url)
     with caplog.at_level("INFO"):
-        ensure_corpus(cfg)
+        resolved = ensure_corpus(cfg)
     folder = tmp_path / "downloads"
-    assert cfg.dir == str(folder)
+    assert resolved.dir == str(folder)
+    assert cfg.dir != resolved.dir  # the loaded settings are not changed
     assert f"into {folder}" in caplog.text  # the log names the cache folder
     for name, data in FILES.items():
         assert (folder / name).read_bytes() == data

@@ -10,14 +10,11 @@ import pytest
 import torch
 
 from tests.conftest import tiny, tiny_model
-from transformer.checkpoint import (
-    CheckpointError,
-    atomic_save,
-    load_checkpoint,
-    load_model,
-)
-from transformer.cli import eval_main, translate_main
+from transformer.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from transformer.cli.evaluate import eval_main
+from transformer.cli.translate import translate_main
 from transformer.config import ConfigError
+from transformer.inference import load_model
 from transformer.training import Trainer
 from transformer.training.ema import EMA
 from transformer.training.validation import evaluate_loss

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from tests.conftest import tiny, tiny_model
-from transformer.checkpoint import atomic_save, load_checkpoint, load_ensemble
-from transformer.cli import eval_main, translate_main
+from transformer.checkpoint import atomic_save, load_checkpoint
+from transformer.cli.evaluate import eval_main
+from transformer.cli.translate import translate_main
 from transformer.config import BOS_ID, DecodingConfig, TokenizerConfig
+from transformer.inference import load_ensemble
 from transformer.models import Ensemble
 from transformer.search import generate
 from transformer.tokenizer import Tokenizer
@@ -169,7 +171,7 @@ def test_translate_and_eval_with_two_checkpoints(two_runs, tmp_path, capsys):
     a, b = map(str, two_runs)
     ensemble, config, tokenizer, infos = load_ensemble([a, b])
     assert isinstance(ensemble, Ensemble) and len(infos) == 2
-    from transformer.evaluation import translate
+    from transformer.inference import translate
 
     sentences = ["a b c", "d e f g h"]
     cfg = dataclasses.replace(config.decoding, strategy="beam", beam_size=3)

@@ -29,7 +29,6 @@ from transformer.config import (
 )
 from transformer.data import read_pairs
 from transformer.embeddings import TokenEmbedding
-from transformer.evaluation import translate
 from transformer.export import (
     ExportedModel,
     export_model,
@@ -37,6 +36,7 @@ from transformer.export import (
     translate_with_ctranslate2,
 )
 from transformer.export.writer import quantization_name
+from transformer.inference import translate
 from transformer.models import Transformer
 from transformer.search import decode_corpus, max_lengths
 from transformer.tokenizer import Tokenizer

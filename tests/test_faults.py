@@ -24,7 +24,7 @@ from tests.conftest import (
     wait_for_rows,
 )
 from transformer.checkpoint import CheckpointError, load_checkpoint
-from transformer.cli import train_main
+from transformer.cli.train import train_main
 from transformer.config import ConfigError, load_config
 from transformer.training import Trainer, TrainingError
 
@@ -293,18 +293,27 @@ def test_the_run_folder_tokenizer_is_reused_only_under_its_settings(
     tmp_path, toy_tokenizer
 ):
     from transformer.data import DataError
-    from transformer.training.build import build_tokenizer, saved_tokenizer_is_current
     from transformer.training.distributed import Distributed
+    from transformer.training.tokenizer_choice import (
+        choose_tokenizer,
+        saved_tokenizer_is_current,
+    )
+
+    def build_tokenizer(cfg, run, ranks):
+        return choose_tokenizer(cfg, run, ranks).tokenizer
 
     run = tmp_path / "run"
     cfg = tiny(run, toy_tokenizer)
     cfg.data.tokenizer.model = None
     cfg.data.tokenizer.vocab_size = 30
     assert not saved_tokenizer_is_current(cfg, run)
-    first = build_tokenizer(cfg, run, Distributed())
+    first = choose_tokenizer(cfg, run, Distributed())
+    assert first.origin == "trained"
     assert saved_tokenizer_is_current(cfg, run)
     stamp = (run / "spm.model").stat().st_mtime_ns
-    assert build_tokenizer(cfg, run, Distributed()).hash() == first.hash()
+    again = choose_tokenizer(cfg, run, Distributed())
+    assert again.origin == "run folder"
+    assert again.tokenizer.hash() == first.tokenizer.hash()
     assert (run / "spm.model").stat().st_mtime_ns == stamp  # reused, not retrained
     for key, value, says in (
         (

@@ -13,8 +13,8 @@ import pytest
 import sacrebleu
 import torch
 
-from transformer.checkpoint import load_checkpoint, load_ensemble
-from transformer.evaluation import translate
+from transformer.checkpoint import load_checkpoint
+from transformer.inference import load_ensemble, translate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = sorted((ROOT / "models").glob("*.pt"))

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import tiny_model
 from transformer import precision
-from transformer.checkpoint import set_precision
+from transformer.inference import set_precision
 
 CPU = torch.device("cpu")
 NONE = dict.fromkeys(precision.FLAGS, False)

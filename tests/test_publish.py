@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from tests.conftest import tiny
-from transformer.checkpoint import load_checkpoint, load_model
-from transformer.cli import average_main, eval_main, translate_main
+from transformer.checkpoint import load_checkpoint
+from transformer.cli.evaluate import eval_main
+from transformer.cli.train import average_main
+from transformer.cli.translate import translate_main
 from transformer.config import BOS_ID, EOS_ID, DataConfig
 from transformer.data import read_pairs
-from transformer.evaluation import translate
+from transformer.inference import load_model, translate
 from transformer.training import Trainer
 
 TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng", "epoch", "data_signature")

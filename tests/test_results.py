@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny
-from transformer.cli import eval_main
+from transformer.cli.evaluate import eval_main
 from transformer.training import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -32,7 +32,7 @@ from transformer.config import (
     DecodingConfig,
     TokenizerConfig,
 )
-from transformer.evaluation import translate
+from transformer.inference import translate
 from transformer.models import Transformer
 from transformer.serve import Batcher, QueueFull, ServeConfig, load_models, main
 from transformer.tokenizer import Tokenizer
@@ -396,6 +396,12 @@ BAD_REQUESTS = [
         "timeout",
     ),
     (
+        "infinite unk_penalty",
+        b'{"q": "a", "source": "de", "target": "en", "unk_penalty": -1e400}',
+        400,
+        "unk_penalty: must be finite",
+    ),
+    (
         "infinite temperature",
         b'{"q": "a", "source": "de", "target": "en", "sample": true, '
         b'"temperature": 1e400}',
@@ -406,7 +412,7 @@ BAD_REQUESTS = [
         "seed over 64 bits",
         {"q": "a", "source": "de", "target": "en", "sample": True, "seed": 10**23},
         400,
-        "seed: 64-bit range",
+        "seed: 100000000000000000000000 does not fit in 64 bits",
     ),
     (
         "lone surrogate",
@@ -644,3 +650,17 @@ def test_browser_translates_and_shows_the_attention_map(server, models, tmp_path
         assert "q is empty" in driver.find_element(By.ID, "error").text
     finally:
         driver.quit()
+
+
+def test_every_search_option_reaches_the_search(client, models):
+    """An option of the search, here unk_penalty, as the library applies it."""
+    q = ["a b c d", "e f g"]
+    request = {"q": q, "source": "de", "target": "en", "greedy": True}
+    for penalty in (0.0, -30.0):
+        body = client.post("/translate", json={**request, "unk_penalty": penalty})
+        expected = reference(
+            models["de", "en"], q, strategy="greedy", nbest=1, unk_penalty=penalty
+        )
+        assert body.json()["translatedText"] == [e[0] for e in expected]
+    plain = reference(models["de", "en"], q, strategy="greedy", nbest=1)
+    assert expected != plain  # the option changed what the server answered

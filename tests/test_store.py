@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import SRC, TGT, needs_torchrun, tiny, torchrun, write
-from transformer.cli import preprocess_main
+from transformer.cli.train import preprocess_main
 from transformer.config import BOS_ID, EOS_ID, PAD_ID, DataConfig, TokenizerConfig
 from transformer.data import (
     FilterStats,

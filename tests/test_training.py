@@ -22,13 +22,9 @@ from tests.conftest import (
     wait_for_rows,
 )
 from transformer.averaging import average_checkpoints
-from transformer.checkpoint import (
-    CheckpointError,
-    atomic_save,
-    load_checkpoint,
-    load_model,
-)
+from transformer.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from transformer.config import ConfigError, load_config
+from transformer.inference import load_model
 from transformer.training import (
     Trainer,
     label_smoothed_loss,
@@ -267,10 +263,6 @@ def test_average_checkpoints(tmp_path, toy_tokenizer):
     for k in avg:
         torch.testing.assert_close(avg[k], (a[k] + b[k]) / 2)
     assert averaged["step"] == 4 and averaged["averaged_steps"] == [2, 4]
-    # the function moved to transformer.averaging; the old import path still works
-    from transformer.checkpoint import average_checkpoints as old_path
-
-    assert old_path is average_checkpoints
 
 
 def test_toy_copy_config_learns(tmp_path):

@@ -1,29 +1,15 @@
-"""sacreBLEU / chrF / TER with signatures, and translation of raw sentences."""
+"""sacreBLEU / chrF / TER with signatures, and warnings about references."""
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 
 import sacrebleu
-import torch
-from torch import nn
-
-from transformer.config import DecodingConfig
-from transformer.search import Hypothesis, decode_corpus
-from transformer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 _TOKENIZED = re.compile(r"\w \.$|\w ,\s| n't\b| 's\b|&apos;|&quot;|@@ ")
-
-
-@dataclass
-class Translation:
-    text: str
-    score: float
-    tokens: list[int]
 
 
 def score_corpus(
@@ -76,40 +62,3 @@ def reference_warnings(references: list[str]) -> list[str]:
             "word translated for them counts against BLEU"
         )
     return warnings
-
-
-def translate(
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    sentences: list[str],
-    cfg: DecodingConfig,
-    device: torch.device,
-    use_cache: bool = True,
-    progress: bool = False,
-    line_numbers: list[int] | None = None,
-) -> list[list[Translation]]:
-    """Raw source sentences -> n-best detokenized translations, in input order.
-
-    ``line_numbers``: each sentence's line in the user's input, for warnings
-    (default: its position in ``sentences``, from 1).
-    """
-    limit = model.cfg.max_pieces()
-    ids = tokenizer.encode_src(sentences)
-    too_long = [i for i, s in enumerate(ids) if len(s) > limit]
-    if too_long:
-        first = too_long[0]
-        log.warning(
-            "%d sentence(s) longer than the model's %d pieces were truncated "
-            "(first: line %d)",
-            len(too_long),
-            limit,
-            line_numbers[first] if line_numbers else first + 1,
-        )
-        ids = [s[:limit] for s in ids]
-    results: list[list[Hypothesis]] = decode_corpus(
-        model, ids, cfg, device, use_cache=use_cache, progress=progress
-    )
-    return [
-        [Translation(tokenizer.decode_tgt(h.tokens), h.score, h.tokens) for h in hyps]
-        for hyps in results
-    ]

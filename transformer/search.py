@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.config import BOS_ID, EOS_ID, PAD_ID, ConfigError, DecodingConfig
+from transformer.config import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    ConfigError,
+    DecodingConfig,
+)
 from transformer.models import Memory
 
 log = logging.getLogger(__name__)
@@ -89,17 +96,20 @@ def max_lengths(src: Tensor, cfg: DecodingConfig, positions: Tensor) -> Tensor:
 
 
 def _constrain(
-    logp: Tensor, step: int, limit: Tensor, min_len: int, near_limit: bool
+    logp: Tensor, step: int, limit: Tensor, cfg: DecodingConfig, near_limit: bool
 ) -> Tensor:
-    """Ban <pad>/<bos>; ban <eos> before ``min_len``; force it at the length limit.
+    """Ban <pad>/<bos>; ban <eos> before ``min_len``; lower <unk> by
+    ``unk_penalty``; force <eos> at the length limit.
 
     ``near_limit`` (known on the host: ``step`` has reached the batch's shortest
     limit) turns on the forcing, a masked fill of the rows at their limit.
     """
     logp[:, PAD_ID] = -math.inf
     logp[:, BOS_ID] = -math.inf
-    if step < min_len:
+    if step < cfg.min_len:
         logp[:, EOS_ID] = -math.inf
+    if cfg.unk_penalty:
+        logp[:, UNK_ID] -= cfg.unk_penalty
     if near_limit:
         at_limit = step >= limit - 1  # (n,)
         eos = logp[:, EOS_ID].clone()
@@ -196,7 +206,7 @@ def _greedy_or_sample(
     tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
     for step in range(longest):
         logp = _constrain(
-            stepper.step(tokens), step, limit[alive], cfg.min_len, step >= shortest - 1
+            stepper.step(tokens), step, limit[alive], cfg, step >= shortest - 1
         )
         tokens = pick(logp, generator)
         out[alive, step] = tokens
@@ -314,7 +324,7 @@ def beam_search(
             stepper.step(tokens),
             step,
             limit.repeat_interleave(rows_per_sentence),
-            cfg.min_len,
+            cfg,
             step >= shortest - 1,
         )
         # a sentence's best 2K candidates are among the best 2K of each of its rows

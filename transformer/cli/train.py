@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformer.averaging import average_checkpoints
 from transformer.checkpoint import WEIGHTS, CheckpointError
-from transformer.cli import run_cli, setup_logging
+from transformer.cli.common import run_cli, setup_logging
 from transformer.config import ConfigError, load_config
 
 log = logging.getLogger("transformer")
@@ -97,26 +97,22 @@ def _preprocess(argv: list[str] | None) -> int:
     )
     args = parser.parse_args(argv)
     setup_logging()
-    from transformer.checkpoint import load_checkpoint
-    from transformer.data.download import ensure_corpus
     from transformer.data.readers import check_split
-    from transformer.tokenizer import Tokenizer
-    from transformer.training.build import build_stores, build_tokenizer, run_dir_of
+    from transformer.training.build import build_stores, run_dir_of
     from transformer.training.distributed import Distributed
+    from transformer.training.start import read_start, with_corpus
+    from transformer.training.tokenizer_choice import choose_tokenizer
 
     cfg = load_config(args.config, args.overrides)
-    ensure_corpus(cfg.data)
-    check_split(cfg.data, cfg.data.valid_split, "data.valid_split")
     run_dir = run_dir_of(cfg)
-    last = run_dir / "last.pt"
-    if last.exists() and cfg.training.resume == "auto":  # the run's own tokenizer
-        tokenizer = Tokenizer.from_state_dict(load_checkpoint(last)["tokenizer"])
-    elif cfg.training.init_from is not None:  # fine-tuning: the parent's
-        from transformer.training.finetune import load_init
-
-        tokenizer = load_init(cfg).tokenizer
-    else:
-        tokenizer = build_tokenizer(cfg, run_dir, Distributed())
+    cfg = with_corpus(cfg, run_dir)
+    check_split(cfg.data, cfg.data.valid_split, "data.valid_split")
+    resumed, parent = read_start(cfg, run_dir, resume=None)
+    choice = choose_tokenizer(
+        cfg, run_dir, Distributed(), resumed, run_dir / "last.pt", parent
+    )
+    log.info("tokenizer: %s (%s)", choice.why, choice.origin)
+    tokenizer = choice.tokenizer
     for store in build_stores(cfg, tokenizer):
         meta, stats = store.meta, store.filter_stats
         tokens = meta["src_tokens"] + meta["tgt_tokens"]

@@ -7,18 +7,15 @@ import logging
 import sys
 from pathlib import Path
 
-from transformer.checkpoint import load_ensemble, set_precision
-from transformer.cli import run_cli, setup_logging
-from transformer.cli.decode import (
-    _add_decoding_args,
-    _check_decoding,
-    _check_output,
-    _decoding_config,
-    _device,
-    _parse,
+from transformer.cli.common import check_output, run_cli, setup_logging
+from transformer.cli.options import (
+    add_decoding_args,
+    parse_decoding_args,
+    search_options,
 )
 from transformer.config import ConfigError
 from transformer.data import DataError, read_lines
+from transformer.inference import Translator
 
 log = logging.getLogger("transformer")
 
@@ -76,7 +73,7 @@ def _translate(argv: list[str] | None) -> int:
         prog="transformer-translate",
         description="Translate sentences (arguments, --input file or standard input).",
     )
-    _add_decoding_args(parser)
+    add_decoding_args(parser)
     parser.add_argument(
         "--sentence",
         "-s",
@@ -103,33 +100,29 @@ def _translate(argv: list[str] | None) -> int:
     )
     parser.add_argument("--layer", type=int, default=-1, help="decoder layer to plot")
     parser.add_argument("--head", type=int, help="head to plot (default: the mean)")
-    args = _parse(parser, argv)
+    args = parse_decoding_args(parser, argv)
     if args.attention and len(args.checkpoint) > 1:
         raise ConfigError("--attention plots one model: give one --checkpoint")
     if args.batch_lines < 1:
         raise ConfigError(f"--batch-lines: must be >= 1 (got {args.batch_lines})")
-    _check_output(args.attention, "--attention")
+    check_output(args.attention, "--attention")
     setup_logging()
     lines = _input_lines(args)
     if args.attention and not (lines and lines[0].strip()):
         raise ConfigError("--attention needs a sentence (-s) or --input file")
-    from transformer.evaluation import translate
-
-    device = _device(args.device)
-    model, cfg, tokenizer, _ = load_ensemble(args.checkpoint, device, args.weights)
-    dcfg = _decoding_config(args, cfg.decoding)
-    _check_decoding(dcfg, model, args.checkpoint)
-    set_precision(model, dcfg.precision)
+    translator = Translator.load(args.checkpoint, args.device, args.weights)
+    dcfg = translator.decoding(*search_options(args))
+    translator.cast(dcfg.precision)
     use_cache = not args.no_cache
     if args.attention:  # first: a bad --layer or --head fails before the work
         from transformer.plots import plot_attention
 
         path = plot_attention(
-            model,
-            tokenizer,
+            translator.model,
+            translator.tokenizer,
             lines[0],
             dcfg,
-            device,
+            translator.device,
             args.attention,
             layer=args.layer,
             head=args.head,
@@ -140,12 +133,9 @@ def _translate(argv: list[str] | None) -> int:
     def emit(batch: list[str]) -> None:
         nonlocal done_lines
         todo = [i for i, line in enumerate(batch) if line.strip()]
-        done = translate(
-            model,
-            tokenizer,
+        done = translator.translate(
             [batch[i] for i in todo],
             dcfg,
-            device,
             use_cache=use_cache,
             line_numbers=[done_lines + i + 1 for i in todo],
         )

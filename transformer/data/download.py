@@ -11,6 +11,7 @@ that fails its check is deleted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -129,14 +130,15 @@ def download(url: str, target: Path, sha256: str) -> Path:
     return target
 
 
-def ensure_corpus(cfg: DataConfig) -> None:
-    """Make ``cfg.dir`` hold the corpus: as given, or downloaded (then ``cfg.dir``
-    is the download folder). A missing folder without a source is an error naming
-    both remedies."""
+def ensure_corpus(cfg: DataConfig) -> DataConfig:
+    """The data settings whose ``dir`` holds the corpus: ``cfg`` itself when its
+    folder exists (or it needs none), else a copy naming the folder the files were
+    downloaded into. A missing folder without a source is an error naming both
+    remedies."""
     if cfg.synthetic or (cfg.format == "hub" and not cfg.dir):
-        return
+        return cfg
     if cfg.dir and Path(cfg.dir).is_dir():
-        return
+        return cfg
     if not (cfg.source_url and cfg.source_files):
         raise DataError(
             f"data directory not found: {cfg.dir}; pass data.dir=PATH, or give "
@@ -159,5 +161,5 @@ def ensure_corpus(cfg: DataConfig) -> None:
         )
     for name, digest in cfg.source_files.items():
         download(f"{cfg.source_url.rstrip('/')}/{name}", folder / name, digest)
-    cfg.dir = str(folder)
     log.info("corpus: %s", folder)
+    return dataclasses.replace(cfg, dir=str(folder))

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from transformer.config import EOS_ID, ConfigError, DecodingConfig
-from transformer.evaluation import Translation
 from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
+from transformer.inference import Translation
 from transformer.search import (
     Hypothesis,
     check_min_len,
@@ -98,11 +98,11 @@ class ExportedModel:
             intra_threads=intra_threads,
         )
 
-    def decoding_config(self, **overrides: Any) -> DecodingConfig:
-        """The checkpoint's decoding defaults, with ``overrides`` applied."""
-        values = {**self.info["decoding"], **overrides}
-        cfg = DecodingConfig(**values)
-        cfg.validate()
+    def decoding_config(self, **options: Any) -> DecodingConfig:
+        """The checkpoint's decoding defaults with ``options`` (DecodingConfig
+        fields, None: keep) applied by ``DecodingConfig.with_options``' rules."""
+        spelling = {"nbest": "nbest={}", "beam_size": "beam_size={}"}
+        cfg = DecodingConfig(**self.info["decoding"]).with_options(options, spelling)
         check_min_len(cfg.min_len, self.max_positions, str(self.dir))
         return cfg
 
@@ -117,6 +117,10 @@ class ExportedModel:
         """
         if cfg.strategy == "sample":
             raise ConfigError("decoding.strategy: sampling is not supported here")
+        if cfg.unk_penalty:  # CTranslate2 can only ban <unk> (disable_unk)
+            raise ConfigError(
+                "decoding.unk_penalty: not supported by the CTranslate2 runtime"
+            )
         beam = cfg.strategy == "beam"
         k = cfg.beam_size if beam else 1
         suppress = [[p] for p in self.info["suppress_tokens"]]
@@ -204,12 +208,7 @@ def translate_with_ctranslate2(
     ``beam_size=1`` is greedy search; ``length_penalty`` is the GNMT alpha.
     """
     model = ExportedModel(export_dir, device, compute_type, intra_threads)
-    cfg = model.decoding_config()
-    if beam_size is not None:
-        cfg.strategy = "beam" if beam_size > 1 else "greedy"
-        cfg.beam_size = beam_size
-    if length_penalty is not None:
-        cfg.length_penalty = length_penalty
-    cfg.settle_nbest(nbest, beam_size)
-    cfg.validate()
+    cfg = model.decoding_config(
+        beam_size=beam_size, length_penalty=length_penalty, nbest=nbest
+    )
     return model.translate(sentences, cfg)

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from transformer import __version__
-from transformer.checkpoint import WEIGHTS, load_model
+from transformer.checkpoint import WEIGHTS
 from transformer.config import DecodingConfig, ModelConfig
 from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
 from transformer.files import as_if_created, make_parent, temp_beside
+from transformer.inference import load_model
 from transformer.models import Transformer
 from transformer.tokenizer import SPECIAL_IDS, Tokenizer
 
@@ -375,7 +376,7 @@ def _export(argv: list[str] | None) -> int:
         help="raw: the trained weights; ema: their moving average",
     )
     args = parser.parse_args(argv)
-    from transformer.cli import setup_logging
+    from transformer.cli.common import setup_logging
 
     setup_logging()
     out = export_checkpoint(
@@ -387,6 +388,6 @@ def _export(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``transformer-export``: user errors print one ``error:`` line, exit 2."""
-    from transformer.cli import run_cli
+    from transformer.cli.common import run_cli
 
     return run_cli(_export, argv, (ExportError,))

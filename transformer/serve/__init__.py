@@ -20,6 +20,7 @@ import torch
 
 from transformer.checkpoint import WEIGHTS, CheckpointError
 from transformer.config import ConfigError
+from transformer.inference import resolve_device
 from transformer.serve.app import ApiError, create_app
 from transformer.serve.batching import Batcher, Job, QueueFull
 from transformer.serve.models import (
@@ -30,7 +31,6 @@ from transformer.serve.models import (
     search_settings,
 )
 from transformer.tokenizer import TokenizerError
-from transformer.training.build import resolve_device
 
 __all__ = [
     "ApiError",

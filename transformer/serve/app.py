@@ -93,6 +93,9 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
         top_k: int | None = Field(None, ge=0, description="sample from the k best")
         top_p: float | None = Field(None, gt=0, le=1, description="nucleus mass")
         seed: int | None = Field(None, description="sampling seed")
+        unk_penalty: float | None = Field(
+            None, description="subtracted from <unk>'s log-probability"
+        )
         timeout: float | None = Field(
             None, gt=0, le=limits.timeout_s, description="seconds; 504 after that"
         )
@@ -189,7 +192,7 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
                 lm.decoding, {**options, "alternatives": alternatives}, limits
             )
         except ConfigError as e:
-            raise ApiError(400, str(e).removeprefix(".")) from None
+            raise ApiError(400, str(e)) from None
 
     async def run(request: Request, req: SearchOptions, key, cost, n, work, fn):
         batcher: Batcher = request.app.state.batcher
@@ -314,8 +317,9 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
         layers = len(lm.model.decoder)
         if not -layers <= req.layer < layers:
             raise ApiError(400, f"layer: must be in [{-layers}, {layers - 1}]")
-        if req.head is not None and req.head >= lm.model.cfg.n_heads:
-            raise ApiError(400, f"head: must be in [0, {lm.model.cfg.n_heads - 1}]")
+        heads = getattr(lm.model.cfg, "n_heads", 1)  # an RNN's attention: one
+        if req.head is not None and req.head >= heads:
+            raise ApiError(400, f"head: must be in [0, {heads - 1}]")
         work = AttentionWork(lm, settings, req.q, req.layer, req.head)
         key = ("attention", next(unique))
         png = await run(request, req, key, 1, 1, work, attention_batch)

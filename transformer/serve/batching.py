@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transformer.config import DecodingConfig
-from transformer.search import decode_corpus
 from transformer.serve.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -182,8 +181,8 @@ def translate_batch(jobs: list[Job]) -> list[list[list[str]]]:
     work: TranslationWork = jobs[0].payload
     lm = work.model
     sources = [s for job in jobs for s in job.payload.sources]
-    hyps = decode_corpus(lm.model, sources, work.settings, lm.device)
-    texts = [[lm.tokenizer.decode_tgt(h.tokens) for h in nbest] for nbest in hyps]
+    hyps = lm.translator.decode(sources, work.settings)
+    texts = [[h.text for h in nbest] for nbest in hyps]
     out, start = [], 0
     for job in jobs:
         end = start + len(job.payload.sources)

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from transformer.checkpoint import CheckpointError, load_model, set_precision
+from transformer.checkpoint import CheckpointError
 from transformer.config import ConfigError, DecodingConfig
+from transformer.inference import Translator
 from transformer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,16 +65,30 @@ class LoadedModel:
     source: str
     target: str
     checkpoint: str
-    model: nn.Module
-    tokenizer: Tokenizer
-    decoding: DecodingConfig  # the checkpoint's search settings: the defaults
-    device: torch.device
+    translator: Translator
     step: int | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.translator.model
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.translator.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.translator.device
+
+    @property
+    def decoding(self) -> DecodingConfig:
+        """The checkpoint's search settings: the defaults of every request."""
+        return self.translator.config.decoding
 
     @property
     def max_source(self) -> int:
         """Source pieces a sentence may have (one position is <eos>'s)."""
-        return self.model.cfg.max_pieces()
+        return self.translator.max_source
 
 
 def load_models(
@@ -89,19 +104,25 @@ def load_models(
     """
     models: dict[tuple[str, str], LoadedModel] = {}
     for path in paths:
-        model, cfg, tokenizer, ckpt = load_model(path, device, weights)
-        set_precision(model, precision or cfg.decoding.precision)
-        pair = (cfg.data.src_lang, cfg.data.tgt_lang)
+        translator = Translator.load([path], device, weights)
+        translator.cast(precision or translator.config.decoding.precision)
+        pair = translator.languages
         if pair in models:
             raise CheckpointError(
                 f"{path} and {models[pair].checkpoint} both translate "
                 f"{pair[0]}->{pair[1]}; serve one model per language pair"
             )
-        models[pair] = LoadedModel(
-            *pair, str(path), model, tokenizer, cfg.decoding, device, ckpt.get("step")
-        )
+        step = translator.infos[0].get("step")
+        models[pair] = LoadedModel(*pair, str(path), translator, step)
         log.info("%s: %s->%s", path, *pair)
     return list(models.values())
+
+
+# how a request spells the search options in the errors of ``with_options``
+# (the rest as ``name=value``)
+SPELLING = {"sample": "sample: true", "nbest": "alternatives + 1 = {} hypotheses"}
+# what a request may not set: the server decides these itself
+SERVER_SET = {"strategy", "nbest", "max_tokens", "precision", "compile"}
 
 
 def search_settings(
@@ -109,33 +130,29 @@ def search_settings(
 ) -> DecodingConfig:
     """The checkpoint's search settings with a request's options applied.
 
-    ``options`` holds ``greedy``, ``sample``, ``beam_size``, ``length_penalty``,
-    ``temperature``, ``top_k``, ``top_p``, ``seed`` (None: keep the checkpoint's) and
-    ``alternatives`` (hypotheses beyond the best). Raises ConfigError naming the
-    option that does not fit.
+    ``options`` holds ``greedy``, ``sample``, ``alternatives`` (hypotheses beyond
+    the best) and search settings under their ``DecodingConfig`` names
+    (``beam_size``, ``length_penalty``, ``temperature``, ...; None: keep the
+    checkpoint's); other keys are ignored. Raises ConfigError naming the option
+    that does not fit.
     """
-    values = dataclasses.asdict(base)
     if options.get("greedy") and options.get("sample"):
         raise ConfigError("greedy and sample exclude each other")
+    fields = {f.name for f in dataclasses.fields(DecodingConfig)} - SERVER_SET
+    wanted = {key: value for key, value in options.items() if key in fields}
     if options.get("sample"):
-        values["strategy"] = "sample"
+        wanted["strategy"] = "sample"
     elif options.get("greedy"):
-        values["strategy"] = "greedy"
-    elif options.get("beam_size") is not None:
-        values["strategy"] = "beam" if options["beam_size"] > 1 else "greedy"
-    for key in ("beam_size", "length_penalty", "temperature", "top_k", "top_p", "seed"):
-        if options.get(key) is not None:
-            values[key] = options[key]
+        wanted["strategy"] = "greedy"
     asked = options.get("alternatives", 0) + 1
-    if asked > 1 and values["strategy"] != "beam":
+    beam = wanted.get("beam_size")
+    strategy = wanted.get("strategy") or (
+        base.strategy if beam is None else ("beam" if beam > 1 else "greedy")
+    )
+    if asked > 1 and strategy != "beam":
         raise ConfigError("alternatives need beam search (beam_size > 1)")
-    values["max_tokens"] = limits.batch_tokens
-    settings = DecodingConfig(**values)
-    # the rule of --nbest / --beam: a beam the request left open widens to hold the
-    # hypotheses asked for; one it set and too small for them is an error
-    names = ("alternatives + 1 = {} hypotheses", "beam_size={}")
-    settings.settle_nbest(asked, options.get("beam_size"), names)
+    wanted |= {"nbest": asked, "max_tokens": limits.batch_tokens}
+    settings = base.with_options(wanted, SPELLING, prefix="")
     if settings.strategy == "beam" and settings.beam_size > limits.max_beam:
         raise ConfigError(f"beam_size: at most {limits.max_beam} on this server")
-    settings.validate(prefix="")
     return settings

@@ -9,7 +9,6 @@ together.
 """
 
 from transformer.precision import autocast
-from transformer.training.build import resolve_device
 from transformer.training.loop import Trainer, train
 from transformer.training.loss import label_smoothed_loss
 from transformer.training.optim import lr_factor
@@ -23,6 +22,5 @@ __all__ = [
     "autocast",
     "label_smoothed_loss",
     "lr_factor",
-    "resolve_device",
     "train",
 ]

@@ -25,7 +25,6 @@ from transformer.checkpoint import (
 )
 from transformer.config import Config
 from transformer.data import Batch
-from transformer.data.download import ensure_corpus
 from transformer.data.readers import check_split
 from transformer.models import count_parameters
 from transformer.plots import plot_metrics
@@ -47,7 +46,7 @@ from transformer.training.loss import forward_loss
 from transformer.training.optim import build_optimizer
 from transformer.training.progress import MetricsLog, Progress
 from transformer.training.signals import StopSignals
-from transformer.training.start import start_run
+from transformer.training.start import start_run, with_corpus
 from transformer.training.state import (
     StepResult,
     TrainingError,
@@ -64,17 +63,21 @@ log = logging.getLogger(__name__)
 class Trainer:
     """Owns the model, optimizer, data position and run directory of one run."""
 
-    def __init__(self, cfg: Config, resume: bool | None = None) -> None:
-        self.cfg = cfg
-        t = cfg.training
+    def __init__(self, config: Config, resume: bool | None = None) -> None:
+        t = config.training
         self.dist = Distributed.from_env()
         self.device = build_device(t, self.dist)
         self.dist.init(self.device, t.dist_timeout, t.prepare_timeout)
-        self.run_dir = run_dir_of(cfg)
+        self.run_dir = run_dir_of(config)
 
-        self.dist.main_first(lambda: ensure_corpus(cfg.data), "downloading the corpus")
-        check_split(cfg.data, cfg.data.valid_split, "data.valid_split")
-        run = start_run(cfg, self.run_dir, resume, self.dist)
+        config = self.dist.main_first(
+            lambda: with_corpus(config, self.run_dir), "downloading the corpus"
+        )
+        check_split(config.data, config.data.valid_split, "data.valid_split")
+        run = start_run(config, self.run_dir, resume, self.dist)
+        # the resolved config: download folder, corpus cache, vocabulary sizes
+        self.cfg = cfg = run.config
+        t = cfg.training
         ckpt, last, init, self.tokenizer = run.ckpt, run.last, run.init, run.tokenizer
 
         self.model, self.train_model = build_model(cfg, self.device, self.dist)

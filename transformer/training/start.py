@@ -1,10 +1,15 @@
-"""How a run starts: resumed from its ``last.pt``, fine-tuned from another run's
-weights (``training.init_from``), or fresh; the run folder made ready for it, the
-tokenizer chosen, and the checks that a resumed or fine-tuned run means the same
-model."""
+"""How a run starts, in order: the corpus made available (``with_corpus``), then
+what the run starts from (``read_start``: its own ``last.pt`` when it resumes,
+another run's weights when it is fine-tuned with ``training.init_from``, nothing
+when fresh), the run folder made ready, the tokenizer chosen
+(``tokenizer_choice``) and the checks that a resumed or fine-tuned run means the
+same model. The loaded config is never changed: each step that derives a value
+(the download folder, the corpus cache, the vocabulary sizes) returns a resolved
+copy, which the run saves as ``config.yaml`` and in its checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,50 +17,79 @@ from typing import Any
 
 from transformer.checkpoint import check_compatible, checkpoint_config, load_checkpoint
 from transformer.config import Config, save_config
+from transformer.data.download import ensure_corpus
 from transformer.tokenizer import Tokenizer
-from transformer.training.build import (
-    build_tokenizer,
-    check_resumed_tokenizer,
-    saved_tokenizer_is_current,
-    set_vocab_sizes,
-)
 from transformer.training.checkpointing import check_lr_meaning, prepare_run_dir
 from transformer.training.distributed import Distributed
 from transformer.training.finetune import InitSource, load_init
+from transformer.training.tokenizer_choice import (
+    TokenizerChoice,
+    choose_tokenizer,
+    saved_tokenizer_is_current,
+    with_vocabulary,
+)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunStart:
-    """What a run starts from: ``ckpt`` when it resumes ``last``, ``init`` when
-    it is fine-tuned, neither when fresh; and the tokenizer it trains with."""
+def with_corpus(cfg: Config, run_dir: Path) -> Config:
+    """A copy of ``cfg`` whose ``data.dir`` holds the corpus (downloaded when it
+    is missing and the config names its source) and whose corpus stores live in
+    ``data.cache_dir`` (default: ``run_dir/cache``)."""
+    data = ensure_corpus(cfg.data)
+    if data.cache_dir is None:
+        data = dataclasses.replace(data, cache_dir=str(run_dir / "cache"))
+    return dataclasses.replace(cfg, data=data)
 
-    last: Path
-    ckpt: dict[str, Any] | None
-    init: InitSource | None
-    tokenizer: Tokenizer
 
-
-def start_run(
-    cfg: Config, run_dir: Path, resume: bool | None, ranks: Distributed
-) -> RunStart:
-    """Decide how the run starts (``resume``: None follows
-    ``training.resume``), prepare ``run_dir``, pick the tokenizer, fill in the
-    vocabulary sizes, check compatibility and write ``config.yaml``."""
+def read_start(
+    cfg: Config, run_dir: Path, resume: bool | None
+) -> tuple[dict[str, Any] | None, InitSource | None]:
+    """What a run in ``run_dir`` starts from: its ``last.pt`` when it resumes
+    (``resume``: None follows ``training.resume``), ``training.init_from`` when it
+    is a new fine-tuning run, neither when it starts afresh."""
     t = cfg.training
     last = run_dir / "last.pt"
     if resume and not last.exists():
         log.warning("--resume: %s does not exist: starting a new run", last)
     resume = t.resume == "auto" if resume is None else resume
-    ckpt = load_checkpoint(last) if resume and last.exists() else None
-    init = None  # fine-tuning applies to a fresh run only
-    if t.init_from is not None and ckpt is not None:
-        log.info("%s exists: resuming it; training.init_from is not used", last)
-    elif t.init_from is not None:
-        init = load_init(cfg)  # read before anything in the folder is deleted
-        set_vocab_sizes(cfg, init.tokenizer)
-        init.check(cfg)  # and refused before, with training.overwrite too
+    if resume and last.exists():
+        if t.init_from is not None:
+            log.info("%s exists: resuming it; training.init_from is not used", last)
+        return load_checkpoint(last), None
+    if t.init_from is not None:
+        return None, load_init(cfg)
+    return None, None
+
+
+@dataclass
+class RunStart:
+    """What a run starts from: ``ckpt`` when it resumes ``last``, ``init`` when
+    it is fine-tuned, neither when fresh; its tokenizer, and the resolved config
+    it trains with."""
+
+    last: Path
+    ckpt: dict[str, Any] | None
+    init: InitSource | None
+    choice: TokenizerChoice
+    config: Config
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.choice.tokenizer
+
+
+def start_run(
+    cfg: Config, run_dir: Path, resume: bool | None, ranks: Distributed
+) -> RunStart:
+    """Decide how the run starts (``resume``: None follows ``training.resume``),
+    prepare ``run_dir``, choose the tokenizer, check compatibility and write
+    ``config.yaml``; ``cfg`` should come from ``with_corpus``."""
+    t = cfg.training
+    last = run_dir / "last.pt"
+    ckpt, init = read_start(cfg, run_dir, resume)
+    if init is not None:  # refused before anything is deleted, --overwrite too
+        init.check(with_vocabulary(cfg, init.tokenizer))
     if ckpt is None:
         own = not (cfg.data.tokenizer.model or cfg.data.tokenizer.src_model)
         drop_tokenizer = (
@@ -69,18 +103,17 @@ def start_run(
             lambda: prepare_run_dir(run_dir, t.overwrite, drop_tokenizer, protect),
             "preparing the run folder",
         )
-        t.overwrite = False  # done: the saved config does not delete again
-    if ckpt is not None:
-        tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
-        check_resumed_tokenizer(cfg, ckpt["tokenizer"], last)
-    elif init is not None:
-        tokenizer = init.tokenizer
-    else:
-        tokenizer = build_tokenizer(cfg, run_dir, ranks)
-    set_vocab_sizes(cfg, tokenizer)
-    if ckpt is not None:
-        check_compatible(checkpoint_config(ckpt, last).model, cfg.model, last)
-        check_lr_meaning(ckpt, cfg, last)
+    choice = choose_tokenizer(cfg, run_dir, ranks, ckpt, last, init)
     if ranks.main:
-        save_config(cfg, run_dir / "config.yaml")
-    return RunStart(last, ckpt, init, tokenizer)
+        log.info("tokenizer: %s (%s)", choice.why, choice.origin)
+    # done deleting: the saved config does not delete again
+    training = dataclasses.replace(t, overwrite=False)
+    config = dataclasses.replace(
+        with_vocabulary(cfg, choice.tokenizer), training=training
+    )
+    if ckpt is not None:
+        check_compatible(checkpoint_config(ckpt, last).model, config.model, last)
+        check_lr_meaning(ckpt, config, last)
+    if ranks.main:
+        save_config(config, run_dir / "config.yaml")
+    return RunStart(last, ckpt, init, choice, config)

@@ -1,0 +1,343 @@
+"""Decoding's one entry point: load a model or an ensemble from checkpoints, pick
+the device and precision, turn a user's options into a ``DecodingConfig`` and
+translate.
+
+Every front end (``transformer-eval``, ``transformer-translate``, the server, the
+plots, the scripts) goes through here and only spells the options in its own
+medium; none of them imports ``training``. A new search option is a field of
+``DecodingConfig`` read by ``search.py``; each front end adds only its spelling.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from transformer.checkpoint import (
+    CheckpointError,
+    checkpoint_config,
+    load_checkpoint,
+    model_weights,
+    repeated_paths,
+    same_tokenizer,
+)
+from transformer.config import Config, ConfigError, DecodingConfig
+from transformer.models import Ensemble, create_model
+from transformer.precision import effective_precision
+from transformer.search import Hypothesis, check_min_len, decode_corpus
+from transformer.tokenizer import Tokenizer, TokenizerError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str, option: str = "--device") -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``;
+    ``option`` names the setting in errors."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"{option}: {name!r} is not a device (auto, cpu, cuda or cuda:N)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{option}: {name!r} asked for but CUDA is not available")
+    return device
+
+
+# --- loading ---
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", weights: str = "raw"
+) -> tuple[nn.Module, Config, Tokenizer, dict]:
+    """A ready-to-use model (eval mode), its config and tokenizer, from a checkpoint,
+    and the checkpoint itself.
+
+    Args:
+        weights: ``raw`` (the trained weights) or ``ema`` (their moving average).
+    """
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, path)
+    try:
+        model = create_model(cfg.model)
+    except ValueError as e:  # e.g. no vocabulary sizes: no model's config
+        raise CheckpointError(f"{path}: stored config is invalid: {e}") from e
+    try:
+        model.load_state_dict(model_weights(ckpt, path, weights))
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: weights do not fit the stored config: {e}"
+        ) from e
+    try:
+        tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
+    except (TokenizerError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its stored tokenizer: {e}") from e
+    return model.to(device).eval(), cfg, tokenizer, ckpt
+
+
+def _check_same_direction(
+    config: Config, path: str | Path, first: Config, first_path: str | Path
+) -> None:
+    """The models of an ensemble translate between the same two languages: a joint
+    tokenizer lets a de->en and an en->de model load together, and their mean
+    probability would be nonsense."""
+    mine = (config.data.src_lang, config.data.tgt_lang)
+    theirs = (first.data.src_lang, first.data.tgt_lang)
+    if mine != theirs:
+        raise CheckpointError(
+            f"{path} translates {mine[0]}->{mine[1]} and {first_path} "
+            f"{theirs[0]}->{theirs[1]}: the models of an ensemble must translate "
+            "the same direction"
+        )
+
+
+def load_ensemble(
+    paths: Sequence[str | Path],
+    device: str | torch.device = "cpu",
+    weights: str = "raw",
+) -> tuple[nn.Module, Config, Tokenizer, list[dict[str, Any]]]:
+    """One checkpoint's model as ``load_model`` gives it, or several as an
+    ``Ensemble``; the first checkpoint's config (decoding defaults, data) and the
+    tokenizer they must all share.
+
+    Returns:
+        the model, config, tokenizer, and per checkpoint what a report names:
+        its path, step and, for an average, what went into it.
+    """
+    if not paths:
+        raise CheckpointError("no checkpoint given")
+    for path in repeated_paths(list(paths)):
+        log.warning(
+            "%s is given twice: the ensemble counts its probabilities twice", path
+        )
+    models, infos = [], []
+    cfg = tokenizer = first_tokenizer = None
+    for path in paths:
+        model, config, tok, ckpt = load_model(path, device, weights)
+        if first_tokenizer is None:
+            cfg, tokenizer, first_tokenizer = config, tok, ckpt["tokenizer"]
+        elif not same_tokenizer(ckpt["tokenizer"], first_tokenizer):
+            raise CheckpointError(
+                f"{path} and {paths[0]} have different tokenizers: the models of "
+                "an ensemble must share one SentencePiece model"
+            )
+        else:
+            _check_same_direction(config, path, cfg, paths[0])
+        models.append(model)
+        keys = ("step", "averaged_from", "averaged_steps")
+        infos.append(
+            {"checkpoint": str(path), **{k: ckpt[k] for k in keys if k in ckpt}}
+        )
+        del ckpt  # the optimizer state of each is not needed: free it as we go
+    if len(models) == 1:
+        return models[0], cfg, tokenizer, infos
+    return Ensemble(models).eval(), cfg, tokenizer, infos
+
+
+def set_precision(model: nn.Module, precision: str) -> nn.Module:
+    """Cast a loaded model for decoding (``decoding.precision``): bf16 weights and
+    activations use the bf16 matmuls of AVX-512 CPUs and GPUs; the search still
+    ranks float32 log-probabilities. Without native bf16 (``precision.native_bf16``)
+    the model stays float32, with a warning."""
+    device = next(model.parameters()).device
+    if effective_precision(device, precision, "decoding.precision") == "bf16":
+        model.to(torch.bfloat16)
+    return model
+
+
+def check_decoding(
+    dcfg: DecodingConfig, model: nn.Module, checkpoints: Sequence[str | Path]
+) -> None:
+    """Decoding settings each checkpoint's model (alone or in an ensemble) refuses,
+    refused as the config refuses them, naming the checkpoint: ``decoding.compile``
+    for an architecture that cannot compile, a ``decoding.min_len`` no output of the
+    model can reach."""
+    members = getattr(model, "models", [model])
+    for path, member in zip(checkpoints, members, strict=True):
+        refusal = member.cfg.compile_refusal()
+        if dcfg.compile and refusal is not None:
+            raise ConfigError(
+                f"decoding.compile: true is not supported for {path} "
+                f"(model.arch: {member.cfg.arch}: {refusal})"
+            )
+        check_min_len(dcfg.min_len, member.cfg.max_positions, str(path))
+
+
+# --- translating ---
+
+
+@dataclass
+class Translation:
+    """One hypothesis: detokenized text, its score and its target pieces."""
+
+    text: str
+    score: float
+    tokens: list[int]
+
+
+def translate(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    sentences: list[str],
+    cfg: DecodingConfig,
+    device: torch.device,
+    use_cache: bool = True,
+    progress: bool = False,
+    line_numbers: list[int] | None = None,
+) -> list[list[Translation]]:
+    """Raw source sentences -> n-best detokenized translations, in input order.
+
+    ``line_numbers``: each sentence's line in the user's input, for warnings
+    (default: its position in ``sentences``, from 1).
+    """
+    limit = model.cfg.max_pieces()
+    ids = tokenizer.encode_src(sentences)
+    too_long = [i for i, s in enumerate(ids) if len(s) > limit]
+    if too_long:
+        first = too_long[0]
+        log.warning(
+            "%d sentence(s) longer than the model's %d pieces were truncated "
+            "(first: line %d)",
+            len(too_long),
+            limit,
+            line_numbers[first] if line_numbers else first + 1,
+        )
+        ids = [s[:limit] for s in ids]
+    results: list[list[Hypothesis]] = decode_corpus(
+        model, ids, cfg, device, use_cache=use_cache, progress=progress
+    )
+    return [
+        [Translation(tokenizer.decode_tgt(h.tokens), h.score, h.tokens) for h in hyps]
+        for hyps in results
+    ]
+
+
+class Translator:
+    """A model (or an ensemble) loaded once, with its tokenizer and device.
+
+    Args:
+        model: ``load_ensemble``'s model.
+        config: the first checkpoint's config (decoding defaults, languages).
+        checkpoints: the files it came from, for messages.
+        infos: per checkpoint, its path, step and what went into an average.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Config,
+        tokenizer: Tokenizer,
+        device: torch.device,
+        checkpoints: Sequence[str | Path],
+        infos: list[dict[str, Any]] | None = None,
+    ) -> None:
+        self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.device, self.checkpoints = device, [str(c) for c in checkpoints]
+        self.infos = infos or [{"checkpoint": c} for c in self.checkpoints]
+        self.precision = "fp32"
+
+    @classmethod
+    def load(
+        cls,
+        checkpoints: Sequence[str | Path],
+        device: str | torch.device = "auto",
+        weights: str = "raw",
+        device_option: str = "--device",
+    ) -> Translator:
+        """Load one checkpoint, or several as an ensemble, onto ``device``
+        (``auto``, ``cpu``, ``cuda[:N]``); ``weights``: ``raw`` or ``ema``."""
+        if isinstance(device, str):
+            device = resolve_device(device, device_option)
+        model, cfg, tokenizer, infos = load_ensemble(checkpoints, device, weights)
+        return cls(model, cfg, tokenizer, device, checkpoints, infos)
+
+    @property
+    def languages(self) -> tuple[str, str]:
+        return self.config.data.src_lang, self.config.data.tgt_lang
+
+    @property
+    def max_source(self) -> int:
+        """Source pieces a sentence may have (one position is <eos>'s)."""
+        return self.model.cfg.max_pieces()
+
+    def decoding(
+        self,
+        options: Mapping[str, Any] | None = None,
+        spelling: Mapping[str, str] | None = None,
+        prefix: str = "decoding",
+    ) -> DecodingConfig:
+        """The checkpoint's search settings with ``options`` applied
+        (``DecodingConfig.with_options``), checked against the loaded models."""
+        dcfg = self.config.decoding.with_options(options or {}, spelling, prefix)
+        check_decoding(dcfg, self.model, self.checkpoints)
+        return dcfg
+
+    def cast(self, precision: str) -> None:
+        """Decode in ``precision`` (fp32 or bf16) from now on; once, before the
+        first translation (a bf16 model is not cast back)."""
+        if precision == self.precision:
+            return
+        if self.precision != "fp32":
+            raise ConfigError(
+                f"precision: the model already decodes in {self.precision}"
+            )
+        set_precision(self.model, precision)  # fp32 (a warning) without native bf16
+        dtype = next(self.model.parameters()).dtype
+        self.precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+
+    def encode(self, sentences: list[str]) -> tuple[list[list[int]], list[int]]:
+        """Source pieces of each sentence, cut to ``max_source``; and the indices of
+        the sentences that were cut."""
+        ids = self.tokenizer.encode_src(sentences)
+        cut = [i for i, s in enumerate(ids) if len(s) > self.max_source]
+        return [s[: self.max_source] for s in ids], cut
+
+    def decode(
+        self,
+        sources: list[list[int]],
+        dcfg: DecodingConfig,
+        use_cache: bool = True,
+        progress: bool = False,
+    ) -> list[list[Translation]]:
+        """Source pieces (no <eos>) -> n-best translations, in order."""
+        results = decode_corpus(
+            self.model,
+            sources,
+            dcfg,
+            self.device,
+            use_cache=use_cache,
+            progress=progress,
+        )
+        decode = self.tokenizer.decode_tgt
+        return [
+            [Translation(decode(h.tokens), h.score, h.tokens) for h in hyps]
+            for hyps in results
+        ]
+
+    def translate(
+        self,
+        sentences: list[str],
+        dcfg: DecodingConfig,
+        use_cache: bool = True,
+        progress: bool = False,
+        line_numbers: list[int] | None = None,
+    ) -> list[list[Translation]]:
+        """Raw sentences -> n-best detokenized translations (``translate``)."""
+        return translate(
+            self.model,
+            self.tokenizer,
+            sentences,
+            dcfg,
+            self.device,
+            use_cache,
+            progress,
+            line_numbers,
+        )
