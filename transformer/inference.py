@@ -28,6 +28,7 @@ from transformer.checkpoint import (
     same_tokenizer,
 )
 from transformer.config import Config, ConfigError, DecodingConfig
+from transformer.data.languages import Direction, direction, warn_zero_shot
 from transformer.models import Ensemble, create_model
 from transformer.precision import effective_precision
 from transformer.search import Hypothesis, check_min_len, decode_corpus
@@ -86,16 +87,20 @@ def load_model(
 def _check_same_direction(
     config: Config, path: str | Path, first: Config, first_path: str | Path
 ) -> None:
-    """The models of an ensemble translate between the same two languages: a joint
-    tokenizer lets a de->en and an en->de model load together, and their mean
-    probability would be nonsense."""
-    mine = (config.data.src_lang, config.data.tgt_lang)
-    theirs = (first.data.src_lang, first.data.tgt_lang)
-    if mine != theirs:
+    """The models of an ensemble translate the same directions, tagged alike: a
+    joint tokenizer lets a de->en and an en->de model load together, and their
+    mean probability would be nonsense."""
+    mine, theirs = config.data.directions(), first.data.directions()
+    if mine != theirs or config.data.tag != first.data.tag:
+
+        def name(cfg: Config, pairs: list[tuple[str, str]]) -> str:
+            ways = ", ".join(f"{s}->{t}" for s, t in pairs)
+            return ways + (f" (tag on the {cfg.data.tag})" if cfg.data.pairs else "")
+
         raise CheckpointError(
-            f"{path} translates {mine[0]}->{mine[1]} and {first_path} "
-            f"{theirs[0]}->{theirs[1]}: the models of an ensemble must translate "
-            "the same direction"
+            f"{path} translates {name(config, mine)} and {first_path} "
+            f"{name(first, theirs)}: the models of an ensemble must translate "
+            "the same directions"
         )
 
 
@@ -192,13 +197,16 @@ def translate(
     use_cache: bool = True,
     progress: bool = False,
     line_numbers: list[int] | None = None,
+    way: Direction | None = None,
 ) -> list[list[Translation]]:
     """Raw source sentences -> n-best detokenized translations, in input order.
 
     ``line_numbers``: each sentence's line in the user's input, for warnings
-    (default: its position in ``sentences``, from 1).
+    (default: its position in ``sentences``, from 1). ``way``: the direction of a
+    multilingual model (``Translator.direction``).
     """
-    limit = model.cfg.max_pieces()
+    way = way or Direction("", "")
+    limit = model.cfg.max_pieces() - len(way.prefix)
     ids = tokenizer.encode_src(sentences)
     too_long = [i for i, s in enumerate(ids) if len(s) > limit]
     if too_long:
@@ -210,9 +218,16 @@ def translate(
             limit,
             line_numbers[first] if line_numbers else first + 1,
         )
-        ids = [s[:limit] for s in ids]
+    ids = [[*way.prefix, *s[:limit]] for s in ids]
     results: list[list[Hypothesis]] = decode_corpus(
-        model, ids, cfg, device, use_cache=use_cache, progress=progress
+        model,
+        ids,
+        cfg,
+        device,
+        use_cache=use_cache,
+        progress=progress,
+        bos=way.bos,
+        banned=way.banned,
     )
     return [
         [Translation(tokenizer.decode_tgt(h.tokens), h.score, h.tokens) for h in hyps]
@@ -260,13 +275,26 @@ class Translator:
         return cls(model, cfg, tokenizer, device, checkpoints, infos)
 
     @property
-    def languages(self) -> tuple[str, str]:
-        return self.config.data.src_lang, self.config.data.tgt_lang
+    def directions(self) -> list[tuple[str, str]]:
+        """The (source, target) languages it was trained on."""
+        return self.config.data.directions()
 
     @property
-    def max_source(self) -> int:
-        """Source pieces a sentence may have (one position is <eos>'s)."""
-        return self.model.cfg.max_pieces()
+    def multilingual(self) -> bool:
+        return self.config.data.multilingual
+
+    def direction(self, src: str | None = None, tgt: str | None = None) -> Direction:
+        """The direction ``src -> tgt`` (None: a bilingual model's own), checked
+        against what the model knows; a zero-shot one is named in a warning."""
+        origin = ", ".join(self.checkpoints)
+        way = direction(self.config.data, self.tokenizer, src, tgt, origin)
+        warn_zero_shot(way, origin)
+        return way
+
+    def max_source(self, way: Direction | None = None) -> int:
+        """Source pieces a sentence may have in direction ``way`` (one position is
+        <eos>'s, and a source tag takes one)."""
+        return self.model.cfg.max_pieces() - len(way.prefix if way else ())
 
     def decoding(
         self,
@@ -293,21 +321,28 @@ class Translator:
         dtype = next(self.model.parameters()).dtype
         self.precision = "bf16" if dtype == torch.bfloat16 else "fp32"
 
-    def encode(self, sentences: list[str]) -> tuple[list[list[int]], list[int]]:
-        """Source pieces of each sentence, cut to ``max_source``; and the indices of
-        the sentences that were cut."""
+    def encode(
+        self, sentences: list[str], way: Direction | None = None
+    ) -> tuple[list[list[int]], list[int]]:
+        """Source ids of each sentence as ``decode`` takes them (a source tag,
+        then the pieces cut to ``max_source``); and the indices of the sentences
+        that were cut."""
+        way = way or Direction("", "")
+        limit = self.max_source(way)
         ids = self.tokenizer.encode_src(sentences)
-        cut = [i for i, s in enumerate(ids) if len(s) > self.max_source]
-        return [s[: self.max_source] for s in ids], cut
+        cut = [i for i, s in enumerate(ids) if len(s) > limit]
+        return [[*way.prefix, *s[:limit]] for s in ids], cut
 
     def decode(
         self,
         sources: list[list[int]],
         dcfg: DecodingConfig,
+        way: Direction | None = None,
         use_cache: bool = True,
         progress: bool = False,
     ) -> list[list[Translation]]:
-        """Source pieces (no <eos>) -> n-best translations, in order."""
+        """Source ids from ``encode`` (no <eos>) -> n-best translations, in order."""
+        way = way or Direction("", "")
         results = decode_corpus(
             self.model,
             sources,
@@ -315,6 +350,8 @@ class Translator:
             self.device,
             use_cache=use_cache,
             progress=progress,
+            bos=way.bos,
+            banned=way.banned,
         )
         decode = self.tokenizer.decode_tgt
         return [
@@ -329,8 +366,10 @@ class Translator:
         use_cache: bool = True,
         progress: bool = False,
         line_numbers: list[int] | None = None,
+        way: Direction | None = None,
     ) -> list[list[Translation]]:
-        """Raw sentences -> n-best detokenized translations (``translate``)."""
+        """Raw sentences -> n-best detokenized translations (``translate``), in
+        direction ``way`` (default: a bilingual model's own)."""
         return translate(
             self.model,
             self.tokenizer,
@@ -340,4 +379,5 @@ class Translator:
             use_cache,
             progress,
             line_numbers,
+            way,
         )

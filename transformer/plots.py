@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transformer.config import BOS_ID, ConfigError, DecodingConfig
+from transformer.config import ConfigError, DecodingConfig
 from transformer.data import pad_sources
+from transformer.data.languages import Direction
 from transformer.search import generate
 from transformer.tokenizer import Tokenizer
 
@@ -23,8 +24,10 @@ def attention_png(
     device: torch.device,
     layer: int = -1,
     head: int | None = None,
+    way: Direction | None = None,
 ) -> bytes:
-    """Translate ``sentence`` and draw source pieces x target pieces; PNG bytes.
+    """Translate ``sentence`` and draw source pieces x target pieces; PNG bytes;
+    ``way``: the direction of a multilingual model (its tag is drawn too).
 
     Draws on a ``Figure`` of its own rather than through pyplot's global state, so
     that a server's decoding thread can call it.
@@ -33,17 +36,20 @@ def attention_png(
 
     if model.cfg.arch == "rnn" and model.cfg.attention == "none":
         raise ValueError("model.attention: none has no attention to plot")
-    ids = tokenizer.encode_src([sentence])[0][: model.cfg.max_pieces()]
+    way = way or Direction("", "")
+    limit = model.cfg.max_pieces() - len(way.prefix)
+    ids = [*way.prefix, *tokenizer.encode_src([sentence])[0][:limit]]
     src = pad_sources([ids]).to(device)
-    output = generate(model, src, cfg)[0][0].tokens
+    output = generate(model, src, cfg, bos=way.bos, banned=way.banned)[0][0].tokens
     # row t is the step that produced output[t] (from <bos> output[:t]); the last
     # row produced </s>
-    tgt = torch.tensor([[BOS_ID, *output]], device=device)
+    tgt = torch.tensor([[way.bos, *output]], device=device)
     weights = model.alignment(src, tgt, layer).float().cpu()  # (H, T + 1, S)
     if head is not None and not 0 <= head < weights.size(0):
         raise ValueError(f"head must be in [0, {weights.size(0) - 1}]")
     matrix = weights.mean(0) if head is None else weights[head]
-    src_labels = tokenizer.src_pieces(sentence)[: len(ids)] + ["</s>"]
+    tags = [tokenizer.src.id_to_piece(i) for i in way.prefix]
+    src_labels = tags + tokenizer.src_pieces(sentence)[:limit] + ["</s>"]
     tgt_labels = tokenizer.tgt_pieces(output) + ["</s>"]
     width = max(4.0, 1 + 0.45 * len(src_labels))  # room for the title
     fig = Figure(figsize=(width, 1 + 0.4 * len(tgt_labels)))
@@ -73,10 +79,11 @@ def plot_attention(
     path: str | Path,
     layer: int = -1,
     head: int | None = None,
+    way: Direction | None = None,
 ) -> Path:
     """Translate ``sentence`` and write its cross-attention heat map to a PNG file."""
     try:
-        png = attention_png(model, tokenizer, sentence, cfg, device, layer, head)
+        png = attention_png(model, tokenizer, sentence, cfg, device, layer, head, way)
     except ValueError as e:  # the command line names its options
         option = str(e).startswith(("layer ", "head "))
         raise ConfigError(f"--{e}" if option else str(e)) from None

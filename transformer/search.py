@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,16 +96,23 @@ def max_lengths(src: Tensor, cfg: DecodingConfig, positions: Tensor) -> Tensor:
 
 
 def _constrain(
-    logp: Tensor, step: int, limit: Tensor, cfg: DecodingConfig, near_limit: bool
+    logp: Tensor,
+    step: int,
+    limit: Tensor,
+    cfg: DecodingConfig,
+    near_limit: bool,
+    banned: Sequence[int] = (),
 ) -> Tensor:
-    """Ban <pad>/<bos>; ban <eos> before ``min_len``; lower <unk> by
-    ``unk_penalty``; force <eos> at the length limit.
+    """Ban <pad>/<bos> and ``banned`` (language tags); ban <eos> before
+    ``min_len``; lower <unk> by ``unk_penalty``; force <eos> at the length limit.
 
     ``near_limit`` (known on the host: ``step`` has reached the batch's shortest
     limit) turns on the forcing, a masked fill of the rows at their limit.
     """
     logp[:, PAD_ID] = -math.inf
     logp[:, BOS_ID] = -math.inf
+    if banned:
+        logp[:, list(banned)] = -math.inf
     if step < cfg.min_len:
         logp[:, EOS_ID] = -math.inf
     if cfg.unk_penalty:
@@ -195,6 +202,8 @@ def _greedy_or_sample(
     pick: Callable[[Tensor, torch.Generator | None], Tensor],
     use_cache: bool,
     generator: torch.Generator | None,
+    bos: int = BOS_ID,
+    banned: Sequence[int] = (),
 ) -> list[list[Hypothesis]]:
     batch = src.size(0)
     limit = max_lengths(src, cfg, model.target_positions(src))
@@ -203,10 +212,10 @@ def _greedy_or_sample(
     alive = torch.arange(batch, device=src.device)  # original row of each live row
     out = torch.full((batch, longest), PAD_ID, dtype=torch.long, device=src.device)
     scores = torch.zeros(batch, device=src.device)
-    tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
+    tokens = torch.full((batch,), bos, dtype=torch.long, device=src.device)
     for step in range(longest):
         logp = _constrain(
-            stepper.step(tokens), step, limit[alive], cfg, step >= shortest - 1
+            stepper.step(tokens), step, limit[alive], cfg, step >= shortest - 1, banned
         )
         tokens = pick(logp, generator)
         out[alive, step] = tokens
@@ -291,6 +300,8 @@ def beam_search(
     src: Tensor,
     cfg: DecodingConfig,
     use_cache: bool = True,
+    bos: int = BOS_ID,
+    banned: Sequence[int] = (),
 ) -> list[list[Hypothesis]]:
     """Batched beam search; returns ``cfg.nbest`` hypotheses per sentence, best first.
 
@@ -315,7 +326,7 @@ def beam_search(
     beam_scores = torch.zeros(batch, k, device=device)
     beam_scores[:, 1:] = -math.inf  # all beams start equal: expand only the first
     beam_tokens = torch.zeros(batch, k, 0, dtype=torch.long, device=device)
-    tokens = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
+    tokens = torch.full((batch,), bos, dtype=torch.long, device=device)
     rows_per_sentence = 1  # the first step runs once per sentence, not once per beam
     for step in range(longest):
         n = sent.numel()
@@ -326,6 +337,7 @@ def beam_search(
             limit.repeat_interleave(rows_per_sentence),
             cfg,
             step >= shortest - 1,
+            banned,
         )
         # a sentence's best 2K candidates are among the best 2K of each of its rows
         width = min(2 * k, logp.size(-1))
@@ -395,13 +407,18 @@ def generate(
     cfg: DecodingConfig,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    bos: int = BOS_ID,
+    banned: Sequence[int] = (),
 ) -> list[list[Hypothesis]]:
-    """Decode a (B, S) source batch with the strategy in ``cfg``."""
+    """Decode a (B, S) source batch with the strategy in ``cfg``.
+
+    ``bos``: the decoder's first input (a language tag in place of ``<bos>``);
+    ``banned``: ids never emitted, besides ``<pad>`` and ``<bos>``.
+    """
     if cfg.strategy == "beam":
-        return beam_search(model, src, cfg, use_cache)
-    if cfg.strategy == "sample":
-        return _greedy_or_sample(model, src, cfg, _sampler(cfg), use_cache, generator)
-    return _greedy_or_sample(model, src, cfg, _pick_greedy, use_cache, generator)
+        return beam_search(model, src, cfg, use_cache, bos, banned)
+    pick = _sampler(cfg) if cfg.strategy == "sample" else _pick_greedy
+    return _greedy_or_sample(model, src, cfg, pick, use_cache, generator, bos, banned)
 
 
 def _check_sources(sources: list[list[int]], vocab_size: int) -> None:
@@ -421,11 +438,14 @@ def decode_corpus(
     device: torch.device,
     use_cache: bool = True,
     progress: bool = False,
+    bos: int = BOS_ID,
+    banned: Sequence[int] = (),
 ) -> list[list[Hypothesis]]:
     """Decode many sentences (pieces, no <eos>) in length-sorted batches.
 
     Batches hold at most ``cfg.max_tokens`` source tokens (divided by the beam size
-    for beam search); results come back in the input order.
+    for beam search); results come back in the input order. ``bos``, ``banned``:
+    as ``generate``'s.
     """
     from tqdm import tqdm
 
@@ -447,7 +467,9 @@ def decode_corpus(
         for indices in batches:
             src = pad_sources([sources[i] for i in indices]).to(device)
             for i, hyps in zip(
-                indices, generate(model, src, cfg, use_cache, generator), strict=True
+                indices,
+                generate(model, src, cfg, use_cache, generator, bos, banned),
+                strict=True,
             ):
                 results[i] = hyps
             bar.update(len(indices))

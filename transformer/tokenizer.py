@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Iterable, Iterator
@@ -39,17 +40,34 @@ def _processor(proto: bytes, origin: str) -> spm.SentencePieceProcessor:
     return sp
 
 
-def train_sentencepiece(sentences: Iterable[str], cfg: TokenizerConfig) -> bytes:
-    """Train a SentencePiece model on ``sentences``; return its serialized proto."""
+def tag_piece(lang: str) -> str:
+    """The reserved piece that asks for output in ``lang``: ``<2de>``."""
+    return f"<2{lang}>"
+
+
+def train_sentencepiece(
+    sentences: Iterable[str], cfg: TokenizerConfig, reserved: Iterable[str] = ()
+) -> bytes:
+    """Train a SentencePiece model on ``sentences``; return its serialized proto.
+
+    ``reserved``: pieces given the ids after the special ones as control symbols,
+    which no text ever encodes to (the text ``<2de>`` is split like any other)
+    and decoding drops: language tags.
+    """
     model = io.BytesIO()
     try:
-        _train(sentences, cfg, model)
+        _train(sentences, cfg, model, list(reserved))
     except RuntimeError as e:  # SentencePiece reports bad input as RuntimeError
         raise TokenizerError(f"training the SentencePiece model failed: {e}") from e
     return model.getvalue()
 
 
-def _train(sentences: Iterable[str], cfg: TokenizerConfig, model: io.BytesIO) -> None:
+def _train(
+    sentences: Iterable[str],
+    cfg: TokenizerConfig,
+    model: io.BytesIO,
+    reserved: list[str],
+) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_writer=model,
@@ -61,6 +79,7 @@ def _train(sentences: Iterable[str], cfg: TokenizerConfig, model: io.BytesIO) ->
         unk_id=UNK_ID,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
+        control_symbols=reserved,
         # small corpora (toy tasks) may not have vocab_size distinct pieces
         hard_vocab_limit=False,
         minloglevel=2,
@@ -108,6 +127,24 @@ class Tokenizer:
         if EOS_ID in ids:
             ids = ids[: ids.index(EOS_ID)]
         return self.tgt.decode([i for i in ids if i not in (PAD_ID, BOS_ID)])
+
+    def tag_id(self, lang: str) -> int | None:
+        """The id of ``lang``'s tag (``<2xx>``), None when the tokenizer has none;
+        a joint or a separate pair of models hold the tags under the same ids."""
+        return self.tags.get(lang)
+
+    @functools.cached_property
+    def tags(self) -> dict[str, int]:
+        """Language -> the id of its tag, for every tag the target model holds
+        (reserved control pieces: right after the four special ids)."""
+        out = {}
+        for i in range(len(SPECIAL_IDS), self.tgt_vocab_size):
+            if not self.tgt.is_control(i):
+                break
+            piece = self.tgt.id_to_piece(i)
+            if piece.startswith("<2") and piece.endswith(">"):
+                out[piece[2:-1]] = i
+        return out
 
     def src_pieces(self, text: str) -> list[str]:
         return self.src.encode(text, out_type=str)
@@ -179,15 +216,19 @@ class Tokenizer:
         cfg: TokenizerConfig,
         src_sentences: Iterator[str] | list[str],
         tgt_sentences: Iterator[str] | list[str],
+        tags: Iterable[str] = (),
     ) -> Tokenizer:
+        """Train on the two sides' sentences; ``tags``: languages whose tags the
+        models reserve (in both models, so that ids agree)."""
+        reserved = [tag_piece(lang) for lang in tags]
         if cfg.joint:
             joint = list(src_sentences) + list(tgt_sentences)
             log.info("training a joint SentencePiece model on %d sentences", len(joint))
-            return cls(train_sentencepiece(joint, cfg))
+            return cls(train_sentencepiece(joint, cfg, reserved))
         log.info("training separate SentencePiece models")
         return cls(
-            train_sentencepiece(src_sentences, cfg),
-            train_sentencepiece(tgt_sentences, cfg),
+            train_sentencepiece(src_sentences, cfg, reserved),
+            train_sentencepiece(tgt_sentences, cfg, reserved),
         )
 
 

@@ -49,6 +49,7 @@ def _eval(argv: list[str] | None) -> int:
     translator = Translator.load(args.checkpoint, args.device, args.weights)
     cfg, infos, device = translator.config, translator.infos, translator.device
     dcfg = translator.decoding(*search_options(args))
+    way = translator.direction(args.src_lang, args.tgt_lang)
     translator.cast(dcfg.precision)
     if args.src or args.ref:
         if not (args.src and args.ref):
@@ -59,6 +60,8 @@ def _eval(argv: list[str] | None) -> int:
         name = Path(args.src).name
     else:
         data = cfg.data
+        if translator.multilingual:  # the split's files of this direction
+            data = data.direction(way.src, way.tgt)
         if args.data_dir:
             data = dataclasses.replace(data, dir=args.data_dir)
         split = args.split or data.test_split
@@ -76,7 +79,7 @@ def _eval(argv: list[str] | None) -> int:
         log.warning(warning)
     start = time.perf_counter()
     results = translator.translate(
-        sources, dcfg, use_cache=not args.no_cache, progress=True
+        sources, dcfg, use_cache=not args.no_cache, progress=True, way=way
     )
     seconds = time.perf_counter() - start
     hyps = [r[0].text for r in results]
@@ -84,6 +87,7 @@ def _eval(argv: list[str] | None) -> int:
     # an ensemble's or the EMA's hypotheses do not overwrite the first model's
     tag = ".ema" if args.weights == "ema" else ""
     tag += f".ens{len(infos)}" if len(infos) > 1 else ""
+    tag += f".{way.name}" if translator.multilingual else ""
     default = Path(args.checkpoint[0]).with_suffix(f"{tag}.{name}.hyp")
     output = Path(args.output or default)
     output.write_text("\n".join(hyps) + "\n", encoding="utf-8")
@@ -95,6 +99,7 @@ def _eval(argv: list[str] | None) -> int:
         **({"ensemble": infos} if len(infos) > 1 else {}),
         "weights": args.weights,
         "data": name,
+        "direction": way.name,
         "sentences": len(hyps),
         "decoding": vars(dcfg),
         "scores": scores,

@@ -57,6 +57,10 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--nbest", type=int, help="hypotheses per sentence")
     parser.add_argument("--batch-tokens", type=int, help="source tokens per batch")
+    parser.add_argument(
+        "--src-lang", help="source language (a multilingual model needs both)"
+    )
+    parser.add_argument("--tgt-lang", help="target language")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--no-cache", action="store_true", help="recompute the prefix")
     parser.add_argument(

@@ -112,6 +112,7 @@ def _translate(argv: list[str] | None) -> int:
         raise ConfigError("--attention needs a sentence (-s) or --input file")
     translator = Translator.load(args.checkpoint, args.device, args.weights)
     dcfg = translator.decoding(*search_options(args))
+    way = translator.direction(args.src_lang, args.tgt_lang)
     translator.cast(dcfg.precision)
     use_cache = not args.no_cache
     if args.attention:  # first: a bad --layer or --head fails before the work
@@ -126,6 +127,7 @@ def _translate(argv: list[str] | None) -> int:
             args.attention,
             layer=args.layer,
             head=args.head,
+            way=way,
         )
         print(f"attention plot: {path}", file=sys.stderr)
     done_lines = 0  # lines of the input written so far: n-best rows count from 0
@@ -138,6 +140,7 @@ def _translate(argv: list[str] | None) -> int:
             dcfg,
             use_cache=use_cache,
             line_numbers=[done_lines + i + 1 for i in todo],
+            way=way,
         )
         results = dict(zip(todo, done, strict=True))
         for i in range(len(batch)):

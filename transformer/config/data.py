@@ -74,9 +74,19 @@ class CorpusConfig:
     tgt_field: str | None = None
     # times per epoch: 4 = every pair four times, 0.5 = a random half each epoch
     weight: float = 1.0
+    # with data.pairs: the one direction this corpus is read in (default: every
+    # direction of data.pairs its files hold)
+    src_lang: str | None = None
+    tgt_lang: str | None = None
 
     def validate(self, prefix: str) -> None:
         check(self.weight > 0, f"{prefix}.weight", self.weight, "must be positive")
+        check(
+            (self.src_lang is None) == (self.tgt_lang is None),
+            f"{prefix}.src_lang",
+            self.src_lang,
+            "src_lang and tgt_lang go together",
+        )
 
 
 @dataclass
@@ -105,6 +115,17 @@ class DataConfig:
     # several training corpora, each with its own files and weight (default: the
     # one corpus above); validation and test splits come from the fields above
     train: list[CorpusConfig] = field(default_factory=list)
+    # one model for several directions, "src-tgt" each (e.g. [de-en, en-de]):
+    # every corpus is read in each of them (src_lang / tgt_lang are then unused)
+    # and a tag asks for the target language; empty: the one direction above
+    pairs: list[str] = field(default_factory=list)
+    # where the target-language tag goes: source (the source's first token,
+    # Johnson et al. 2017) or target (the decoder's first input, as fairseq's
+    # decoder-langtok and NLLB); see transformer/data/languages.py for the choice
+    tag: Literal["source", "target"] = "source"
+    # directions are drawn in proportion to size^(1/T) on top of the corpus
+    # weights: 1 = by size, 5 = the usual multilingual setting, large = uniform
+    sampling_temperature: float = 1.0
     workers: int = 1  # DataLoader processes collating batches; 0 = in the loop
     max_length: int = 100  # pieces per side, filtered beyond
     max_length_ratio: float = 3.0  # longer/shorter piece count, filtered beyond
@@ -124,19 +145,43 @@ class DataConfig:
     def synthetic(self) -> bool:
         return self.format in ("copy", "reverse")
 
+    @property
+    def multilingual(self) -> bool:
+        return bool(self.pairs)
+
+    def directions(self) -> list[tuple[str, str]]:
+        """(source, target) language of each direction the model is trained on."""
+        if not self.pairs:
+            return [(self.src_lang, self.tgt_lang)]
+        return [tuple(pair.split("-", 1)) for pair in self.pairs]  # type: ignore[misc]
+
+    def languages(self) -> list[str]:
+        """Every language the model reads or writes, in order of appearance."""
+        return list(dict.fromkeys(lang for d in self.directions() for lang in d))
+
+    def direction(self, src: str, tgt: str) -> DataConfig:
+        """These settings for the direction ``src`` -> ``tgt``."""
+        return dataclasses.replace(self, src_lang=src, tgt_lang=tgt, train=[])
+
     def train_corpora(self) -> list[tuple[DataConfig, str, float]]:
-        """(settings, split, weight) of each training corpus."""
-        if not self.train:
-            return [(self, self.train_split, 1.0)]
+        """(settings, split, weight) of each training corpus, and with ``pairs``
+        of each corpus in each of its directions (``settings.src_lang`` and
+        ``tgt_lang`` say which)."""
+        entries = self.train or [CorpusConfig()]
         out = []
-        for corpus in self.train:
+        for corpus in entries:
             values = {
                 k: v
                 for k, v in vars(corpus).items()
                 if v is not None and k not in ("split", "weight")
             }
             settings = dataclasses.replace(self, **values, train=[])
-            out.append((settings, corpus.split or self.train_split, corpus.weight))
+            split = corpus.split or self.train_split
+            if not self.pairs or corpus.src_lang is not None:
+                out.append((settings, split, corpus.weight))
+                continue
+            for src, tgt in self.directions():
+                out.append((settings.direction(src, tgt), split, corpus.weight))
         return out
 
     def validate(self, prefix: str = "data") -> None:
@@ -197,3 +242,61 @@ class DataConfig:
                 "must be in [1, toy_max_len]",
             )
         self.tokenizer.validate(f"{prefix}.tokenizer")
+        self._validate_pairs(prefix)
+
+    def _validate_pairs(self, prefix: str) -> None:
+        check(
+            self.sampling_temperature > 0,
+            f"{prefix}.sampling_temperature",
+            self.sampling_temperature,
+            "must be positive",
+        )
+        for pair in self.pairs:
+            langs = pair.split("-")
+            check(
+                len(langs) == 2 and all(langs) and langs[0] != langs[1],
+                f"{prefix}.pairs",
+                pair,
+                "each is 'src-tgt', two different language codes (e.g. de-en)",
+            )
+            check(
+                all(c.isalnum() or c == "_" for c in pair.replace("-", "")),
+                f"{prefix}.pairs",
+                pair,
+                "language codes are letters, digits and _",
+            )
+        check(
+            len(set(self.pairs)) == len(self.pairs),
+            f"{prefix}.pairs",
+            self.pairs,
+            "a direction is given twice",
+        )
+        if not self.pairs:
+            return
+        for i, corpus in enumerate(self.train):
+            if corpus.src_lang is not None:
+                pair = f"{corpus.src_lang}-{corpus.tgt_lang}"
+                check(
+                    pair in self.pairs,
+                    f"{prefix}.train[{i}].src_lang",
+                    pair,
+                    f"not one of data.pairs ({', '.join(self.pairs)})",
+                )
+                continue
+            fmt = corpus.format or self.format
+            check(
+                fmt != "tsv" and not self.synthetic,
+                f"{prefix}.pairs",
+                fmt,
+                "a corpus read in every direction needs its files or fields "
+                "named by language (format text, jsonl or hub); give a tsv "
+                "corpus its src_lang and tgt_lang in data.train",
+            )
+            check(
+                not (corpus.src_field or corpus.tgt_field)
+                and not (self.src_field or self.tgt_field),
+                f"{prefix}.src_field",
+                corpus.src_field or self.src_field,
+                "one field for every direction: leave the fields to the "
+                "languages (translation.<lang>)",
+            )

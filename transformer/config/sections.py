@@ -53,6 +53,9 @@ class TrainingConfig:
     save_every: int = 0  # step checkpoints; 0 = only at validation
     keep_last: int = 5  # step checkpoints kept
     best_metric: Literal["bleu", "chrf", "loss", "accuracy"] = "bleu"
+    # with data.pairs: the direction ("de-en") whose best_metric picks best.pt
+    # (null: the mean over directions)
+    best_direction: str | None = None
     patience: int = 0  # validations without improvement before stopping; 0 = never
     valid_bleu: bool = True  # greedy-decode the validation set for BLEU / chrF
     max_nonfinite: int = 5  # consecutive skipped (non-finite) updates before stopping
@@ -241,6 +244,19 @@ class Config:
                 value,
                 f"is not supported for model.arch: {m.arch} ({refusal})",
             )
+        check(
+            t.best_direction is None or t.best_direction in d.pairs,
+            "training.best_direction",
+            t.best_direction,
+            f"must be one of data.pairs ({', '.join(d.pairs) or 'none given'})",
+        )
+        check(
+            not d.pairs or d.tokenizer.joint,
+            "data.pairs",
+            d.pairs,
+            "several directions need one joint tokenizer (data.tokenizer.joint: "
+            "true) that holds every language and its tag",
+        )
         check(
             d.tokenizer.joint or not m.tie_src_tgt_embeddings,
             "model.tie_src_tgt_embeddings",

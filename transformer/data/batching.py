@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from transformer.config import BOS_ID, EOS_ID, PAD_ID
+from transformer.data.languages import Direction
 from transformer.data.readers import DataError
 from transformer.data.store import CorpusStore
 
@@ -57,12 +58,13 @@ def pad_sources(seqs: list[list[int]]) -> Tensor:
     return out
 
 
-def collate(src: list[list[int]], tgt: list[list[int]]) -> Batch:
+def collate(src: list[list[int]], tgt: list[list[int]], bos: int = BOS_ID) -> Batch:
+    """Pieces -> a ``Batch``; ``bos``: the decoder's first input."""
     width = max(len(t) for t in tgt) + 1
     tgt_in = torch.full((len(tgt), width), PAD_ID, dtype=torch.long)
     tgt_out = torch.full((len(tgt), width), PAD_ID, dtype=torch.long)
     for i, t in enumerate(tgt):
-        tgt_in[i, : len(t) + 1] = torch.tensor([BOS_ID, *t])
+        tgt_in[i, : len(t) + 1] = torch.tensor([bos, *t])
         tgt_out[i, : len(t) + 1] = torch.tensor([*t, EOS_ID])
     n_tokens = sum(len(t) + 1 for t in tgt)
     n_src = sum(len(s) + 1 for s in src)
@@ -76,10 +78,14 @@ def _append(pieces: np.ndarray, lengths: np.ndarray, token: int) -> np.ndarray:
     return out
 
 
-def collate_arrays(src: np.ndarray, tgt: np.ndarray, src_len, tgt_len) -> Batch:
-    """Padded piece arrays (pad = PAD_ID) and their lengths -> a ``Batch``."""
+def collate_arrays(
+    src: np.ndarray, tgt: np.ndarray, src_len, tgt_len, bos=BOS_ID
+) -> Batch:
+    """Padded piece arrays (pad = PAD_ID) and their lengths -> a ``Batch``;
+    ``bos``: the decoder's first input, one for all rows or one per row."""
     tgt_out = _append(tgt, tgt_len, EOS_ID)
-    tgt_in = np.concatenate([np.full((len(tgt), 1), BOS_ID), tgt_out[:, :-1]], 1)
+    first = np.broadcast_to(np.asarray(bos), (len(tgt),))[:, None]
+    tgt_in = np.concatenate([first, tgt_out[:, :-1]], 1)
     tgt_in[tgt_in == EOS_ID] = PAD_ID  # the shifted input stops before <eos>
     return Batch(
         torch.from_numpy(_append(src, src_len, EOS_ID)),
@@ -238,15 +244,24 @@ class TrainBatches:
         world: int = 1,
         workers: int = 0,
         pin_memory: bool = False,
+        directions: list[Direction] | None = None,
     ) -> None:
         self.stores, self.weights = stores, weights
         self.max_tokens, self.max_sentences = max_tokens, max_sentences
         self.seed, self.rank, self.world = seed, rank, world
         self.workers, self.pin_memory = workers, pin_memory
+        # per store, the tokens of its direction: a source prefix (a language
+        # tag) and the decoder's first input
+        self.directions = directions or [Direction("", "") for _ in stores]
         self.offsets = np.cumsum([0] + [len(s) for s in stores])
-        # lengths with <eos> / <bos>, all corpora back to back: (pairs,); widened
-        # first, as a uint8 length of 255 + 1 would wrap to 0
-        self.src_len = np.concatenate([_plus_one(s.lengths("src")) for s in stores])
+        # lengths with <eos> / <bos> (and a source prefix), all corpora back to
+        # back: (pairs,); widened first, as a uint8 length of 255 + 1 would wrap
+        self.src_len = np.concatenate(
+            [
+                _plus_one(s.lengths("src")) + len(way.prefix)
+                for s, way in zip(stores, self.directions, strict=True)
+            ]
+        )
         self.tgt_len = np.concatenate([_plus_one(s.lengths("tgt")) for s in stores])
         self._last: tuple[int, EpochBatches] | None = None
 
@@ -257,7 +272,10 @@ class TrainBatches:
     def fingerprint(self) -> str:
         """Equal iff the stores (files, tokenizer, filters) and weights are."""
         parts = [
-            f"{s.key}x{w:g}" for s, w in zip(self.stores, self.weights, strict=True)
+            f"{s.key}x{w:g}" + _tokens_of(way)
+            for s, w, way in zip(
+                self.stores, self.weights, self.directions, strict=True
+            )
         ]
         return "+".join(parts)
 
@@ -302,17 +320,21 @@ class TrainBatches:
         src_len, tgt_len = self.src_len[ids] - 1, self.tgt_len[ids] - 1
         src = np.full((len(ids), int(src_len.max())), PAD_ID, dtype=np.int64)
         tgt = np.full((len(ids), int(tgt_len.max())), PAD_ID, dtype=np.int64)
+        bos = np.full(len(ids), BOS_ID, dtype=np.int64)
         for c in np.unique(corpus).tolist():
             rows = np.flatnonzero(corpus == c)
             local = ids[rows] - self.offsets[c]
-            store = self.stores[c]
+            store, way = self.stores[c], self.directions[c]
             s, t = (
                 store.padded("src", local, PAD_ID),
                 store.padded("tgt", local, PAD_ID),
             )
-            src[rows, : s.shape[1]] = s
+            start = len(way.prefix)
+            src[rows, :start] = way.prefix
+            src[rows, start : start + s.shape[1]] = s
             tgt[rows, : t.shape[1]] = t
-        return collate_arrays(src, tgt, src_len, tgt_len)
+            bos[rows] = way.bos
+        return collate_arrays(src, tgt, src_len, tgt_len, bos)
 
     def positions(
         self, epoch: int, start: int, max_epochs: int = 0
@@ -361,6 +383,14 @@ class TrainBatches:
 
     def efficiency(self, epoch: int = 0) -> float:
         return padding_efficiency(self.batches(epoch), self.src_len, self.tgt_len)
+
+
+def _tokens_of(way: Direction) -> str:
+    """What a direction adds to a batch, for the fingerprint (nothing for a
+    bilingual corpus, whose fingerprint stays as it was)."""
+    if not way.prefix and way.bos == BOS_ID:
+        return ""
+    return f"@{'.'.join(map(str, way.prefix))}/{way.bos}"
 
 
 def _quiet_worker(worker_id: int) -> None:

@@ -213,14 +213,16 @@ def check_split(cfg: DataConfig, split: str, key: str) -> None:
     (rather than after the tokenizer and the training store are built)."""
     if cfg.synthetic or not split:
         return
-    try:
-        if cfg.format == "hub":
-            if cfg.dir:
-                hub_local_files(cfg, split)
-        else:
-            split_files(cfg, split)
-    except DataError as e:
-        raise DataError(f"{key}={split!r}: {e}") from None
+    for src, tgt in cfg.directions():  # each direction's files, with data.pairs
+        settings = cfg.direction(src, tgt) if cfg.multilingual else cfg
+        try:
+            if cfg.format == "hub":
+                if cfg.dir:
+                    hub_local_files(settings, split)
+            else:
+                split_files(settings, split)
+        except DataError as e:
+            raise DataError(f"{key}={split!r}: {e}") from None
 
 
 def split_files(cfg: DataConfig, split: str) -> list[Path]:

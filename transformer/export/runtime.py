@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from transformer.config import EOS_ID, ConfigError, DecodingConfig
+from transformer.config import BOS_ID, EOS_ID, ConfigError, DataConfig, DecodingConfig
+from transformer.data.languages import Direction, direction, warn_zero_shot
 from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
 from transformer.inference import Translation
 from transformer.search import (
@@ -91,6 +92,8 @@ class ExportedModel:
                 f"{self.dir}: not an export of this toolkit ({type(e).__name__}: {e})"
             ) from e
         self.tokenizer = Tokenizer(src, tgt)
+        # the languages (older exports did not record them: no tags)
+        self.languages = DataConfig(**self.info.get("languages", {}))
         self.translator = ct2.Translator(
             str(self.dir),
             device=device,
@@ -106,10 +109,21 @@ class ExportedModel:
         check_min_len(cfg.min_len, self.max_positions, str(self.dir))
         return cfg
 
+    def direction(self, src: str | None = None, tgt: str | None = None) -> Direction:
+        """The direction ``src -> tgt`` (None: a bilingual model's own), as
+        ``Translator.direction`` gives it for the checkpoint."""
+        way = direction(self.languages, self.tokenizer, src, tgt, str(self.dir))
+        warn_zero_shot(way, str(self.dir))
+        return way
+
     def decode(
-        self, sources: list[list[int]], cfg: DecodingConfig
+        self,
+        sources: list[list[int]],
+        cfg: DecodingConfig,
+        way: Direction | None = None,
     ) -> list[list[Hypothesis]]:
-        """Source ids (pieces, no <eos>) -> ``cfg.nbest`` hypotheses each, in order.
+        """Source ids (a source tag, pieces, no <eos>) -> ``cfg.nbest``
+        hypotheses each, in order; ``way``: the direction (its tags).
 
         Mirrors ``transformer.search.decode_corpus``: greedy or beam search, the
         per-sentence length limit ``max_len_a * (|src| + 1) + max_len_b`` (tokens with
@@ -123,11 +137,16 @@ class ExportedModel:
             )
         beam = cfg.strategy == "beam"
         k = cfg.beam_size if beam else 1
-        suppress = [[p] for p in self.info["suppress_tokens"]]
+        way = way or Direction("", "")
+        tgt_vocab = self.tokenizer.tgt
+        tags = [[tgt_vocab.id_to_piece(i)] for i in way.banned]
+        suppress = [[p] for p in self.info["suppress_tokens"]] + tags
         if not self.suppress_specials:
             suppress = None
         src_vocab = self.tokenizer.src
         pieces = [[src_vocab.id_to_piece(i) for i in s] for s in sources]
+        # a tag as the decoder's first input: CTranslate2 starts from the prefix
+        start = [tgt_vocab.id_to_piece(way.bos)] if way.bos != BOS_ID else None
         # CTranslate2 has one length limit per call: group sentences by ours
         # float32 arithmetic, as in ``transformer.search.max_lengths``
         src_len = torch.tensor([len(s) + 1 for s in sources], dtype=torch.float32)
@@ -143,6 +162,7 @@ class ExportedModel:
             beta = _ct2_length_penalty(cfg.length_penalty, n0) if beam else 0.0
             out = self.translator.translate_batch(
                 [pieces[i] for i in indices],
+                target_prefix=None if start is None else [start] * len(indices),
                 max_batch_size=max(cfg.max_tokens // k, 1),
                 batch_type="tokens",
                 beam_size=k,
@@ -157,12 +177,16 @@ class ExportedModel:
                 return_scores=True,
             )
             for i, result in zip(indices, out, strict=True):
-                results[i] = self._hypotheses(result, beta, cfg)
+                results[i] = self._hypotheses(result, beta, cfg, start)
         return results
 
-    def _hypotheses(self, result, beta: float, cfg: DecodingConfig) -> list[Hypothesis]:
+    def _hypotheses(
+        self, result, beta: float, cfg: DecodingConfig, start: list[str] | None
+    ) -> list[Hypothesis]:
         hyps = []
         for tokens, score in zip(result.hypotheses, result.scores, strict=True):
+            if start is not None and tokens[:1] == start:
+                tokens = tokens[1:]  # the tag the decoder started from
             length = len(tokens)  # counts </s>, as both length penalties do
             ids = [self.tokenizer.tgt.piece_to_id(p) for p in tokens]
             if ids and ids[-1] == EOS_ID:
@@ -175,21 +199,27 @@ class ExportedModel:
         return hyps[: cfg.nbest]
 
     def translate(
-        self, sentences: list[str], cfg: DecodingConfig | None = None
+        self,
+        sentences: list[str],
+        cfg: DecodingConfig | None = None,
+        src_lang: str | None = None,
+        tgt_lang: str | None = None,
     ) -> list[list[Translation]]:
-        """Raw sentences -> n-best detokenized translations, like ``translate()``."""
+        """Raw sentences -> n-best detokenized translations, like ``translate()``;
+        a multilingual export needs the direction (``src_lang``, ``tgt_lang``)."""
         cfg = cfg or self.decoding_config()
-        limit = self.max_positions - 1  # room for <eos>
+        way = self.direction(src_lang, tgt_lang)
+        limit = self.max_positions - 1 - len(way.prefix)  # room for <eos>
         ids = self.tokenizer.encode_src(sentences)
         if any(len(s) > limit for s in ids):
             log.warning("sentences longer than %d pieces were truncated", limit)
-            ids = [s[:limit] for s in ids]
+        ids = [[*way.prefix, *s[:limit]] for s in ids]
         return [
             [
                 Translation(self.tokenizer.decode_tgt(h.tokens), h.score, h.tokens)
                 for h in hyps
             ]
-            for hyps in self.decode(ids, cfg)
+            for hyps in self.decode(ids, cfg, way)
         ]
 
 
@@ -202,13 +232,16 @@ def translate_with_ctranslate2(
     device: str = "cpu",
     compute_type: str = "default",
     intra_threads: int = 0,
+    src_lang: str | None = None,
+    tgt_lang: str | None = None,
 ) -> list[list[Translation]]:
     """Translate ``sentences`` with an export; search defaults from the checkpoint.
 
-    ``beam_size=1`` is greedy search; ``length_penalty`` is the GNMT alpha.
+    ``beam_size=1`` is greedy search; ``length_penalty`` is the GNMT alpha; a
+    multilingual export needs the direction (``src_lang``, ``tgt_lang``).
     """
     model = ExportedModel(export_dir, device, compute_type, intra_threads)
     cfg = model.decoding_config(
         beam_size=beam_size, length_penalty=length_penalty, nbest=nbest
     )
-    return model.translate(sentences, cfg)
+    return model.translate(sentences, cfg, src_lang, tgt_lang)

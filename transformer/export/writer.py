@@ -29,7 +29,7 @@ from torch import nn
 
 from transformer import __version__
 from transformer.checkpoint import WEIGHTS
-from transformer.config import DecodingConfig, ModelConfig
+from transformer.config import DataConfig, DecodingConfig, ModelConfig
 from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
 from transformer.files import as_if_created, make_parent, temp_beside
 from transformer.inference import load_model
@@ -111,8 +111,10 @@ def _pieces(sp, expected: int, side: str) -> list[str]:
     return pieces
 
 
-def build_spec(model: Transformer, tokenizer: Tokenizer):
-    """A validated ``ctranslate2.specs.TransformerSpec`` holding ``model``'s weights."""
+def build_spec(model: Transformer, tokenizer: Tokenizer, tag_starts: bool = False):
+    """A validated ``ctranslate2.specs.TransformerSpec`` holding ``model``'s
+    weights; ``tag_starts``: the decoder starts from a language tag given as the
+    target prefix (``data.tag: target``), not from <bos>."""
     import_ctranslate2()
     from ctranslate2.specs import common_spec, transformer_spec
 
@@ -132,7 +134,8 @@ def build_spec(model: Transformer, tokenizer: Tokenizer):
     spec.config.unk_token = special["unk"]
     spec.config.bos_token = special["bos"]
     spec.config.eos_token = special["eos"]
-    spec.config.decoder_start_token = special["bos"]
+    # None: CTranslate2 starts the decoder from the first target prefix token
+    spec.config.decoder_start_token = None if tag_starts else special["bos"]
     spec.config.add_source_bos = False
     spec.config.add_source_eos = True
     spec.config.layer_norm_epsilon = _layer_norm_epsilon(model)
@@ -212,6 +215,7 @@ def export_model(
     force: bool = False,
     decoding: DecodingConfig | None = None,
     source: dict[str, Any] | None = None,
+    data: DataConfig | None = None,
 ) -> Path:
     """Write ``model`` as a CTranslate2 model directory ``output``.
 
@@ -225,6 +229,8 @@ def export_model(
         force: replace ``output`` if it is an earlier export (or empty).
         decoding: search defaults recorded in ``export.json``.
         source: provenance recorded in ``export.json`` (checkpoint, step).
+        data: the languages it translates (with ``data.pairs``, the tags), recorded
+            in ``export.json`` for ``ExportedModel.direction``.
     """
     if not isinstance(model, Transformer):
         named = f"{source['checkpoint']}: " if source and "checkpoint" in source else ""
@@ -236,7 +242,8 @@ def export_model(
     output = Path(output)
     _check_options(output, quantization, force)
     quantization = quantization_name(quantization)
-    spec = build_spec(model, tokenizer)
+    tag_starts = data is not None and data.multilingual and data.tag == "target"
+    spec = build_spec(model, tokenizer, tag_starts)
     spec.optimize(quantization=quantization)  # aliases tied weights, then quantizes
     make_parent(output)
     staging = Path(temp_beside(output, tempfile.mkdtemp))
@@ -245,6 +252,15 @@ def export_model(
         spec.save(str(staging))
         files = [p.name for p in tokenizer.save(staging)]
         info = _export_info(model, tokenizer, files, quantization, decoding, source)
+        if data is not None:
+            info["languages"] = {
+                "src_lang": data.src_lang,
+                "tgt_lang": data.tgt_lang,
+                "pairs": data.pairs,
+                "tag": data.tag,
+            }
+            if tag_starts:
+                info["decoder_start_token"] = None
         info["ctranslate2_version"] = ct2.__version__
         (staging / EXPORT_INFO).write_text(
             json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
@@ -346,7 +362,7 @@ def export_checkpoint(
     step = ckpt.get("step")
     source = {"checkpoint": str(checkpoint), "step": step, "weights": weights}
     return export_model(
-        model, tokenizer, output, quantization, force, cfg.decoding, source
+        model, tokenizer, output, quantization, force, cfg.decoding, source, cfg.data
     )
 
 

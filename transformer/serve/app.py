@@ -175,15 +175,23 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
                 ) from None
 
     def model_for(req: SearchOptions) -> LoadedModel:
+        """The model of the asked direction; a multilingual model that knows both
+        languages serves a pair it was not trained on (zero-shot)."""
         lm = by_pair.get((req.source, req.target))
-        if lm is None:
-            pairs = ", ".join(f"{s}->{t}" for s, t in by_pair)
-            raise ApiError(
-                400,
-                f"no model translates {req.source}->{req.target}; "
-                f"this server has {pairs}",
-            )
-        return lm
+        if lm is not None:
+            return lm
+        for candidate in models:
+            known = candidate.translator.config.data.languages()
+            if candidate.way is not None and {req.source, req.target} <= set(known):
+                try:
+                    return candidate.other(req.source, req.target)
+                except ConfigError as e:
+                    raise ApiError(400, str(e)) from None
+        pairs = ", ".join(f"{s}->{t}" for s, t in by_pair)
+        raise ApiError(
+            400,
+            f"no model translates {req.source}->{req.target}; this server has {pairs}",
+        )
 
     def settings_for(lm: LoadedModel, req: SearchOptions, alternatives: int):
         options = req.model_dump(include=set(SearchOptions.model_fields))
@@ -269,6 +277,12 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
         todo = [i for i, s in enumerate(sentences) if s.strip()]
         pieces = lm.tokenizer.encode_src([sentences[i] for i in todo])
         sources, warnings = [], []
+        if lm.way is not None and lm.way.zero_shot:
+            warnings.append(
+                f"{lm.source}->{lm.target} is zero-shot: the model was not trained "
+                "on it (expect weaker output, sometimes in another language)"
+            )
+        prefix = lm.way.prefix if lm.way is not None else ()
         for i, ids in zip(todo, pieces, strict=True):
             if len(ids) > lm.max_source:
                 warnings.append(
@@ -276,7 +290,7 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
                     f"{lm.max_source}; only the first {lm.max_source} were translated"
                 )
                 ids = ids[: lm.max_source]
-            sources.append(ids)
+            sources.append([*prefix, *ids])
         beam = settings.beam_size if settings.strategy == "beam" else 1
         cost = sum(len(s) + 1 for s in sources) * beam
         key = ("translate", lm.source, lm.target, dataclasses.astuple(settings))

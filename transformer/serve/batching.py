@@ -181,7 +181,7 @@ def translate_batch(jobs: list[Job]) -> list[list[list[str]]]:
     work: TranslationWork = jobs[0].payload
     lm = work.model
     sources = [s for job in jobs for s in job.payload.sources]
-    hyps = lm.translator.decode(sources, work.settings)
+    hyps = lm.translator.decode(sources, work.settings, lm.way)
     texts = [[h.text for h in nbest] for nbest in hyps]
     out, start = [], 0
     for job in jobs:
@@ -217,6 +217,7 @@ def attention_batch(jobs: list[Job]) -> list[bytes]:
                 lm.device,
                 work.layer,
                 work.head,
+                lm.way,
             )
         )
     return out

@@ -11,6 +11,7 @@ from torch import nn
 
 from transformer.checkpoint import CheckpointError
 from transformer.config import ConfigError, DecodingConfig
+from transformer.data.languages import Direction
 from transformer.inference import Translator
 from transformer.tokenizer import Tokenizer
 
@@ -60,13 +61,15 @@ class ServeConfig:
 
 @dataclass
 class LoadedModel:
-    """One checkpoint, loaded once, and the language pair it translates."""
+    """One direction a loaded checkpoint serves; the directions of a
+    multilingual checkpoint share its ``translator`` (one model in memory)."""
 
     source: str
     target: str
     checkpoint: str
     translator: Translator
     step: int | None = None
+    way: Direction | None = None  # its tags (None: a bilingual model's own)
 
     @property
     def model(self) -> nn.Module:
@@ -88,7 +91,15 @@ class LoadedModel:
     @property
     def max_source(self) -> int:
         """Source pieces a sentence may have (one position is <eos>'s)."""
-        return self.translator.max_source
+        return self.translator.max_source(self.way)
+
+    def other(self, source: str, target: str) -> "LoadedModel":
+        """The same model in another direction (a multilingual one's zero-shot
+        pair); ConfigError when it cannot translate it."""
+        way = self.translator.direction(source, target)
+        return LoadedModel(
+            source, target, self.checkpoint, self.translator, self.step, way
+        )
 
 
 def load_models(
@@ -97,7 +108,9 @@ def load_models(
     precision: str | None = None,
     weights: str = "raw",
 ) -> list[LoadedModel]:
-    """Load each checkpoint once; two checkpoints may not serve the same pair.
+    """Load each checkpoint once; one entry per direction it was trained on (a
+    multilingual checkpoint has several); two checkpoints may not serve the same
+    direction.
 
     ``precision`` (fp32 or bf16) defaults to each checkpoint's ``decoding.precision``;
     ``weights``: ``raw`` or ``ema`` (the moving average, ``training.ema_decay``).
@@ -106,15 +119,20 @@ def load_models(
     for path in paths:
         translator = Translator.load([path], device, weights)
         translator.cast(precision or translator.config.decoding.precision)
-        pair = translator.languages
-        if pair in models:
-            raise CheckpointError(
-                f"{path} and {models[pair].checkpoint} both translate "
-                f"{pair[0]}->{pair[1]}; serve one model per language pair"
-            )
         step = translator.infos[0].get("step")
-        models[pair] = LoadedModel(*pair, str(path), translator, step)
-        log.info("%s: %s->%s", path, *pair)
+        for pair in translator.directions:
+            if pair in models:
+                raise CheckpointError(
+                    f"{path} and {models[pair].checkpoint} both translate "
+                    f"{pair[0]}->{pair[1]}; serve one model per language pair"
+                )
+            way = translator.direction(*pair) if translator.multilingual else None
+            models[pair] = LoadedModel(*pair, str(path), translator, step, way)
+        log.info(
+            "%s: %s",
+            path,
+            ", ".join(f"{s}->{t}" for s, t in translator.directions),
+        )
     return list(models.values())
 
 

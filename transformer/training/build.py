@@ -16,6 +16,7 @@ from transformer.data import (
     open_store,
     split_origin,
 )
+from transformer.data.languages import Direction, direction, temperature_factors
 from transformer.inference import resolve_device
 from transformer.models import create_model
 from transformer.tokenizer import Tokenizer
@@ -98,9 +99,14 @@ def build_train_data(
         lambda: build_stores(cfg, tokenizer, progress=ranks.main),
         "building the corpus store",
     )
+    corpora = d.train_corpora()
+    weights = [weight for _, _, weight in corpora]
+    ways = [direction(d, tokenizer, c.src_lang, c.tgt_lang) for c, _, _ in corpora]
+    if d.multilingual:
+        weights = direction_weights(stores, weights, ways, d.sampling_temperature)
     data = TrainBatches(
         stores,
-        [weight for _, _, weight in d.train_corpora()],
+        weights,
         d.max_tokens,
         d.max_sentences,
         t.seed,
@@ -108,6 +114,36 @@ def build_train_data(
         world=ranks.world,
         workers=d.workers,
         pin_memory=device.type == "cuda",
+        directions=ways,
     )
     log.info("training data: %d pairs in %d corpus store(s)", data.n_pairs, len(stores))
     return data
+
+
+def direction_weights(
+    stores: list[CorpusStore],
+    weights: list[float],
+    ways: list[Direction],
+    temperature: float,
+) -> list[float]:
+    """Each store's weight times its direction's share at ``temperature``
+    (``data.sampling_temperature``), sizes counted with the corpus weights."""
+    names = [way.name for way in ways]
+    order = list(dict.fromkeys(names))
+    sizes = [
+        sum(
+            w * len(s) for s, w, n in zip(stores, weights, names, strict=True) if n == d
+        )
+        for d in order
+    ]
+    factors = dict(zip(order, temperature_factors(sizes, temperature), strict=True))
+    out = [w * factors[n] for w, n in zip(weights, names, strict=True)]
+    for name, size in zip(order, sizes, strict=True):
+        log.info(
+            "direction %s: %d pairs, %.3g of them an epoch (temperature %g)",
+            name,
+            size,
+            size * factors[name],
+            temperature,
+        )
+    return out

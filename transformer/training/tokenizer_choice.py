@@ -134,6 +134,8 @@ def tokenizer_record(cfg: Config) -> dict[str, Any]:
             [split, corpus_identity(d, split, cfg.training.seed, cache)]
             for d, split, _ in cfg.data.train_corpora()
         ],
+        # the tags it reserves (a bilingual record has none: older records match)
+        **({"tags": cfg.data.languages()} if cfg.data.multilingual else {}),
     }
 
 
@@ -205,7 +207,23 @@ def _run_folder_tokenizer(
                 "restore them, or delete it to train a new one (transformer-train "
                 "--overwrite does)"
             )
-        if not saved.exists():
+        if not saved.exists() and cfg.data.multilingual:
+            texts = sample_by_language(cfg)
+            for lang, lines in texts.items():
+                if not any(line.strip() for line in lines):
+                    raise DataError(
+                        f"data.pairs: the training corpora hold no {lang} text to "
+                        "train the tokenizer on"
+                    )
+            log.info(
+                "tokenizer: training on %s sentences",
+                ", ".join(f"{len(v)} {k}" for k, v in texts.items()),
+            )
+            every = [line for lines in texts.values() for line in lines]
+            trained = Tokenizer.train(tcfg, every, [], tags=list(texts))
+            atomic_write_bytes(record, (json.dumps(wanted, indent=1) + "\n").encode())
+            trained.save(run_dir)
+        elif not saved.exists():
             src, tgt, seen = sample_pairs(cfg)
             for side, texts in (("source", src), ("target", tgt)):
                 if not any(text.strip() for text in texts):
@@ -261,3 +279,40 @@ def sample_pairs(cfg: Config) -> tuple[list[str], list[str], int]:
                 if j < size:
                     sample[j] = pair
     return [s for s, _ in sample], [t for _, t in sample], seen
+
+
+def sample_by_language(cfg: Config) -> dict[str, list[str]]:
+    """Per language, sentences to train a multilingual tokenizer on, drawn in a
+    stream (reservoir sampling, seeded): ``data.tokenizer.sample_sentences`` in
+    all, the same number from each language; a language's text shared by several
+    directions (``train.en`` of de-en and fr-en) is read once."""
+    langs = cfg.data.languages()
+    each = max(cfg.data.tokenizer.sample_sentences // len(langs), 1)
+    rng = random.Random(cfg.training.seed)
+    samples: dict[str, list[str]] = {lang: [] for lang in langs}
+    seen_lines = dict.fromkeys(langs, 0)
+    read: set[tuple] = set()
+    for settings, split, _ in cfg.data.train_corpora():
+        sides = []
+        for index, lang in enumerate((settings.src_lang, settings.tgt_lang)):
+            other = settings.tgt_lang if index == 0 else settings.src_lang
+            # a text corpus's side is its own file, whatever the other side is
+            key = (lang, split, settings.format, settings.dir, settings.hub_name)
+            if settings.format != "text":
+                key += (settings.hub_config, other)
+            if key not in read:
+                read.add(key)
+                sides.append((index, lang))
+        if not sides:
+            continue
+        for pair in read_pairs(settings, split, cfg.training.seed):
+            for index, lang in sides:
+                seen_lines[lang] += 1
+                text, sample = pair[index], samples[lang]
+                if len(sample) < each:
+                    sample.append(text)
+                else:
+                    j = rng.randrange(seen_lines[lang])
+                    if j < each:
+                        sample[j] = text
+    return samples
