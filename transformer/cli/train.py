@@ -103,11 +103,13 @@ def _preprocess(argv: list[str] | None) -> int:
     from transformer.tokenizer import Tokenizer
     from transformer.training.build import build_stores, build_tokenizer, run_dir_of
     from transformer.training.distributed import Distributed
+    from transformer.training.runlock import lock_run_dir
 
     cfg = load_config(args.config, args.overrides)
     ensure_corpus(cfg.data)
     check_split(cfg.data, cfg.data.valid_split, "data.valid_split")
     run_dir = run_dir_of(cfg)
+    lock = lock_run_dir(run_dir, what="preprocessing")  # it writes the tokenizer
     last = run_dir / "last.pt"
     if last.exists() and cfg.training.resume == "auto":  # the run's own tokenizer
         tokenizer = Tokenizer.from_state_dict(load_checkpoint(last)["tokenizer"])
@@ -127,6 +129,7 @@ def _preprocess(argv: list[str] | None) -> int:
             f"{stats.bad_ratio} over data.max_length_ratio; {tokens} tokens, "
             f"{size / max(tokens, 1):.2f} bytes a token"
         )
+    lock.release()
     return 0
 
 

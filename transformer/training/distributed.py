@@ -121,7 +121,17 @@ class Distributed:
         return out
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over ranks (in place)."""
+        """Element-wise sum over ranks (in place). A rank that is gone (its
+        process failed or was killed) ends this one with one line, not a
+        traceback from inside the collective."""
         if self.enabled:
-            dist.all_reduce(values)
+            try:
+                dist.all_reduce(values)
+            except (RuntimeError, dist.DistError) as e:
+                first = (str(e).splitlines() or [""])[0]
+                raise TrainingError(
+                    f"rank {self.rank}: lost the other ranks in a step's all-reduce "
+                    f"({type(e).__name__}: {first}); another rank failed or "
+                    "stopped: its error says why"
+                ) from e
         return values

@@ -27,6 +27,7 @@ from transformer.config import Config
 from transformer.data import Batch
 from transformer.data.download import ensure_corpus
 from transformer.data.readers import check_split
+from transformer.data.workers import WorkerError
 from transformer.models import count_parameters
 from transformer.plots import plot_metrics
 from transformer.precision import effective_precision
@@ -46,6 +47,7 @@ from transformer.training.ema import build_ema
 from transformer.training.loss import forward_loss
 from transformer.training.optim import build_optimizer
 from transformer.training.progress import MetricsLog, Progress
+from transformer.training.runlock import lock_run_dir
 from transformer.training.signals import StopSignals
 from transformer.training.start import start_run
 from transformer.training.state import (
@@ -71,6 +73,7 @@ class Trainer:
         self.device = build_device(t, self.dist)
         self.dist.init(self.device, t.dist_timeout, t.prepare_timeout)
         self.run_dir = run_dir_of(cfg)
+        self.lock = lock_run_dir(self.run_dir, self.dist, "training")
 
         self.dist.main_first(lambda: ensure_corpus(cfg.data), "downloading the corpus")
         check_split(cfg.data, cfg.data.valid_split, "data.valid_split")
@@ -272,15 +275,26 @@ class Trainer:
 
     def train(self) -> Path:
         """Run until max_steps, max_epochs, early stopping, a stop signal on any
-        rank, or ``max_nonfinite`` skipped updates in a row (TrainingError)."""
+        rank, or ``max_nonfinite`` skipped updates in a row (TrainingError); the
+        run folder's lock is released at the end, also after an error."""
+        try:
+            return self._train()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self) -> Path:
         t = self.cfg.training
         self._metrics = MetricsLog(self.run_dir, self.dist.main, t.tensorboard)
         progress = Progress(t.max_steps, self.state.step, self.dist.main, t.log_seconds)
         self.signals.install()
         together = False  # did every rank leave the loop at the same step?
+        failure = None
         try:
             failure = self._loop(progress)
             together = True
+        except WorkerError as e:  # its workers are stopped: save, then one line
+            failure = str(e)
         finally:
             progress.close()
             try:
