@@ -155,16 +155,18 @@ class Trainer:
             **({} if self.ema is None else self.ema.checkpoint_entries()),
         }
 
-    def _save(self, name: str | None = None, every_rank: bool = True) -> None:
-        """Write ``name`` (None: a step checkpoint); call on every rank together."""
+    def _save(
+        self, best: bool = False, step: bool = False, every_rank: bool = True
+    ) -> None:
+        """Write ``last.pt``, also as ``best.pt`` and as ``step_<N>.pt`` (under
+        ``keep_last``) when asked; call on every rank together."""
         with self.signals.critical():
             state = self.checkpoint_state()
-            if name is None:
-                self.checkpoints.save_step(state)
-            else:
-                self.checkpoints.save(name, state, every_rank)
-                if name == "last.pt":
-                    self._last_saved_at = self.state.step
+            also = ["best.pt"] if best else []
+            if step and self.cfg.training.keep_last:
+                also.append(f"step_{self.state.step}.pt")
+            self.checkpoints.save(state, also, every_rank)
+            self._last_saved_at = self.state.step
 
     # --- one update ---
 
@@ -376,17 +378,18 @@ class Trainer:
                 return None
             if result.skipped:
                 continue
-            if t.save_every and step % t.save_every == 0:
-                self._save()
+            validating = (
+                step % t.validate_every == 0
+                or step == t.max_steps
+                or result.out_of_time
+            )
+            if t.save_every and step % t.save_every == 0 and not validating:
+                self._save(step=True)  # (a validation saves the step itself)
             if result.out_of_time:
                 log.info(
                     "training.max_minutes=%g spent after step %d", t.max_minutes, step
                 )
-            if (
-                step % t.validate_every == 0
-                or step == t.max_steps
-                or result.out_of_time
-            ):
+            if validating:
                 if self.validate_and_save() and not result.out_of_time:
                     log.info("early stopping at step %d", step)
                     return None
@@ -399,10 +402,12 @@ class Trainer:
     def _save_at_exit(self, together: bool) -> None:
         if self.state.step == 0 or self._last_saved_at == self.state.step:
             return
+        if self.checkpoints.failed:  # a full disk: last.pt stays as it was
+            return
         if together:
-            self._save("last.pt")
+            self._save()
         elif not self.dist.enabled:
-            self._save("last.pt", every_rank=False)  # the state of the last boundary
+            self._save(every_rank=False)  # the state of the last boundary
         else:
             log.warning(
                 "rank %d stopped on its own: last.pt is not rewritten (%s)",
@@ -449,10 +454,7 @@ class Trainer:
             )
             if "bleu_signature" in metrics:
                 log.info("BLEU signature: %s", metrics["bleu_signature"])
-        if better:
-            self._save("best.pt")
-        self._save()
-        self._save("last.pt")
+        self._save(best=better, step=True)  # last.pt, best.pt and step_<N>.pt
         return bool(t.patience) and s.bad_validations >= t.patience
 
 
