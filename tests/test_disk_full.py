@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,30 +15,6 @@ from tests.conftest import SMALL, TOY, tiny
 from transformer.checkpoint import atomic_save, load_checkpoint
 from transformer.cli import train_main
 from transformer.training import Trainer, TrainingError
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """Mount a tmpfs of a given size (``small_fs("1536k")``), unmounted after the
-    test; skipped where mounting is not permitted (CI runs as root)."""
-    mounts = []
-
-    def mount(size: str) -> Path:
-        where = tmp_path / f"fs{len(mounts)}"
-        where.mkdir()
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode:
-            pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip()}")
-        mounts.append(where)
-        return where
-
-    yield mount
-    for where in mounts:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def cli_args(run: Path, tokenizer: str, cache: Path, *extra: str) -> list[str]:

@@ -8,6 +8,7 @@ a published model or a shared corpus store would be unreadable to other users.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -51,7 +52,7 @@ def temp_beside(path: Path, make: Callable[..., Any], **kwargs: Any) -> Any:
         return make(prefix=f".{path.name}.", dir=path.parent, **kwargs)
     except OSError as e:
         raise OSError(
-            e.errno, f"cannot write {path.name} there", str(path.parent)
+            e.errno, f"cannot write {path.name} there: {e.strerror}", str(path.parent)
         ) from None
 
 
@@ -63,6 +64,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    if path.exists() and not path.is_file():  # /dev/stdout, a pipe: no rename
+        with open(path, "wb") as f:
+            write(f)
+        return
+    if path.is_symlink():  # the file it points to is written, the link kept
+        path = path.resolve()
     make_parent(path)
     fd, tmp = temp_beside(path, tempfile.mkstemp, suffix=".tmp")
     try:
@@ -79,6 +86,20 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             raise
         raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
     sync_folder(path.parent)
+
+
+def append_whole(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` whole or not at all: a write that fails (a
+    full disk) is cut back off, and the error names the file."""
+    with open(path, "ab") as f:
+        start = f.tell()
+        try:
+            f.write(data)
+            f.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def write_error(error: BaseException) -> OSError | None:

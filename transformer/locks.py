@@ -165,8 +165,11 @@ def acquire(path: str | Path) -> HeldLock:
             return HeldLock(path, None, None)
         previous = Owner.parse(os.pread(fd, 4096, 0))
         record = json.dumps(Owner.me().__dict__).encode() + b"\n"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+        except OSError as e:  # a full disk: held all the same, without a record
+            log.debug("%s: no owner record written (%s)", path, e.strerror)
     except BaseException:
         with contextlib.suppress(OSError):
             os.close(fd)

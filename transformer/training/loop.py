@@ -305,7 +305,10 @@ class Trainer:
                 self.signals.uninstall()
                 self._metrics.close()
                 if self.dist.main and self.state.step > 0:
-                    plot_metrics(self.run_dir)
+                    try:
+                        plot_metrics(self.run_dir)
+                    except OSError as e:  # a full disk: the run's error says so
+                        log.warning("curves.png not written: %s", e)
         if failure is not None:
             raise TrainingError(f"{failure}; {self.checkpoints.describe_last()}")
         best, last = self.run_dir / "best.pt", self.run_dir / "last.pt"

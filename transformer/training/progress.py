@@ -13,6 +13,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from transformer.files import append_whole
+
 log = logging.getLogger(__name__)
 
 
@@ -98,8 +100,7 @@ class MetricsLog:
         if not self.enabled:
             return
         row = {"type": kind, "step": step, "time": time.time(), **values}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_whole(self.path, (json.dumps(row) + "\n").encode("utf-8"))
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
