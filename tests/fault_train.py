@@ -1,36 +1,53 @@
-"""``transformer-train`` with a fault injected into a data worker (run by the tests,
-alone or under torchrun).
+"""``transformer-train`` with a fault injected (run by the tests, alone or under
+torchrun). ``FAULT`` says which, on which rank (0 without torchrun):
 
-``FAULT_WORKER=RANK:BATCH`` makes the data worker of rank RANK (0 without
-torchrun) that collates batch BATCH of the first epoch raise ``IndexError``, as
-a worker reading a cut store did. The patch is made before the workers fork, so
-they inherit it; the main process's own collation is left alone. Each process
-writes its pid to ``$FAULT_PIDS/pid<rank>`` first.
+- ``worker:RANK:BATCH``: the data worker of rank RANK that collates batch BATCH of
+  the first epoch raises ``IndexError``, as a worker reading a cut store did (the
+  patch is made before the workers fork, so they inherit it; the main process's
+  own collation is left alone);
+- ``validation:RANK``: validating on rank RANK raises ``RuntimeError`` (a bug);
+- ``save:RANK``: writing a checkpoint on rank RANK fails with ``ENOSPC``.
 """
 
+import errno
 import os
 import sys
-from pathlib import Path
 
 from torch.utils.data import get_worker_info
 
 from transformer.cli import train_main
-from transformer.data import TrainBatches
 
 if __name__ == "__main__":
     rank = int(os.environ.get("RANK", "0"))
-    if os.environ.get("FAULT_PIDS"):
-        Path(os.environ["FAULT_PIDS"], f"pid{rank}").write_text(str(os.getpid()))
-    bad_rank, bad_batch = map(int, os.environ["FAULT_WORKER"].split(":"))
-    real = TrainBatches.collate
-    seen = []
+    kind, bad_rank, *rest = os.environ["FAULT"].split(":")
+    if kind == "worker":
+        from transformer.data import TrainBatches
 
-    def collate(self, ids):
-        if get_worker_info() is not None and rank == bad_rank:
-            seen.append(ids)
-            if len(seen) * get_worker_info().num_workers > bad_batch:
-                raise IndexError("index 2246 is out of bounds for axis 0 with size 563")
-        return real(self, ids)
+        real, seen, bad_batch = TrainBatches.collate, [], int(rest[0])
 
-    TrainBatches.collate = collate
+        def collate(self, ids):
+            info = get_worker_info()
+            if info is not None and rank == int(bad_rank):
+                seen.append(ids)
+                if len(seen) * info.num_workers > bad_batch:
+                    raise IndexError(
+                        "index 2246 is out of bounds for axis 0 with size 563"
+                    )
+            return real(self, ids)
+
+        TrainBatches.collate = collate
+    elif kind == "validation" and rank == int(bad_rank):
+        from transformer.training import loop
+
+        def validate(*args, **kwargs):
+            raise RuntimeError("injected validation fault")
+
+        loop.validate = validate
+    elif kind == "save" and rank == int(bad_rank):
+        from transformer.training import checkpointing
+
+        def atomic_save(state, path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        checkpointing.atomic_save = atomic_save
     sys.exit(train_main(sys.argv[1:]))

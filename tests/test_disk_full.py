@@ -194,3 +194,16 @@ def test_a_failed_checkpoint_write_ends_the_run_in_one_line(
     assert message.endswith(f"{run / 'last.pt'} (step 2)")
     assert load_checkpoint(run / "last.pt")["step"] == 2
     assert leftovers(run) == []
+
+
+def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(
+    tmp_path, toy_tokenizer, caplog
+):
+    run = tmp_path / "run"
+    run.mkdir()
+    cut = run / ".last.pt.x7q2.tmp"  # what a SIGKILL mid-save leaves
+    cut.write_bytes(b"\0" * 1000)
+    (run / "notes.tmp").write_text("not ours")
+    Trainer(tiny(run, toy_tokenizer, "training.max_steps=1"))
+    assert not cut.exists() and (run / "notes.tmp").exists()
+    assert f"removed {cut}, left by a write that was cut short" in caplog.text

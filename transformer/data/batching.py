@@ -16,10 +16,10 @@ from transformer.config import BOS_ID, EOS_ID, PAD_ID
 from transformer.data.readers import DataError
 from transformer.data.store import CorpusStore
 from transformer.data.workers import (
-    WorkerError,
     WorkerFailure,
     quiet_worker,
     stop_workers,
+    worker_died,
 )
 
 
@@ -364,9 +364,10 @@ class TrainBatches:
                 except StopIteration:
                     return
                 except RuntimeError as e:  # a worker killed (by the OOM killer)
-                    if not str(e).startswith("DataLoader worker"):
+                    died = worker_died(e)
+                    if died is None:
                         raise
-                    raise WorkerError(str(e).split("\n")[0]) from None
+                    raise died from None
                 if isinstance(item, WorkerFailure):
                     raise item.error(self.rank if self.world > 1 else None)
                 yield item

@@ -76,6 +76,17 @@ class WorkerFailure:
         return WorkerError(f"{where} failed: {self.kind}: {self.message}")
 
 
+def worker_died(error: BaseException) -> WorkerError | None:
+    """The DataLoader's error for a worker that died (killed by the OOM killer, a
+    segfault) as a ``WorkerError``; None for any other error. The DataLoader
+    raises it from ``next()``, or from its SIGCHLD handler wherever the main
+    process is at that moment."""
+    text = str(error)
+    if isinstance(error, RuntimeError) and text.startswith("DataLoader worker"):
+        return WorkerError(text.splitlines()[0])
+    return None
+
+
 def quiet_worker(worker_id: int) -> None:
     """``worker_init_fn``: SIGINT ignored, SIGTERM taken by ``_watch_sigterm``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

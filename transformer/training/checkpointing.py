@@ -142,6 +142,16 @@ class Checkpointer:
         self.run_dir, self.ranks, self.keep_last = run_dir, ranks, keep_last
         self.last_written: tuple[Path, int] | None = None  # (path, step)
         self.failed: str | None = None  # why a write failed: no more are tried
+        if ranks.main:
+            self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Delete the temporary files of writes that a kill cut short (a
+        checkpoint's is as large as the checkpoint). Safe: the run holds the
+        folder's lock, so no other process writes there."""
+        for temp in self.run_dir.glob(".*.tmp"):
+            temp.unlink(missing_ok=True)
+            log.warning("removed %s, left by a write that was cut short", temp)
 
     def save(
         self, state: dict[str, Any], also: list[str] = (), every_rank: bool = True

@@ -117,7 +117,10 @@ class Distributed:
         if not self.enabled:
             return [obj]
         out: list[Any] | None = [None] * self.world if self.main else None
-        dist.gather_object(obj, out, dst=0, group=self._waits)
+        try:
+            dist.gather_object(obj, out, dst=0, group=self._waits)
+        except (RuntimeError, dist.DistError) as e:
+            raise self._lost("a gather", e) from e
         return out
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
@@ -128,10 +131,13 @@ class Distributed:
             try:
                 dist.all_reduce(values)
             except (RuntimeError, dist.DistError) as e:
-                first = (str(e).splitlines() or [""])[0]
-                raise TrainingError(
-                    f"rank {self.rank}: lost the other ranks in a step's all-reduce "
-                    f"({type(e).__name__}: {first}); another rank failed or "
-                    "stopped: its error says why"
-                ) from e
+                raise self._lost("a step's all-reduce", e) from e
         return values
+
+    def _lost(self, where: str, e: Exception) -> TrainingError:
+        first = (str(e).splitlines() or [""])[0]
+        return TrainingError(
+            f"rank {self.rank}: lost the other ranks in {where} "
+            f"({type(e).__name__}: {first}); another rank failed or stopped: its "
+            "error says why"
+        )

@@ -27,7 +27,7 @@ from transformer.config import Config
 from transformer.data import Batch
 from transformer.data.download import ensure_corpus
 from transformer.data.readers import check_split
-from transformer.data.workers import WorkerError
+from transformer.data.workers import WorkerError, worker_died
 from transformer.models import count_parameters
 from transformer.plots import plot_metrics
 from transformer.precision import effective_precision
@@ -297,6 +297,10 @@ class Trainer:
             together = True
         except WorkerError as e:  # its workers are stopped: save, then one line
             failure = str(e)
+        except RuntimeError as e:  # a worker died, noticed outside ``next()``
+            if worker_died(e) is None:
+                raise
+            failure = str(worker_died(e))
         finally:
             progress.close()
             try:
