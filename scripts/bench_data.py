@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -249,6 +250,7 @@ def bench_data(args) -> dict:
     if not (data_dir / "train.de.gz").exists():
         raise SystemExit(f"Multi30k not found at {data_dir}")
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    load_before = os.getloadavg()  # a shared machine's load inflates the times
     try:
         spm_dir = work / "spm"
         _run(  # the tokenizer of the reference config, trained once on 1x
@@ -271,7 +273,10 @@ def bench_data(args) -> dict:
             "config": str(CONFIG.relative_to(ROOT)),
             "updates": args.updates,
             "threads": args.threads,
-            "machine": machine(),
+            "machine": {
+                **machine(),
+                "load_average_1min": [load_before[0], os.getloadavg()[0]],
+            },
             "sizes": sizes,
             "peak_rss_ratio": big["peak_rss_mib"] / one["peak_rss_mib"],
             "first_update_ratio": big["first_update_s"] / one["first_update_s"],

@@ -120,6 +120,16 @@ def test_the_lock_of_a_dead_run_is_taken_over_with_a_warning(
     assert not is_held(run / LOCK_FILE)
 
 
+def test_a_start_that_fails_releases_its_lock(tmp_path, toy_tokenizer, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_text("another run's")  # a fresh run there is refused
+    assert train_main(cli_args(run, toy_tokenizer, "--no-resume")) == 1
+    assert "holds a previous run's checkpoints" in capsys.readouterr().err
+    assert not is_held(run / LOCK_FILE)
+    assert (run / LOCK_FILE).read_bytes() == b""  # no dead owner for the next run
+
+
 def test_a_run_that_fails_releases_its_lock(tmp_path, toy_tokenizer, monkeypatch):
     from transformer.training import TrainingError
 

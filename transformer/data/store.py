@@ -267,7 +267,11 @@ def build_store(
     clean_partial_stores(directory.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     as_if_created(staging)
-    building = acquire(staging / BUILD_LOCK)  # tells cleaners that it is alive
+    try:
+        building = acquire(staging / BUILD_LOCK)  # tells cleaners that it is alive
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     stats = FilterStats()
     tokens = {"src": 0, "tgt": 0}
     sums = {name: new_checksum() for name in ARRAYS}

@@ -87,9 +87,22 @@ def worker_died(error: BaseException) -> WorkerError | None:
     return None
 
 
+def worker_failure(error: BaseException) -> str | None:
+    """What went wrong when ``error`` is a data worker's failure or death (the
+    main process's ``stream`` stopped the workers), None for any other error."""
+    if isinstance(error, WorkerError):
+        return str(error)
+    died = worker_died(error)
+    return None if died is None else str(died)
+
+
 def quiet_worker(worker_id: int) -> None:
-    """``worker_init_fn``: SIGINT ignored, SIGTERM taken by ``_watch_sigterm``."""
+    """``worker_init_fn``: SIGINT ignored, SIGTERM taken by ``_watch_sigterm``
+    (where there is no ``sigwaitinfo``, as on macOS, SIGTERM keeps its default:
+    a group's SIGTERM then fails the run, but nothing hangs)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what a second one does
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads inherit it
     threading.Thread(

@@ -208,13 +208,13 @@ class Checkpointer:
             self.last_written = (last, state["step"])
             for name in also:
                 link_or_copy(last, self.run_dir / name)
+            sync_folder(self.run_dir)
         except OSError as e:
             raise TrainingError(
                 f"cannot write {e.filename or last}: {e.strerror or e} (a checkpoint "
                 f"of about {needed:,} bytes; {free_bytes(self.run_dir):,} free); "
                 f"{self.describe_last()}"
             ) from None
-        sync_folder(self.run_dir)
         if steps:
             for old in self._steps()[: -self.keep_last]:
                 old.unlink(missing_ok=True)
@@ -234,10 +234,10 @@ class Checkpointer:
             return
         dropped = []
         if new_steps:
-            kept = {_step_of(n) for n in new_steps} | {
+            after = {_step_of(n) for n in new_steps} | {
                 _step_of(p.name) for p in self._steps()
             }
-            drop = sorted(kept)[: max(0, len(kept) - self.keep_last)]
+            drop = sorted(after)[: max(0, len(after) - self.keep_last)]
             for old in (self.run_dir / f"step_{n}.pt" for n in drop):
                 if needed <= free:
                     break

@@ -19,17 +19,13 @@ from typing import Any
 
 import torch
 
-from transformer.checkpoint import (
-    FORMAT_VERSION,
-    rng_state,
-)
+from transformer.checkpoint import FORMAT_VERSION, rng_state
 from transformer.config import Config
 from transformer.data import Batch
 from transformer.data.download import ensure_corpus
 from transformer.data.readers import check_split
-from transformer.data.workers import WorkerError, worker_died
+from transformer.data.workers import worker_failure
 from transformer.models import count_parameters
-from transformer.plots import plot_metrics
 from transformer.precision import effective_precision
 from transformer.training.build import (
     build_device,
@@ -37,11 +33,7 @@ from transformer.training.build import (
     build_train_data,
     run_dir_of,
 )
-from transformer.training.checkpointing import (
-    Checkpointer,
-    restore,
-    restore_rng,
-)
+from transformer.training.checkpointing import Checkpointer, restore, restore_rng
 from transformer.training.distributed import Distributed
 from transformer.training.ema import build_ema
 from transformer.training.loss import forward_loss
@@ -279,40 +271,28 @@ class Trainer:
         """Run until max_steps, max_epochs, early stopping, a stop signal on any
         rank, or ``max_nonfinite`` skipped updates in a row (TrainingError); the
         run folder's lock is released at the end, also after an error."""
-        try:
-            return self._train()
-        finally:
-            if self.lock is not None:
-                self.lock.release()
-
-    def _train(self) -> Path:
         t = self.cfg.training
         self._metrics = MetricsLog(self.run_dir, self.dist.main, t.tensorboard)
         progress = Progress(t.max_steps, self.state.step, self.dist.main, t.log_seconds)
         self.signals.install()
         together = False  # did every rank leave the loop at the same step?
-        failure = None
         try:
             failure = self._loop(progress)
             together = True
-        except WorkerError as e:  # its workers are stopped: save, then one line
-            failure = str(e)
-        except RuntimeError as e:  # a worker died, noticed outside ``next()``
-            if worker_died(e) is None:
+        except RuntimeError as e:  # a data worker failed or died: save, one line
+            failure = worker_failure(e)
+            if failure is None:
                 raise
-            failure = str(worker_died(e))
         finally:
             progress.close()
             try:
                 self._save_at_exit(together)
             finally:
                 self.signals.uninstall()
-                self._metrics.close()
-                if self.dist.main and self.state.step > 0:
-                    try:
-                        plot_metrics(self.run_dir)
-                    except OSError as e:  # a full disk: the run's error says so
-                        log.warning("curves.png not written: %s", e)
+                try:
+                    self._metrics.close(curves=self.state.step > 0)
+                finally:
+                    self.lock.release()
         if failure is not None:
             raise TrainingError(f"{failure}; {self.checkpoints.describe_last()}")
         best, last = self.run_dir / "best.pt", self.run_dir / "last.pt"

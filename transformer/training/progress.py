@@ -106,6 +106,15 @@ class MetricsLog:
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
 
-    def close(self) -> None:
+    def close(self, curves: bool = False) -> None:
+        """Close; with ``curves`` also draw ``curves.png`` (a convenience: when
+        it cannot be written, a warning says so and the run's outcome stands)."""
         if self.writer is not None:
             self.writer.close()
+        if curves and self.enabled:
+            from transformer.plots import plot_metrics
+
+            try:
+                plot_metrics(self.path.parent)
+            except OSError as e:
+                log.warning("curves.png not written: %s", e)

@@ -30,8 +30,9 @@ class RunDirBusy(ConfigError):
 
 def lock_run_dir(
     run_dir: Path, ranks: Distributed | None = None, what: str = "run"
-) -> HeldLock | None:
-    """Hold ``run_dir``'s lock (rank 0 alone; None on the other ranks).
+) -> HeldLock:
+    """Hold ``run_dir``'s lock (rank 0 alone: the other ranks get a lock that
+    holds nothing).
 
     Raises:
         RunDirBusy: another process holds it (on rank 0; the other ranks get a
@@ -66,4 +67,4 @@ def lock_run_dir(
         take()
     else:
         ranks.on_main(take, "locking the run folder")
-    return held[0] if held else None
+    return held[0] if held else HeldLock(Path(run_dir) / LOCK_FILE, None, None)
