@@ -109,7 +109,7 @@ def _preprocess(argv: list[str] | None) -> int:
     ensure_corpus(cfg.data)
     check_split(cfg.data, cfg.data.valid_split, "data.valid_split")
     run_dir = run_dir_of(cfg)
-    lock = lock_run_dir(run_dir, what="preprocessing")  # it writes the tokenizer
+    lock = lock_run_dir(run_dir)  # it writes the run's tokenizer
     last = run_dir / "last.pt"
     if last.exists() and cfg.training.resume == "auto":  # the run's own tokenizer
         tokenizer = Tokenizer.from_state_dict(load_checkpoint(last)["tokenizer"])

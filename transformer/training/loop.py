@@ -65,7 +65,7 @@ class Trainer:
         self.device = build_device(t, self.dist)
         self.dist.init(self.device, t.dist_timeout, t.prepare_timeout)
         self.run_dir = run_dir_of(cfg)
-        self.lock = lock_run_dir(self.run_dir, self.dist, "training")
+        self.lock = lock_run_dir(self.run_dir, self.dist)
 
         self.dist.main_first(lambda: ensure_corpus(cfg.data), "downloading the corpus")
         check_split(cfg.data, cfg.data.valid_split, "data.valid_split")

@@ -28,9 +28,7 @@ class RunDirBusy(ConfigError):
     """Another live process trains or preprocesses in this run folder."""
 
 
-def lock_run_dir(
-    run_dir: Path, ranks: Distributed | None = None, what: str = "run"
-) -> HeldLock:
+def lock_run_dir(run_dir: Path, ranks: Distributed | None = None) -> HeldLock:
     """Hold ``run_dir``'s lock (rank 0 alone: the other ranks get a lock that
     holds nothing).
 
@@ -46,9 +44,9 @@ def lock_run_dir(
             lock = acquire(path)
         except LockHeld as e:
             raise RunDirBusy(
-                f"training.run_dir: {run_dir} is in use by another {what} "
-                f"({e.owner or 'its owner wrote no record yet'}): wait for it to end, "
-                "or choose another training.run_dir"
+                f"training.run_dir: {run_dir} is in use by another run or "
+                f"preprocessing ({e.owner or 'its owner wrote no record yet'}): wait "
+                "for it to end, or choose another training.run_dir"
             ) from None
         except OSError as e:
             raise RunDirBusy(
