@@ -141,22 +141,20 @@ def acquire(path: str | Path) -> HeldLock:
         with _mutex:
             if key in _held:  # this process holds it already: share
                 _held[key][1] += 1
-                os.close(fd)
-                return HeldLock(path, key, None)
-        if fcntl is None:
-            os.close(fd)
-            log.warning("%s: no file locks on this platform: not locked", path)
-            return HeldLock(path, None, None)
+                shared = True
+            else:
+                shared = False
+        if shared or fcntl is None:
+            if not shared:
+                log.warning("%s: no file locks on this platform: not locked", path)
+            return HeldLock(path, key if shared else None, None)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = Owner.parse(os.pread(fd, 4096, 0))
-            os.close(fd)
-            raise LockHeld(path, owner) from None
+            raise LockHeld(path, Owner.parse(os.pread(fd, 4096, 0))) from None
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            os.close(fd)
             log.warning(
                 "%s: the filesystem does not support file locks (%s): not locked",
                 path,
@@ -170,16 +168,16 @@ def acquire(path: str | Path) -> HeldLock:
             os.pwrite(fd, record, 0)
         except OSError as e:  # a full disk: held all the same, without a record
             log.debug("%s: no owner record written (%s)", path, e.strerror)
-    except BaseException:
-        with contextlib.suppress(OSError):
+        with _mutex:
+            _held[key] = [fd, 1]
+            fd = -1  # the registry owns it now
+            if not _fork_hook and hasattr(os, "register_at_fork"):
+                os.register_at_fork(after_in_child=_forget_in_child)
+                _fork_hook = True
+        return HeldLock(path, key, previous)
+    finally:
+        if fd >= 0:
             os.close(fd)
-        raise
-    with _mutex:
-        _held[key] = [fd, 1]
-        if not _fork_hook and hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=_forget_in_child)
-            _fork_hook = True
-    return HeldLock(path, key, previous)
 
 
 def is_held(path: str | Path) -> bool:
