@@ -7,7 +7,11 @@ temporary folder, never committed), then in fresh processes:
 - ``transformer-preprocess``: wall time, pairs per second, store bytes per token;
 - a training run of a few updates with the store warm (reference Multi30k model,
   the tokenizer given): time from process start to the end of the first update,
-  and the process's peak RSS.
+  and the process's peak RSS;
+- opening the store as training does, with its self-check: the sizes against
+  ``meta.json`` alone (``open_sizes_s``) and with the checksum of every array
+  (``open_verify_s``), best of three in a fresh process, page cache warm (the
+  store was just written), plus mapping it (block offsets summed).
 
 The format comparison builds a Hugging Face ``datasets`` (Arrow) copy of the 10x
 store and times, each in a fresh process: opening, RSS after opening, and gathering
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -50,6 +55,26 @@ trainer.train()
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"first_update_s": first[0], "peak_rss_mib": rss,
                   "pairs": trainer.n_train, "updates": int(sys.argv[3])}))
+"""
+
+# open a store as training does, checking it (sizes, then sizes and checksums)
+VERIFY_RUN = r"""
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from transformer.data import CorpusStore
+path = Path(sys.argv[2])
+out = {}
+for key, checksums in (("open_sizes_s", False), ("open_verify_s", True)):
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        assert CorpusStore.problems_of(path, checksums) == []
+        store = CorpusStore(path)
+        store.lengths("src"), store.lengths("tgt")  # maps, sums the block offsets
+        best = min(best, time.perf_counter() - start)
+    out[key] = best
+print(json.dumps(out))
 """
 
 # open a store (numpy or Arrow), gather batches; prints JSON
@@ -161,6 +186,8 @@ def bench_size(times: int, work: Path, data_dir: Path, spm: Path, args) -> dict:
         ]
     )
     result = json.loads(train.stdout.strip().splitlines()[-1])
+    opened = _run([sys.executable, "-c", VERIFY_RUN, str(ROOT), str(store)])
+    result |= json.loads(opened.stdout.strip().splitlines()[-1])
     return {
         "size": f"{times}x",
         "pairs_read": pairs,
@@ -223,6 +250,7 @@ def bench_data(args) -> dict:
     if not (data_dir / "train.de.gz").exists():
         raise SystemExit(f"Multi30k not found at {data_dir}")
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    load_before = os.getloadavg()  # a shared machine's load inflates the times
     try:
         spm_dir = work / "spm"
         _run(  # the tokenizer of the reference config, trained once on 1x
@@ -238,11 +266,17 @@ def bench_data(args) -> dict:
         spm = spm_dir / "spm.model"
         sizes = [bench_size(t, work, data_dir, spm, args) for t in args.sizes]
         one, big = sizes[0], sizes[-1]
+        from bench_common import machine
+
         result = {
             "benchmark": "data",
             "config": str(CONFIG.relative_to(ROOT)),
             "updates": args.updates,
             "threads": args.threads,
+            "machine": {
+                **machine(),
+                "load_average_1min": [load_before[0], os.getloadavg()[0]],
+            },
             "sizes": sizes,
             "peak_rss_ratio": big["peak_rss_mib"] / one["peak_rss_mib"],
             "first_update_ratio": big["first_update_s"] / one["first_update_s"],

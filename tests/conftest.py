@@ -233,3 +233,42 @@ def torchrun(tmp_path, out: Path, run: Path, *extra, env=None, wait=True):
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Mount a tmpfs of a given size (``small_fs("1536k")``), unmounted after the
+    test; skipped where mounting is not permitted (CI runs as root)."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"fs{len(mounts)}"
+        where.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def make_read_only(mounted: Path) -> None:
+    """Remount a ``small_fs`` read-only (root is refused too: EROFS)."""
+    subprocess.run(["mount", "-o", "remount,ro", str(mounted)], check=True)
+
+
+def fill(mounted: Path) -> None:
+    """Use up a ``small_fs``'s free space with one file, ``filler``."""
+    with open(mounted / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass

@@ -109,8 +109,8 @@ def test_non_finite_weights_are_never_written(tmp_path, toy_tokenizer, monkeypat
     monkeypatch.setattr(trainer.optimizer, "step", poisoning_step)
     with pytest.raises(TrainingError) as e:
         trainer.train()
-    assert f"{run / 'step_2.pt'} (step 2)" in str(e.value)
-    assert [p.name for p in checkpoints_on_disk(run)] == ["step_2.pt"]
+    assert f"{run / 'last.pt'} (step 2)" in str(e.value)  # as step_2.pt
+    assert [p.name for p in checkpoints_on_disk(run)] == ["last.pt", "step_2.pt"]
     for path in checkpoints_on_disk(run):
         assert all_finite(load_checkpoint(path)["model"]), path
 

@@ -12,6 +12,7 @@ from torch import nn
 from transformer.config import ConfigError, DecodingConfig
 from transformer.data import pad_sources
 from transformer.data.languages import Direction
+from transformer.files import atomic_write_bytes
 from transformer.search import generate
 from transformer.tokenizer import Tokenizer
 
@@ -88,7 +89,7 @@ def plot_attention(
         option = str(e).startswith(("layer ", "head "))
         raise ConfigError(f"--{e}" if option else str(e)) from None
     path = Path(path)
-    path.write_bytes(png)
+    atomic_write_bytes(path, png)
     return path
 
 
@@ -130,6 +131,8 @@ def plot_metrics(run_dir: Path) -> Path | None:
     right.set_xlabel("step")
     fig.tight_layout()
     out = run_dir / "curves.png"
-    fig.savefig(out, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    atomic_write_bytes(out, png.getvalue())
     return out

@@ -18,6 +18,7 @@ from transformer.cli.options import (
 )
 from transformer.config import ConfigError
 from transformer.data import read_pairs
+from transformer.files import atomic_write_bytes
 from transformer.inference import Translator
 
 log = logging.getLogger("transformer")
@@ -90,7 +91,7 @@ def _eval(argv: list[str] | None) -> int:
     tag += f".{way.name}" if translator.multilingual else ""
     default = Path(args.checkpoint[0]).with_suffix(f"{tag}.{name}.hyp")
     output = Path(args.output or default)
-    output.write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    atomic_write_bytes(output, ("\n".join(hyps) + "\n").encode("utf-8"))
     first = infos[0]
     report = {
         "checkpoint": first["checkpoint"],
@@ -109,7 +110,7 @@ def _eval(argv: list[str] | None) -> int:
         "hypotheses": str(output),
     }
     report_path = Path(args.report or output.with_suffix(output.suffix + ".json"))
-    report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    atomic_write_bytes(report_path, (json.dumps(report, indent=2) + "\n").encode())
     print(f"BLEU {scores['bleu']:.2f}  {scores['bleu_signature']}")
     print(f"BLEU {scores['bleu_lc']:.2f}  {scores['bleu_lc_signature']} (lowercased)")
     print(f"chrF {scores['chrf']:.2f}  {scores['chrf_signature']}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformer.averaging import average_checkpoints
 from transformer.checkpoint import WEIGHTS, CheckpointError
 from transformer.cli.common import run_cli, setup_logging
-from transformer.config import ConfigError, load_config
+from transformer.config import Config, ConfigError, load_config
 
 log = logging.getLogger("transformer")
 
@@ -97,14 +97,27 @@ def _preprocess(argv: list[str] | None) -> int:
     )
     args = parser.parse_args(argv)
     setup_logging()
+    from transformer.training.build import run_dir_of
+    from transformer.training.runlock import lock_run_dir
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = run_dir_of(cfg)
+    lock = lock_run_dir(run_dir)  # it writes the run's tokenizer
+    try:
+        _build_stores(cfg, run_dir)
+    finally:
+        lock.release()
+    return 0
+
+
+def _build_stores(cfg: Config, run_dir: Path) -> None:
+    """The tokenizer a run in ``run_dir`` would choose, and its corpus stores."""
     from transformer.data.readers import check_split
-    from transformer.training.build import build_stores, run_dir_of
+    from transformer.training.build import build_stores
     from transformer.training.distributed import Distributed
     from transformer.training.start import read_start, with_corpus
     from transformer.training.tokenizer_choice import choose_tokenizer
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = run_dir_of(cfg)
     cfg = with_corpus(cfg, run_dir)
     check_split(cfg.data, cfg.data.valid_split, "data.valid_split")
     resumed, parent = read_start(cfg, run_dir, resume=None)
@@ -123,7 +136,6 @@ def _preprocess(argv: list[str] | None) -> int:
             f"{stats.bad_ratio} over data.max_length_ratio; {tokens} tokens, "
             f"{size / max(tokens, 1):.2f} bytes a token"
         )
-    return 0
 
 
 def preprocess_main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from transformer.config.base import ConfigError
 from transformer.config.coerce import build_dataclass
 from transformer.config.model import ARCHITECTURES, foreign_keys, own_keys
 from transformer.config.sections import Config
+from transformer.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,5 @@ def _blame(message: str, overrides: list[str], path: Path) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
-    Path(path).write_text(
-        yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True),
-        encoding="utf-8",
-    )
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -4,10 +4,8 @@ several corpora mixed by weight, and collation in DataLoader worker processes.""
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +16,12 @@ from transformer.config import BOS_ID, EOS_ID, PAD_ID
 from transformer.data.languages import Direction
 from transformer.data.readers import DataError
 from transformer.data.store import CorpusStore
+from transformer.data.workers import (
+    WorkerFailure,
+    quiet_worker,
+    stop_workers,
+    worker_died,
+)
 
 
 @dataclass
@@ -372,9 +376,25 @@ class TrainBatches:
             # its own generator: seeding the workers must not draw from the global
             # RNG, whose stream (dropout) an exact resume depends on
             generator=torch.Generator().manual_seed(self.seed),
-            worker_init_fn=_quiet_worker,
+            worker_init_fn=quiet_worker,
         )
-        yield from loader
+        batches = iter(loader)
+        try:
+            while True:
+                try:
+                    item = next(batches)
+                except StopIteration:
+                    return
+                except RuntimeError as e:  # a worker killed (by the OOM killer)
+                    died = worker_died(e)
+                    if died is None:
+                        raise
+                    raise died from None
+                if isinstance(item, WorkerFailure):
+                    raise item.error(self.rank if self.world > 1 else None)
+                yield item
+        finally:
+            stop_workers(batches)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """The batches of one epoch from batch number ``start`` on."""
@@ -393,25 +413,6 @@ def _tokens_of(way: Direction) -> str:
     return f"@{'.'.join(map(str, way.prefix))}/{way.bos}"
 
 
-def _quiet_worker(worker_id: int) -> None:
-    """Workers leave stopping to the main process. A terminal's Ctrl-C reaches
-    the whole process group, and a SIGTERM may reach every process of the job
-    (a scheduler's signal to the group, ``pkill -f``, systemd's control group,
-    Slurm's job step); a worker killed by it would fail the run mid-step. So a
-    worker ignores SIGINT, and ignores the first SIGTERM: the main process
-    finishes its step, saves and shuts the workers down. A second SIGTERM ends
-    it (a user who insists; for a worker stuck past the DataLoader's shutdown,
-    whose one ``terminate()`` it ignores, multiprocessing's exit handler sends
-    the second when the main process exits); one whose main process is gone
-    exits by itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _second_sigterm_ends)
-
-
-def _second_sigterm_ends(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 class _Stream(IterableDataset):
     """The batches of ``TrainBatches.positions``; worker w of W collates the
     w-th, (w + W)-th, ... of them, which the DataLoader returns round-robin, so
@@ -423,10 +424,14 @@ class _Stream(IterableDataset):
         self.data, self.epoch, self.start = data, epoch, start
         self.max_epochs = max_epochs
 
-    def __iter__(self) -> Iterator[tuple[int, int, Batch]]:
+    def __iter__(self) -> Iterator[tuple[int, int, Batch] | WorkerFailure]:
         info = get_worker_info()
         first, step = (0, 1) if info is None else (info.id, info.num_workers)
         positions = self.data.positions(self.epoch, self.start, self.max_epochs)
-        for n, (e, k, ids) in enumerate(positions):
-            if n % step == first:
-                yield e, k, self.data.collate(ids)
+        e, k = self.epoch, self.start
+        try:
+            for n, (e, k, ids) in enumerate(positions):
+                if n % step == first:
+                    yield e, k, self.data.collate(ids)
+        except Exception as error:  # sent as an item: see WorkerFailure
+            yield WorkerFailure.of(error, first, e, k)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import logging
 import os
 import sys
@@ -68,11 +69,12 @@ def _fetch_once(url: str, part: Path) -> None:
                 total=total, initial=done, unit="B", unit_scale=True, desc=part.stem
             )
         try:
-            with open(part, "ab" if done else "wb") as f:
+            # unbuffered: a full disk fails a write, not the close
+            with _local(open, part, "ab" if done else "wb", 0) as f:
                 since, arrived = time.monotonic(), 0
                 # read1: what has arrived, without waiting for a whole block
                 for block in iter(lambda: response.read1(1 << 16), b""):
-                    f.write(block)
+                    _local(f.write, block)
                     if bar is not None:
                         bar.update(len(block))
                     arrived += len(block)
@@ -88,6 +90,22 @@ def _fetch_once(url: str, part: Path) -> None:
                 bar.close()
         if total is not None and part.stat().st_size != total:
             raise OSError(f"{url}: got {part.stat().st_size} of {total} bytes")
+
+
+class _WriteFailed(Exception):
+    """Writing the download failed here (a full or read-only disk): not retried."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror or str(error))
+
+
+def _local(call, *args):
+    """``call(*args)``, an operation on the local file: its OSError is not the
+    network's, and retrying would not help."""
+    try:
+        return call(*args)
+    except OSError as e:
+        raise _WriteFailed(e) from None
 
 
 def download(url: str, target: Path, sha256: str) -> Path:
@@ -106,8 +124,14 @@ def download(url: str, target: Path, sha256: str) -> Path:
                 f"cannot download {url}: HTTP {e.code} {e.reason} (check "
                 "data.source_url, or point data.dir at a local copy)"
             ) from e
-        except (urllib.error.URLError, OSError) as e:  # cut off: resume
-            error = e
+        except _WriteFailed as e:
+            part.unlink(missing_ok=True)
+            raise DataError(
+                f"cannot write {part}: {e}; the download was deleted (free space "
+                "there, or set data.download_dir)"
+            ) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            error = e  # cut off: the next try resumes
             log.warning("%s: try %d of %d failed (%s)", url, attempt, ATTEMPTS, e)
     else:
         kept = (

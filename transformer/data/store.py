@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -44,14 +43,25 @@ import numpy as np
 
 from transformer.config import DataConfig
 from transformer.data.corpus import FilterStats, keep_pair
+
+# DIGESTS and file_digests stay importable from here, where they were defined
+from transformer.data.identity import DIGESTS, corpus_identity, file_digests  # noqa: F401
+from transformer.data.integrity import (
+    ARRAYS,
+    BUILD_LOCK,
+    CHECKSUM_NAME,
+    clean_partial_stores,
+    new_checksum,
+    set_aside,
+    store_problems,
+)
 from transformer.data.readers import (
     DataError,
-    hub_local_files,
     read_pairs,
-    split_files,
     split_origin,
 )
-from transformer.files import as_if_created, atomic_write_bytes
+from transformer.files import as_if_created
+from transformer.locks import acquire
 from transformer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -67,115 +77,6 @@ def _uint(limit: int) -> np.dtype:
         if limit <= np.iinfo(dtype).max + 1:
             return np.dtype(dtype)
     return np.dtype(np.uint64)
-
-
-DIGESTS = "file-digests.json"  # in the cache folder: path, size, mtime -> sha256
-
-
-def _stamp(info: os.stat_result) -> list[int]:
-    """What identifies a file's version without reading it: size, modification
-    and change times, inode. The change time cannot be set back by ``cp -p``,
-    ``rsync -t`` or ``tar``, so rewritten content is never taken for the old."""
-    return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_digests(files: list[Path], cache_dir: str | Path | None = None) -> list[str]:
-    """The sha256 of each file's bytes.
-
-    A corpus is known by its content, not by where it lies or when it was last
-    touched: a copy, a move or a fresh checkout of the same files keeps the key of
-    its store, so a run resumes and the store is reused. Hashing reads each file
-    once; the digests are remembered in ``cache_dir`` under the file's path and
-    stamp (size, times, inode) and recomputed when any of those changes.
-    """
-    table: dict[str, Any] = {}
-    index = Path(cache_dir) / DIGESTS if cache_dir is not None else None
-    if index is not None and index.exists():
-        with contextlib.suppress(OSError, ValueError):
-            loaded = json.loads(index.read_text("utf-8"))
-            table = loaded if isinstance(loaded, dict) else {}
-    digests, changed = [], False
-    for path in files:
-        info = path.stat()
-        name, stamp = str(path.resolve()), _stamp(info)
-        entry = table.get(name)
-        if (
-            isinstance(entry, list)
-            and len(entry) == len(stamp) + 1
-            and entry[:-1] == stamp
-            and isinstance(entry[-1], str)
-            and re.fullmatch(r"[0-9a-f]{64}", entry[-1])
-        ):
-            digests.append(entry[-1])
-            continue
-        start = time.perf_counter()
-        digest = _sha256(path)
-        seconds = time.perf_counter() - start
-        if seconds > 2:
-            log.info("hashed %s (%.0f MB) in %.1f s", path, info.st_size / 1e6, seconds)
-        if _stamp(path.stat()) == stamp:  # not remembered if it changed meanwhile
-            table[name] = [*stamp, digest]
-            changed = True
-        digests.append(digest)
-    if changed and index is not None:
-        try:  # concurrent writers: the last one wins whole
-            atomic_write_bytes(
-                index, json.dumps(table, indent=1, sort_keys=True).encode()
-            )
-        except OSError as e:
-            log.warning(
-                "cannot remember corpus digests in %s (%s): the corpus files are "
-                "hashed again at every start",
-                index,
-                e.strerror or e,
-            )
-    return digests
-
-
-def corpus_identity(
-    cfg: DataConfig,
-    split: str,
-    seed: int,
-    cache_dir: str | Path | None = None,
-    by_content: bool = True,
-) -> dict[str, Any]:
-    """What a split's raw pairs are: the format and fields, and the content of
-    its files (or a hub corpus's name, or a toy task's settings); with
-    ``by_content=False`` the files' path, size and time, as keys were before."""
-    identity: dict[str, Any] = {
-        "format": cfg.format,
-        "langs": [cfg.src_lang, cfg.tgt_lang],
-        "fields": [cfg.src_field, cfg.tgt_field],
-    }
-    if cfg.synthetic:
-        identity["toy"] = [cfg.toy_vocab, cfg.toy_min_len, cfg.toy_max_len]
-        identity["toy"] += [cfg.toy_train_size, seed]
-    elif cfg.format == "hub" and not cfg.dir:  # a hub corpus: its name
-        identity["hub"] = [cfg.hub_name, cfg.hub_config, cfg.dir]
-    else:
-        if cfg.format == "hub":  # a generic builder over local files: those too
-            identity["hub"] = [cfg.hub_name, cfg.hub_config]
-            files = hub_local_files(cfg, split)
-        else:
-            files = split_files(cfg, split)
-        if by_content:
-            identity["files"] = file_digests(files, cache_dir)
-        else:
-            if cfg.format == "hub":
-                identity["hub"].append(cfg.dir)
-            identity["files"] = [
-                [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
-                for p in files
-            ]
-    return identity
 
 
 def _key(cfg: DataConfig, split: str, tokenizer: Tokenizer, identity: dict) -> str:
@@ -228,6 +129,17 @@ class CorpusStore:
 
     def __len__(self) -> int:
         return self.pairs
+
+    @staticmethod
+    def problems_of(path: Path, checksums: bool = True) -> list[str]:
+        """What is wrong with the store in ``path`` (empty: it is whole)."""
+        try:
+            meta = json.loads((path / "meta.json").read_text("utf-8"))
+        except (OSError, ValueError) as e:
+            return [f"meta.json: {getattr(e, 'strerror', None) or e}"]
+        if not isinstance(meta, dict):
+            return ["meta.json: not a store's record"]
+        return store_problems(path, meta, checksums)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": None}  # reopened where unpickled
@@ -352,16 +264,22 @@ def build_store(
     ids_dtype = np.dtype(np.uint16 if vocab <= 65536 else np.uint32)
     len_dtype = _uint(cfg.max_length + 1)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    clean_partial_stores(directory.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     as_if_created(staging)
+    try:
+        building = acquire(staging / BUILD_LOCK)  # tells cleaners that it is alive
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     stats = FilterStats()
     tokens = {"src": 0, "tgt": 0}
+    sums = {name: new_checksum() for name in ARRAYS}
     report = _Report(split_origin(cfg, split), progress)
     try:
         with contextlib.ExitStack() as stack:
             files = {
-                name: stack.enter_context(open(staging / name, "wb"))
-                for name in ("src.bin", "tgt.bin", "src.len", "tgt.len")
+                name: stack.enter_context(open(staging / name, "wb")) for name in ARRAYS
             }
             for chunk in _chunks(read_pairs(cfg, split, seed), CHUNK):
                 texts = {"src": [s for s, _ in chunk], "tgt": [t for _, t in chunk]}
@@ -383,8 +301,12 @@ def build_store(
                     flat = np.fromiter(
                         (i for seq in seqs for i in seq), ids_dtype, int(lengths.sum())
                     )
-                    files[f"{side}.bin"].write(flat.tobytes())
-                    files[f"{side}.len"].write(lengths.tobytes())
+                    for name, array in (
+                        (f"{side}.bin", flat),
+                        (f"{side}.len", lengths),
+                    ):
+                        files[name].write(array.data)
+                        sums[name].update(array.data)
                     tokens[side] += len(flat)
                 report.update(len(chunk))
         seconds = report.close()
@@ -405,16 +327,24 @@ def build_store(
             "filter": asdict(stats),
             "tokenizer": tokenizer.hash(),
             "seconds": seconds,
+            "checksums": {
+                k: f"{CHECKSUM_NAME}:{v.hexdigest()}" for k, v in sums.items()
+            },
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        building.release()
+        (staging / BUILD_LOCK).unlink()
         try:
             os.rename(staging, directory)  # atomic; fails if another built it first
         except OSError:
             if not (directory / "meta.json").exists():
                 raise
             shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
+        building.release()
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # a write: name the store
+            raise OSError(e.errno, e.strerror or str(e), str(directory)) from None
         raise
     stats.log(f"{split} ({meta['source']})")
     log.info(
@@ -437,12 +367,29 @@ def open_store(
     seed: int = 0,
     progress: bool = True,
 ) -> CorpusStore:
-    """The store for these settings: reused when built, built when missing."""
+    """The store for these settings: reused when built and whole (its sizes and
+    checksums are checked), built when missing, rebuilt when damaged."""
     key = store_key(cfg, split, tokenizer, seed, cache_dir)
     path = Path(cache_dir) / f"store-{split}-{key}"
-    if (path / "meta.json").exists():
+    if not path.exists():
+        log.info("building the corpus store %s", path)
+        return build_store(cfg, split, tokenizer, path, seed, progress=progress)
+    problems = CorpusStore.problems_of(path)
+    if not problems:
         store = CorpusStore(path)
         log.info("corpus store %s: %d pairs (reused)", path, len(store))
         return store
-    log.info("building the corpus store %s", path)
-    return build_store(cfg, split, tokenizer, path, seed, progress=progress)
+    log.warning(
+        "corpus store %s is damaged (%s): rebuilding it", path, "; ".join(problems)
+    )
+    try:
+        aside = set_aside(path)
+        store = build_store(cfg, split, tokenizer, path, seed, progress=progress)
+    except OSError as e:
+        raise DataError(
+            f"corpus store {path} is damaged ({'; '.join(problems)}) and cannot be "
+            f"rebuilt: {e.filename or path}: {e.strerror or e}; delete it, or point "
+            "data.cache_dir at a writable folder"
+        ) from None
+    shutil.rmtree(aside, ignore_errors=True)
+    return store

@@ -31,7 +31,7 @@ from transformer import __version__
 from transformer.checkpoint import WEIGHTS
 from transformer.config import DataConfig, DecodingConfig, ModelConfig
 from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
-from transformer.files import as_if_created, make_parent, temp_beside
+from transformer.files import as_if_created, make_parent, temp_beside, write_error
 from transformer.inference import load_model
 from transformer.models import Transformer
 from transformer.tokenizer import SPECIAL_IDS, Tokenizer
@@ -276,9 +276,12 @@ def export_model(
             shutil.rmtree(trash)
         else:
             staging.rename(output)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        cause = write_error(e)  # a full or read-only disk: one line naming it
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(output)) from None
     log.info("exported to %s (quantization %s)", output, quantization or "none")
     return output
 

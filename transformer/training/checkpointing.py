@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,11 @@ from transformer.checkpoint import (
     CheckpointError,
     atomic_save,
     checkpoint_config,
+    saved_size,
     set_rng_state,
 )
 from transformer.config import Config
+from transformer.files import free_bytes, link_or_copy, sync_folder
 from transformer.state_dicts import non_finite_weights
 from transformer.training.distributed import Distributed
 from transformer.training.state import TrainingError, TrainState
@@ -118,56 +121,145 @@ def prepare_run_dir(
         )
 
 
+class NoRoom(TrainingError):
+    """A checkpoint does not fit the run folder's filesystem."""
+
+
 class Checkpointer:
-    """``last.pt``, ``best.pt`` and the last ``keep_last`` ``step_<N>.pt`` of a run."""
+    """``last.pt``, ``best.pt`` and the last ``keep_last`` ``step_<N>.pt`` of a run.
+
+    A save writes ``last.pt`` (a temporary file renamed into place) and then
+    gives the same bytes the names ``best.pt`` and ``step_<N>.pt`` asked for, as
+    hard links where the filesystem allows (copies otherwise): one file's space
+    and time a save, and never a step checkpoint newer than ``last.pt``. Before
+    writing, the free space of the folder is compared with the checkpoint's
+    size; when it does not fit, the step checkpoints that ``keep_last`` would
+    drop after this save are dropped first, and if that is not enough the run
+    stops (``NoRoom``) with ``last.pt`` as it was.
+    """
 
     def __init__(self, run_dir: Path, ranks: Distributed, keep_last: int) -> None:
         self.run_dir, self.ranks, self.keep_last = run_dir, ranks, keep_last
         self.last_written: tuple[Path, int] | None = None  # (path, step)
+        self.failed: str | None = None  # why a write failed: no more are tried
+        if ranks.main:
+            self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Delete the temporary files of writes that a kill cut short (a
+        checkpoint's is as large as the checkpoint). Safe: the run holds the
+        folder's lock, so no other process writes there."""
+        for temp in self.run_dir.glob(".*.tmp"):
+            temp.unlink(missing_ok=True)
+            log.warning("removed %s, left by a write that was cut short", temp)
 
     def save(
-        self, name: str, state: dict[str, Any], every_rank: bool = True
+        self, state: dict[str, Any], also: list[str] = (), every_rank: bool = True
     ) -> Path | None:
-        """Write ``state`` as ``name`` on rank 0; returns the path, or None when
-        nothing was written (another rank, or non-finite weights).
+        """Write ``state`` as ``last.pt`` and under the names ``also`` (on rank
+        0); returns its path, or None when nothing was written (non-finite
+        weights). A write that fails ends every rank with one line.
 
         ``every_rank``: all ranks call this at the same point, so that each rank's
-        RNG state is saved (``rng_per_rank``); otherwise only this rank's is.
+        RNG state is saved (``rng_per_rank``) and each learns how the write went;
+        otherwise only this rank's RNG state is saved.
         """
         rngs = None
         if every_rank:  # as bytes: the gather's unpickler rejects tensors
             blobs = self.ranks.gather_to_main(_to_bytes(state["rng"]))
             rngs = None if blobs is None else [_from_bytes(b) for b in blobs]
-        if not self.ranks.main:
+
+        def write() -> str | None:
+            return self._write(state, list(also), rngs)
+
+        try:
+            if every_rank:
+                written = self.ranks.on_main(write, "writing a checkpoint")
+            else:
+                written = write() if self.ranks.main else None
+        except (TrainingError, OSError) as e:
+            self.failed = str(e)
+            raise
+        if written is None:
             return None
+        self.last_written = (Path(written), state["step"])
+        return Path(written)
+
+    def _write(
+        self, state: dict[str, Any], also: list[str], rngs: list | None
+    ) -> str | None:
+        last = self.run_dir / "last.pt"
         bad = non_finite_weights(state["model"])
         if bad:
             log.error(
                 "not writing %s: %d weight tensor(s) are not finite (%s)",
-                self.run_dir / name,
+                ", ".join(str(self.run_dir / n) for n in ["last.pt", *also]),
                 len(bad),
                 ", ".join(bad[:3]),
             )
             return None
         if rngs is not None and len(rngs) == self.ranks.world:
             state = {**state, "rng_per_rank": rngs}
-        path = self.run_dir / name
-        atomic_save(state, path)
-        self.last_written = (path, state["step"])
-        return path
+        needed = saved_size(state)
+        steps = [n for n in also if _STEP.fullmatch(n)]
+        self._make_room(needed, steps)
+        try:
+            atomic_save(state, last)
+            self.last_written = (last, state["step"])
+            for name in also:
+                link_or_copy(last, self.run_dir / name)
+            sync_folder(self.run_dir)
+        except OSError as e:
+            raise TrainingError(
+                f"cannot write {e.filename or last}: {e.strerror or e} (a checkpoint "
+                f"of about {needed:,} bytes; {free_bytes(self.run_dir):,} free); "
+                f"{self.describe_last()}"
+            ) from None
+        if steps:
+            for old in self._steps()[: -self.keep_last]:
+                old.unlink(missing_ok=True)
+        return str(last)
 
-    def save_step(self, state: dict[str, Any]) -> None:
-        """``step_<N>.pt``, keeping the last ``keep_last`` of them."""
-        if not self.keep_last:
+    def _steps(self) -> list[Path]:
+        """The step checkpoints, oldest first."""
+        found = [p for p in self.run_dir.glob("step_*.pt") if _STEP.fullmatch(p.name)]
+        return sorted(found, key=lambda p: _step_of(p.name))
+
+    def _make_room(self, needed: int, new_steps: list[str]) -> None:
+        """Check that ``needed`` bytes fit; if not, drop early the step
+        checkpoints that ``keep_last`` drops after a save adding ``new_steps``
+        (where that frees their bytes); if still not, stop the run."""
+        free = before = free_bytes(self.run_dir)
+        if needed <= free:
             return
-        self.save(f"step_{state['step']}.pt", state)
-        if not self.ranks.main:
+        dropped = []
+        if new_steps:
+            after = {_step_of(n) for n in new_steps} | {
+                _step_of(p.name) for p in self._steps()
+            }
+            drop = sorted(after)[: max(0, len(after) - self.keep_last)]
+            for old in (self.run_dir / f"step_{n}.pt" for n in drop):
+                if needed <= free:
+                    break
+                if old.exists() and old.stat().st_nlink == 1:  # not also best/last
+                    old.unlink()
+                    dropped.append(old.name)
+                    free = free_bytes(self.run_dir)
+        if needed <= free:
+            log.warning(
+                "%s: a checkpoint needs about %s bytes, %s were free: dropped %s "
+                "early (training.keep_last=%d)",
+                self.run_dir,
+                f"{needed:,}",
+                f"{before:,}",
+                ", ".join(dropped),
+                self.keep_last,
+            )
             return
-        steps = sorted(
-            self.run_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1])
+        raise NoRoom(
+            f"{self.run_dir}: no room for a checkpoint: about {needed:,} bytes "
+            f"needed, {free:,} free; the run stops: {self.describe_last()}"
         )
-        for old in steps[: -self.keep_last]:
-            old.unlink(missing_ok=True)
 
     def describe_last(self) -> str:
         """Where the newest checkpoint with finite weights is, for messages."""
@@ -178,6 +270,13 @@ class Checkpointer:
         if last.exists():
             return f"{last} is unchanged"
         return "no checkpoint was written"
+
+
+_STEP = re.compile(r"step_(\d+)\.pt")
+
+
+def _step_of(name: str) -> int:
+    return int(_STEP.fullmatch(name)[1])
 
 
 def restore(

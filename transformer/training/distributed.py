@@ -117,11 +117,27 @@ class Distributed:
         if not self.enabled:
             return [obj]
         out: list[Any] | None = [None] * self.world if self.main else None
-        dist.gather_object(obj, out, dst=0, group=self._waits)
+        try:
+            dist.gather_object(obj, out, dst=0, group=self._waits)
+        except (RuntimeError, dist.DistError) as e:
+            raise self._lost("a gather", e) from e
         return out
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over ranks (in place)."""
+        """Element-wise sum over ranks (in place). A rank that is gone (its
+        process failed or was killed) ends this one with one line, not a
+        traceback from inside the collective."""
         if self.enabled:
-            dist.all_reduce(values)
+            try:
+                dist.all_reduce(values)
+            except (RuntimeError, dist.DistError) as e:
+                raise self._lost("a step's all-reduce", e) from e
         return values
+
+    def _lost(self, where: str, e: Exception) -> TrainingError:
+        first = (str(e).splitlines() or [""])[0]
+        return TrainingError(
+            f"rank {self.rank}: lost the other ranks in {where} "
+            f"({type(e).__name__}: {first}); another rank failed or stopped: its "
+            "error says why"
+        )

@@ -19,15 +19,12 @@ from typing import Any
 
 import torch
 
-from transformer.checkpoint import (
-    FORMAT_VERSION,
-    rng_state,
-)
+from transformer.checkpoint import FORMAT_VERSION, rng_state
 from transformer.config import Config
 from transformer.data import Batch
 from transformer.data.readers import check_split
+from transformer.data.workers import worker_failure
 from transformer.models import count_parameters
-from transformer.plots import plot_metrics
 from transformer.precision import effective_precision
 from transformer.training.build import (
     build_device,
@@ -35,16 +32,13 @@ from transformer.training.build import (
     build_train_data,
     run_dir_of,
 )
-from transformer.training.checkpointing import (
-    Checkpointer,
-    restore,
-    restore_rng,
-)
+from transformer.training.checkpointing import Checkpointer, restore, restore_rng
 from transformer.training.distributed import Distributed
 from transformer.training.ema import build_ema
 from transformer.training.loss import forward_loss
 from transformer.training.optim import build_optimizer
 from transformer.training.progress import MetricsLog, Progress
+from transformer.training.runlock import lock_run_dir
 from transformer.training.signals import StopSignals
 from transformer.training.start import start_run, with_corpus
 from transformer.training.state import (
@@ -69,6 +63,7 @@ class Trainer:
         self.device = build_device(t, self.dist)
         self.dist.init(self.device, t.dist_timeout, t.prepare_timeout)
         self.run_dir = run_dir_of(config)
+        self.lock = lock_run_dir(self.run_dir, self.dist)
 
         config = self.dist.main_first(
             lambda: with_corpus(config, self.run_dir), "downloading the corpus"
@@ -155,16 +150,18 @@ class Trainer:
             **({} if self.ema is None else self.ema.checkpoint_entries()),
         }
 
-    def _save(self, name: str | None = None, every_rank: bool = True) -> None:
-        """Write ``name`` (None: a step checkpoint); call on every rank together."""
+    def _save(
+        self, best: bool = False, step: bool = False, every_rank: bool = True
+    ) -> None:
+        """Write ``last.pt``, also as ``best.pt`` and as ``step_<N>.pt`` (under
+        ``keep_last``) when asked; call on every rank together."""
         with self.signals.critical():
             state = self.checkpoint_state()
-            if name is None:
-                self.checkpoints.save_step(state)
-            else:
-                self.checkpoints.save(name, state, every_rank)
-                if name == "last.pt":
-                    self._last_saved_at = self.state.step
+            also = ["best.pt"] if best else []
+            if step and self.cfg.training.keep_last:
+                also.append(f"step_{self.state.step}.pt")
+            self.checkpoints.save(state, also, every_rank)
+            self._last_saved_at = self.state.step
 
     # --- one update ---
 
@@ -275,7 +272,8 @@ class Trainer:
 
     def train(self) -> Path:
         """Run until max_steps, max_epochs, early stopping, a stop signal on any
-        rank, or ``max_nonfinite`` skipped updates in a row (TrainingError)."""
+        rank, or ``max_nonfinite`` skipped updates in a row (TrainingError); the
+        run folder's lock is released at the end, also after an error."""
         t = self.cfg.training
         self._metrics = MetricsLog(self.run_dir, self.dist.main, t.tensorboard)
         progress = Progress(t.max_steps, self.state.step, self.dist.main, t.log_seconds)
@@ -284,15 +282,20 @@ class Trainer:
         try:
             failure = self._loop(progress)
             together = True
+        except RuntimeError as e:  # a data worker failed or died: save, one line
+            failure = worker_failure(e)
+            if failure is None:
+                raise
         finally:
             progress.close()
             try:
                 self._save_at_exit(together)
             finally:
                 self.signals.uninstall()
-                self._metrics.close()
-                if self.dist.main and self.state.step > 0:
-                    plot_metrics(self.run_dir)
+                try:
+                    self._metrics.close(curves=self.state.step > 0)
+                finally:
+                    self.lock.release()
         if failure is not None:
             raise TrainingError(f"{failure}; {self.checkpoints.describe_last()}")
         best, last = self.run_dir / "best.pt", self.run_dir / "last.pt"
@@ -365,17 +368,18 @@ class Trainer:
                 return None
             if result.skipped:
                 continue
-            if t.save_every and step % t.save_every == 0:
-                self._save()
+            validating = (
+                step % t.validate_every == 0
+                or step == t.max_steps
+                or result.out_of_time
+            )
+            if t.save_every and step % t.save_every == 0 and not validating:
+                self._save(step=True)  # (a validation saves the step itself)
             if result.out_of_time:
                 log.info(
                     "training.max_minutes=%g spent after step %d", t.max_minutes, step
                 )
-            if (
-                step % t.validate_every == 0
-                or step == t.max_steps
-                or result.out_of_time
-            ):
+            if validating:
                 if self.validate_and_save() and not result.out_of_time:
                     log.info("early stopping at step %d", step)
                     return None
@@ -388,10 +392,12 @@ class Trainer:
     def _save_at_exit(self, together: bool) -> None:
         if self.state.step == 0 or self._last_saved_at == self.state.step:
             return
+        if self.checkpoints.failed:  # a full disk: last.pt stays as it was
+            return
         if together:
-            self._save("last.pt")
+            self._save()
         elif not self.dist.enabled:
-            self._save("last.pt", every_rank=False)  # the state of the last boundary
+            self._save(every_rank=False)  # the state of the last boundary
         else:
             log.warning(
                 "rank %d stopped on its own: last.pt is not rewritten (%s)",
@@ -438,10 +444,7 @@ class Trainer:
             )
             if "bleu_signature" in metrics:
                 log.info("BLEU signature: %s", metrics["bleu_signature"])
-        if better:
-            self._save("best.pt")
-        self._save()
-        self._save("last.pt")
+        self._save(best=better, step=True)  # last.pt, best.pt and step_<N>.pt
         return bool(t.patience) and s.bad_validations >= t.patience
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from transformer.files import append_whole
+
 log = logging.getLogger(__name__)
 
 
@@ -98,13 +100,21 @@ class MetricsLog:
         if not self.enabled:
             return
         row = {"type": kind, "step": step, "time": time.time(), **values}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_whole(self.path, (json.dumps(row) + "\n").encode("utf-8"))
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
 
-    def close(self) -> None:
+    def close(self, curves: bool = False) -> None:
+        """Close; with ``curves`` also draw ``curves.png`` (a convenience: when
+        it cannot be written, a warning says so and the run's outcome stands)."""
         if self.writer is not None:
             self.writer.close()
+        if curves and self.enabled:
+            from transformer.plots import plot_metrics
+
+            try:
+                plot_metrics(self.path.parent)
+            except OSError as e:
+                log.warning("curves.png not written: %s", e)

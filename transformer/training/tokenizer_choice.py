@@ -25,7 +25,7 @@ from typing import Any, Literal
 from transformer.checkpoint import same_tokenizer
 from transformer.config import Config, ConfigError
 from transformer.data import DataError, read_pairs, split_origin
-from transformer.data.store import corpus_identity
+from transformer.data.identity import corpus_identity
 from transformer.files import atomic_write_bytes
 from transformer.tokenizer import Tokenizer
 from transformer.training.distributed import Distributed

@@ -15,6 +15,7 @@ from transformer.config import BOS_ID, PAD_ID, Config, DecodingConfig
 from transformer.data import ParallelCorpus, collate, load_corpus, token_batches
 from transformer.data.languages import Direction, direction
 from transformer.evaluation import score_corpus
+from transformer.files import atomic_write_bytes
 from transformer.precision import autocast, effective_precision
 from transformer.search import decode_corpus
 from transformer.tokenizer import Tokenizer
@@ -146,7 +147,7 @@ def _validate_one(
         hyps = [tokenizer.decode_tgt(r[0].tokens) for r in results]
         metrics.update(score_corpus(hyps, corpus.refs))
         if hyps_file is not None:
-            hyps_file.write_text("\n".join(hyps) + "\n", encoding="utf-8")
+            atomic_write_bytes(hyps_file, ("\n".join(hyps) + "\n").encode("utf-8"))
     return metrics
 
 
