@@ -31,8 +31,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from transformer.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,25 +51,34 @@ def describe(path: Path) -> dict:
     return {"file": str(path), "mib": size, "sha256": digest.hexdigest()}
 
 
-def parse_row(text: str) -> tuple[str, list[Path]]:
-    name, sep, files = text.partition("=")
+def parse_row(text: str) -> tuple[str, list[Path], str | None]:
+    """``NAME=CHECKPOINT[,CHECKPOINT...][@SRC-TGT]`` -> name, paths, direction."""
+    name, sep, rest = text.partition("=")
+    files, _, way = rest.partition("@")
     paths = [Path(f) for f in files.split(",") if f]
     if not sep or not name or not paths:
-        raise ConfigError(f"--row {text!r}: expected NAME=CHECKPOINT[,CHECKPOINT...]")
-    if not re.fullmatch(r"[\w .+-]+", name):
-        raise ConfigError(f"--row {name!r}: a name of letters, digits, ' ', . + - _")
+        raise ConfigError(
+            f"--row {text!r}: expected NAME=CHECKPOINT[,CHECKPOINT...][@SRC-TGT]"
+        )
+    if not re.fullmatch(r"[\w .+>-]+", name):
+        raise ConfigError(f"--row {name!r}: a name of letters, digits, ' ', . + - > _")
+    if way and not re.fullmatch(r"\w+-\w+", way):
+        raise ConfigError(f"--row {text!r}: a direction is SRC-TGT (e.g. @de-en)")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ConfigError(f"--row {name}: no such checkpoint: {', '.join(missing)}")
-    return name, paths
+    return name, paths, way or None
 
 
-def score_row(name: str, candidates: list[list[Path]], args) -> dict:
+def score_row(
+    name: str, candidates: list[list[Path]], args, way: str | None = None
+) -> dict:
     """Sweep each candidate on the validation split, decode the test split once
-    with the best candidate's best setting."""
+    with the best candidate's best setting; ``way``: a multilingual model's
+    direction (``de-en``)."""
     swept, best = [], None  # one candidate's models at a time besides the best
     for paths in candidates:
-        c = sweep_candidate(name, paths, args)
+        c = sweep_candidate(name, paths, args, way)
         if best is not None and (c["valid"], c["test"], c["direction"]) != (
             best["valid"],
             best["test"],
@@ -87,6 +94,7 @@ def score_row(name: str, candidates: list[list[Path]], args) -> dict:
     beam, alpha = choose(best["sweep"])
     paths, precision, decode = best["paths"], best["precision"], best["decode"]
     scores = decode(best["test"], beam, alpha)
+    hypotheses = scores.pop("hypotheses")
     print(
         f"{name}: {best['test']} beam {beam} alpha {alpha}: BLEU {scores['bleu']:.2f}"
     )
@@ -96,6 +104,13 @@ def score_row(name: str, candidates: list[list[Path]], args) -> dict:
     command += ["--split", best["test"], "--beam", str(beam)]
     command += ["--length-penalty", str(alpha), "--device", "cpu"]
     command += ["--precision", precision]
+    if way:
+        command += [
+            "--src-lang",
+            best["direction"][0],
+            "--tgt-lang",
+            best["direction"][1],
+        ]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     row = {
@@ -110,7 +125,9 @@ def score_row(name: str, candidates: list[list[Path]], args) -> dict:
         "valid_bleu_chosen": best["sweep"][beam, alpha],
         "test_split": best["test"],
         "test": scores,
+        "direction": "-".join(best["direction"]),
         "command": shlex.join(command),
+        "_hypotheses": hypotheses,  # the test output, for callers; not written
     }
     if len(candidates) > 1:
         row["candidates"] = [
@@ -128,39 +145,35 @@ def sweep_list(sweep: dict[tuple[int, float], float]) -> list[dict]:
     return [{"beam": b, "alpha": a, "bleu": bleu} for (b, a), bleu in sweep.items()]
 
 
-def sweep_candidate(name: str, paths: list[Path], args) -> dict:
+def sweep_candidate(name: str, paths: list[Path], args, way: str | None = None) -> dict:
     """One candidate's validation sweep, and what decodes its test split."""
     from transformer.data import read_pairs
     from transformer.data.download import ensure_corpus
     from transformer.evaluation import score_corpus
-    from transformer.inference import load_ensemble, set_precision, translate
+    from transformer.inference import Translator
 
-    device = torch.device("cpu")
-    model, cfg, tokenizer, _ = load_ensemble(paths, device, args.weights)
-    set_precision(model, cfg.decoding.precision)  # as transformer-eval does
-    bf16 = next(model.parameters()).dtype == torch.bfloat16
-    precision = "bf16" if bf16 else "fp32"
+    translator = Translator.load(paths, "cpu", args.weights)
+    cfg = translator.config
+    translator.cast(cfg.decoding.precision)  # as transformer-eval does
+    precision = translator.precision
+    src, _, tgt = way.partition("-") if way else (None, "", None)
+    direction = translator.direction(src, tgt)
+    data = cfg.data.direction(direction.src, direction.tgt)
     if args.data_dir:
-        cfg.data.dir = args.data_dir
-    ensure_corpus(cfg.data)
+        data = dataclasses.replace(data, dir=args.data_dir)
+    data = ensure_corpus(data)
     valid, test = cfg.data.valid_split, args.test_split or cfg.data.test_split
     if not test:
         raise ConfigError(f"--row {name}: the config has no data.test_split")
     for split in (valid, test):  # a missing split fails before the sweep's work
-        next(iter(read_pairs(cfg.data, split, cfg.training.seed)), None)
+        next(iter(read_pairs(data, split, cfg.training.seed)), None)
 
     def decode(split: str, beam: int, alpha: float) -> dict:
-        pairs = list(read_pairs(cfg.data, split, cfg.training.seed))
-        dcfg = dataclasses.replace(
-            cfg.decoding,
-            strategy="beam" if beam > 1 else "greedy",
-            beam_size=beam,
-            length_penalty=alpha,
-            nbest=1,
-        )
-        dcfg.validate()
-        results = translate(model, tokenizer, [s for s, _ in pairs], dcfg, device)
-        return score_corpus([r[0].text for r in results], [t for _, t in pairs])
+        pairs = list(read_pairs(data, split, cfg.training.seed))
+        dcfg = translator.decoding({"beam_size": beam, "length_penalty": alpha})
+        results = translator.translate([s for s, _ in pairs], dcfg, way=direction)
+        hyps = [r[0].text for r in results]
+        return {**score_corpus(hyps, [t for _, t in pairs]), "hypotheses": hyps}
 
     label = name if len(paths) == 1 else f"{name} [{', '.join(p.name for p in paths)}]"
     sweep = {}
@@ -175,7 +188,7 @@ def sweep_candidate(name: str, paths: list[Path], args) -> dict:
         "decode": decode,
         "valid": valid,
         "test": test,
-        "direction": (cfg.data.src_lang, cfg.data.tgt_lang),
+        "direction": (direction.src, direction.tgt),
     }
 
 
@@ -210,9 +223,12 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--test-split", help="default: data.test_split")
     args = parser.parse_args(argv)
     rows: dict[str, list[list[Path]]] = {}  # a name given twice: candidates
-    for name, paths in map(parse_row, args.row):
+    ways: dict[str, str | None] = {}
+    for name, paths, way in map(parse_row, args.row):
         if paths in rows.get(name, []):
             raise ConfigError(f"--row {name}: the same checkpoints twice")
+        if ways.setdefault(name, way) != way:
+            raise ConfigError(f"--row {name}: its candidates name other directions")
         rows.setdefault(name, []).append(paths)
     if min(args.beams) < 1:
         raise ConfigError(f"--beams: must be >= 1 (got {args.beams})")
@@ -223,10 +239,13 @@ def _main(argv: list[str] | None) -> int:
     result = {
         "selection": "candidate, beam and alpha by validation BLEU; test decoded once",
         "rows": [
-            score_row(name, candidates, args) for name, candidates in rows.items()
+            score_row(name, candidates, args, ways[name])
+            for name, candidates in rows.items()
         ],
         "machine": machine(),
     }
+    for row in result["rows"]:
+        row.pop("_hypotheses")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
