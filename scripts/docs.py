@@ -1,17 +1,19 @@
 """Write the site's generated reference pages from the code, so they cannot drift:
 
-    python scripts/docs.py            # writes docs/reference/config.md and cli.md
+    python scripts/docs.py            # writes docs/reference/{config,cli,modules}.md
     python scripts/docs.py --check    # exit 1, naming the page, if one is stale
 
 ``config.md`` walks the config dataclasses (``transformer.config.reference``);
 ``cli.md`` holds the ``--help`` of every console script in pyproject.toml and of
 the scripts the pages run (``scripts/results.py``, ``scripts/benchmark.py``),
-captured by running each one.
+captured by running each one; ``modules.md`` the first paragraph of each module's
+docstring.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import html
 import importlib
@@ -24,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_PAGE = ROOT / "docs" / "reference" / "config.md"
 CLI_PAGE = ROOT / "docs" / "reference" / "cli.md"
+MODULES_PAGE = ROOT / "docs" / "reference" / "modules.md"
 HELP_COLUMNS = 90  # argparse wraps at COLUMNS - 2: 88, the project's line length
 # scripts whose --help the pages need besides the console scripts
 SCRIPTS = {
@@ -73,9 +76,15 @@ The server's limits are not part of the experiment's YAML: they are options of
 
 
 def _cell(text: str) -> str:
-    """Plain text for a table cell: no HTML, no emphasis, no column breaks."""
-    text = html.escape(text, quote=False)
-    return re.sub(r"([\\`*_\[\]|])", r"\\\1", text)
+    """Text for a table cell: `code` spans kept, and elsewhere no HTML, no
+    emphasis, no column breaks."""
+    parts = re.split(r"(`[^`]+`)", text.replace("``", "`"))
+    return "".join(
+        part
+        if part.startswith("`") and part.endswith("`") and len(part) > 1
+        else re.sub(r"([\\`*_\[\]|])", r"\\\1", html.escape(part, quote=False))
+        for part in parts
+    )
 
 
 def _table(rows: list[tuple[str, str, str, str]], head: str) -> list[str]:
@@ -174,7 +183,31 @@ def cli_page() -> str:
     return "\n".join(out)
 
 
-PAGES = {CONFIG_PAGE: config_page, CLI_PAGE: cli_page}
+def modules_page() -> str:
+    """Every module of the package with the first paragraph of its docstring."""
+    out = [
+        GENERATED,
+        "",
+        "# Modules",
+        "",
+        "Every module of `transformer/`, with the first paragraph of its docstring",
+        "(read with `ast`, nothing imported). How they fit together:",
+        "[design](../explanation/design.md).",
+        "",
+        "| module | what it holds |",
+        "|---|---|",
+    ]
+    package = ROOT / "transformer"
+    paths = sorted(package.rglob("*.py"), key=lambda p: p.relative_to(ROOT).parts)
+    for path in paths:
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        summary = " ".join(doc.split("\n\n")[0].split())
+        name = path.relative_to(ROOT).as_posix()
+        out.append(f"| `{name}` | {_cell(summary)} |")
+    return "\n".join(out) + "\n"
+
+
+PAGES = {CONFIG_PAGE: config_page, CLI_PAGE: cli_page, MODULES_PAGE: modules_page}
 
 
 def main(argv: list[str] | None = None) -> int:
