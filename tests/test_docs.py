@@ -3,9 +3,18 @@ config key is described, and ``mkdocs build --strict`` passes."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -112,6 +121,60 @@ def test_the_committed_reference_pages_are_what_the_code_generates(page):
     )
 
 
+def test_the_readme_is_a_front_page_whose_links_resolve():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    size = len(readme.encode("utf-8"))
+    assert size <= 10 * 1024, f"README.md is {size} bytes: move text into docs/"
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    assert links
+    for link in links:
+        if "://" not in link:
+            assert (ROOT / link).is_file(), f"README.md links to a missing {link}"
+
+
+def test_ci_runs_the_readmes_test_command_with_every_extra():
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert ci[-1] == "python3 -m pytest -q" and ci[-1] in readme
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    table = pyproject.split("[project.optional-dependencies]")[1].split("\n[")[0]
+    extras = re.findall(r"^(\w+) = \[", table, re.M)
+    installed = re.search(r'pip install -q -e "\.\[([\w,]+)\]"', "\n".join(ci))
+    assert installed and set(installed[1].split(",")) == set(extras) > {"docs"}
+    assert f'pip install -e ".[{installed[1]}]"' in readme  # the README's set-up
+
+
+def test_the_paths_the_pages_name_exist():
+    pattern = (
+        r"`((?:transformer|configs|scripts|benchmarks|results|models|tests)/[\w./-]*)`"
+    )
+    for page in PAGES:
+        for path in re.findall(pattern, page.read_text(encoding="utf-8")):
+            assert (ROOT / path).exists(), f"{page.relative_to(ROOT)} names {path}"
+
+
+def _commands(page: Path) -> set[str]:
+    """The page's shell commands, continuation lines joined, spaces collapsed."""
+    out = set()
+    for block in blocks(page):
+        text = block.text.replace("\\\n", " ")
+        out |= {" ".join(line.split()) for line in text.splitlines()}
+    return out
+
+
+def test_the_benchmark_page_shows_every_json_with_the_command_it_records():
+    page = ROOT / "docs" / "explanation" / "benchmarks.md"
+    text, commands = page.read_text(encoding="utf-8"), _commands(page)
+    for path in sorted((ROOT / "benchmarks").glob("*.json")):
+        name = path.relative_to(ROOT).as_posix()
+        assert f"`{name}`" in text, f"{page.name} does not name {name}"
+        command = " ".join(json.loads(path.read_text())["command"].split())
+        assert command in commands, f"{page.name} lacks {name}'s command: {command}"
+    ratios = json.loads((ROOT / "benchmarks" / "train.json").read_text())
+    for run, ratio in ratios["ratio_over_peer"].items():
+        assert f"| {ratio:.2f} |" in text.replace("**", ""), f"train.json {run}"
+
+
 @pytest.mark.slow
 def test_the_site_builds_strictly(tmp_path):
     pytest.importorskip("mkdocs", reason="the docs extra: pip install -e '.[docs]'")
@@ -120,6 +183,218 @@ def test_the_site_builds_strictly(tmp_path):
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
          str(tmp_path / "site")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "site" / "reference" / "config" / "index.html").is_file()
+
+
+# --- every command the pages show runs ---------------------------------------------
+#
+# A page's ```bash and ```python blocks run in order, in a scratch copy of the
+# repository's configs and published models, with this checkout's commands first on
+# PATH. A comment line directly above a block changes that:
+#   <!-- docs-test: skip: REASON -->     not run, for the reason given
+#   <!-- docs-test: needs WHAT -->       multi30k (the corpus), a module or a program;
+#                                        without it the block is skipped, and the page
+#   <!-- docs-test: expect TEXT -->      the block's output must contain TEXT
+#   <!-- docs-test: background URL -->   started in the background (a server), ready
+#                                        when URL answers; stopped at the page's end
+
+MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+COMMANDS = ("bash", "python")  # blocks that run
+NOT_COMMANDS = ("text", "yaml", "json")  # blocks shown, not run
+TOY_TRAIN = "transformer-train --config configs/toy_copy.yaml"
+FENCE = re.compile(r"^```(\S*)\s*$")
+DIRECTIVE = re.compile(
+    r"^<!-- docs-test: (skip|needs|expect|background)\b:? ?(.*?) -->$"
+)
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int  # of the opening fence, from 1
+    lang: str
+    text: str
+    directives: list[tuple[str, str]]
+
+    def where(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+    def get(self, name: str) -> list[str]:
+        return [value for key, value in self.directives if key == name]
+
+
+def blocks(page: Path) -> list[Block]:
+    """The fenced blocks of a page, with the directives directly above each."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    out, i = [], 0
+    while i < len(lines):
+        fence = FENCE.match(lines[i])
+        if not fence:
+            i += 1
+            continue
+        end = next(
+            (j for j in range(i + 1, len(lines)) if lines[j].strip() == "```"), None
+        )
+        assert end is not None, f"{page.relative_to(ROOT)}:{i + 1}: unclosed block"
+        directives, j = [], i - 1
+        while j >= 0 and lines[j].startswith("<!-- docs-test"):
+            match = DIRECTIVE.match(lines[j])
+            assert match, f"{page.relative_to(ROOT)}:{j + 1}: bad directive {lines[j]}"
+            directives.insert(0, (match[1], match[2].strip()))
+            j -= 1
+        text = "\n".join(lines[i + 1 : end]) + "\n"
+        out.append(Block(page, i + 1, fence[1], text, directives))
+        i = end + 1
+    return out
+
+
+def test_every_block_is_run_or_says_why_not():
+    """No command escapes: a block is a known language, and a skip has a reason
+    (a test it names must exist)."""
+    for page in PAGES:
+        for block in blocks(page):
+            assert block.lang in COMMANDS + NOT_COMMANDS, (
+                f"{block.where()}: a block needs a language among "
+                f"{COMMANDS + NOT_COMMANDS}, got {block.lang!r}"
+            )
+            if block.directives:
+                assert block.lang in COMMANDS, f"{block.where()}: directive on text"
+            for reason in block.get("skip"):
+                assert len(reason) > 10, f"{block.where()}: a skip needs a reason"
+                for path, name in re.findall(r"(tests/\w+\.py)::(\w+)", reason):
+                    source = (ROOT / path).read_text(encoding="utf-8")
+                    assert f"def {name}(" in source, (
+                        f"{block.where()}: no {path}::{name}"
+                    )
+    tutorial = blocks(ROOT / "docs" / "tutorial.md")
+    assert any(TOY_TRAIN in b.text for b in tutorial if not b.get("skip"))
+
+
+def _shims(bin_dir: Path) -> None:
+    """This checkout's console scripts (not whatever is installed) and python."""
+    docs = _load_script("docs")
+    bin_dir.mkdir()
+    for name, target in docs.console_scripts().items():
+        module, function = target.split(":")
+        shim = bin_dir / name
+        shim.write_text(
+            f"#!{sys.executable}\nimport sys\nfrom {module} import {function}\n"
+            f"sys.exit({function}())\n"
+        )
+        shim.chmod(0o755)
+    for name in ("python", "python3"):
+        (bin_dir / name).symlink_to(sys.executable)
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory) -> Path:
+    """A scratch checkout: configs, scripts and published models, ../shared when
+    this machine has it, and the toy model of the tutorial already trained."""
+    base = tmp_path_factory.mktemp("docs")
+    repo = base / "repo"
+    repo.mkdir()
+    shutil.copytree(ROOT / "configs", repo / "configs")
+    (repo / "scripts").symlink_to(ROOT / "scripts")
+    (repo / "models").mkdir()
+    for model in (ROOT / "models").glob("*.pt"):  # links: writes stay in the copy
+        (repo / "models" / model.name).symlink_to(model)
+    if (ROOT.parent / "shared").is_dir():
+        (base / "shared").symlink_to(ROOT.parent / "shared")
+    _shims(base / "bin")
+    _run(base, TOY_TRAIN, "bash", timeout=1200)
+    return base
+
+
+def _env(base: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{base / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def _run(base: Path, text: str, lang: str, timeout: float = 900):
+    if lang == "bash":
+        cmd = ["bash", "-euo", "pipefail", "-c", text]
+    else:
+        cmd = [sys.executable, "-c", text]
+    result = subprocess.run(
+        cmd, cwd=base / "repo", env=_env(base), capture_output=True, text=True,
+        timeout=timeout, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n--- block\n{text}--- stdout\n"
+        f"{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+    )
+    return result
+
+
+def _missing(what: str) -> bool:
+    if what == "multi30k":
+        return not MULTI30K.is_dir()
+    return importlib.util.find_spec(what) is None and shutil.which(what) is None
+
+
+def _wait_for(url: str, proc: subprocess.Popen, log: Path, seconds=180.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                out = log.read_text()[-3000:]
+                raise AssertionError(f"{url} never answered:\n{out}") from None
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if any(b.lang in COMMANDS for b in blocks(p))],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)  # fmt: skip
+def test_the_commands_of_a_page_run(page, sandbox, tmp_path):
+    base = tmp_path / "page"
+    shutil.copytree(sandbox, base, symlinks=True)
+    skipped, servers = [], []
+    try:
+        for block in blocks(page):
+            if block.lang not in COMMANDS or block.get("skip"):
+                continue
+            missing = [w for w in block.get("needs") if _missing(w)]
+            if missing:
+                skipped.append(f"{block.where()} (needs {', '.join(missing)})")
+                continue
+            for url in block.get("background"):
+                log = base / f"background-{block.line}.log"
+                with log.open("w") as out:
+                    proc = subprocess.Popen(
+                        ["bash", "-c", block.text], cwd=base / "repo", env=_env(base),
+                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                    )  # fmt: skip
+                servers.append(proc)
+                _wait_for(url, proc, log)
+            if block.get("background"):
+                continue
+            try:
+                result = _run(base, block.text, block.lang)
+            except AssertionError as e:
+                raise AssertionError(f"{block.where()}: {e}") from None
+            for text in block.get("expect"):
+                assert text in result.stdout, (
+                    f"{block.where()}: the output lacks {text!r}:\n{result.stdout}"
+                )
+    finally:
+        for proc in servers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+    if skipped:
+        pytest.skip(f"the rest ran; not run for lack of their needs: {skipped}")
