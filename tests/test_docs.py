@@ -153,6 +153,19 @@ def test_the_paths_the_pages_name_exist():
             assert (ROOT / path).exists(), f"{page.relative_to(ROOT)} names {path}"
 
 
+def test_the_config_snippets_of_the_pages_load():
+    """A ```yaml block is part of an experiment: its keys must be valid ones."""
+    from transformer.config import config_from_dict, read_yaml
+
+    snippets = [b for page in PAGES for b in blocks(page) if b.lang == "yaml"]
+    assert snippets
+    for block in snippets:
+        try:
+            config_from_dict(read_yaml(block.text))
+        except ValueError as e:  # ConfigError, or YAML that is not a mapping
+            raise AssertionError(f"{block.where()}: {e}") from None
+
+
 def _commands(page: Path) -> set[str]:
     """The page's shell commands, continuation lines joined, spaces collapsed."""
     out = set()
@@ -357,7 +370,8 @@ def _wait_for(url: str, proc: subprocess.Popen, log: Path, seconds=180.0) -> Non
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "page", [p for p in PAGES if any(b.lang in COMMANDS for b in blocks(p))],
+    "page",
+    [p for p in PAGES if any(b.lang in COMMANDS and not b.get("skip") for b in blocks(p))],
     ids=lambda p: str(p.relative_to(ROOT)),
 )  # fmt: skip
 def test_the_commands_of_a_page_run(page, sandbox, tmp_path):
