@@ -368,10 +368,13 @@ def _wait_for(url: str, proc: subprocess.Popen, log: Path, seconds=180.0) -> Non
             time.sleep(0.5)
 
 
+def _runs_something(page: Path) -> bool:
+    return any(b.lang in COMMANDS and not b.get("skip") for b in blocks(page))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "page",
-    [p for p in PAGES if any(b.lang in COMMANDS and not b.get("skip") for b in blocks(p))],
+    "page", [p for p in PAGES if _runs_something(p)],
     ids=lambda p: str(p.relative_to(ROOT)),
 )  # fmt: skip
 def test_the_commands_of_a_page_run(page, sandbox, tmp_path):
