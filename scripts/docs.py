@@ -98,7 +98,7 @@ def config_page() -> str:
     """The config reference, from the dataclasses."""
     from transformer.config import Config
     from transformer.config.reference import sections
-    from transformer.serve.models import ServeConfig
+    from transformer.serve import ServeConfig
 
     out = [GENERATED, "", "# Configuration keys", "", CONFIG_INTRO]
     for section in sections(Config):

@@ -23,7 +23,7 @@ import pytest
 
 from transformer.config import Config
 from transformer.config.reference import field_docs, sections
-from transformer.serve.models import ServeConfig
+from transformer.serve import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
