@@ -99,6 +99,6 @@ def test_compiled_decoding_step_gives_the_same_results(monkeypatch, half_trained
     graphs = counter.frame_count
     for cfg, src in cases:  # the same shapes again compile nothing
         run(cfg, src, True)
-    # the bound (README): greedy and sampling share 3 graphs (no pending reorder, a
-    # reorder, a single row); beam search adds 2 (beams sharing a source row)
+    # the bound (docs: benchmarks): greedy and sampling share 3 graphs (no pending
+    # reorder, a reorder, a single row); beam search adds 2 (beams sharing a row)
     assert counter.frame_count == graphs <= 5

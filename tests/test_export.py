@@ -183,8 +183,8 @@ def test_greedy_output_equals_ours(exported):
     lengths = [len(hyps[0].tokens) for hyps in ours]
     ended = [n < m - 1 for n, m in zip(lengths, limits(srcs, GREEDY), strict=True)]
     assert len(set(lengths)) >= 3 and sum(ended) >= 8
-    # the plain CTranslate2 call shown in README gives the same pieces (it has no
-    # per-sentence length limit: compare the sentences that ended by <eos>)
+    # the plain CTranslate2 call of docs/how-to/ctranslate2.md gives the same pieces
+    # (it has no per-sentence length limit: compare the sentences that ended by <eos>)
     raw = exported.ct2.translator.translate_batch(
         [[tokenizer.src.id_to_piece(i) for i in s] for s in srcs],
         beam_size=1,

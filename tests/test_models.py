@@ -1,6 +1,7 @@
-"""The models published in ``models/``: the files behind the README's results
-(``results/*.json`` names each with its sha256), each weights only, float16, under
-20 MB with its tokenizer, and loadable and decodable like any checkpoint."""
+"""The models published in ``models/``: the files behind the results tables of the
+README and ``docs/explanation/results.md`` (``results/*.json`` names each with its
+sha256), each weights only, float16, under 20 MB with its tokenizer, and loadable
+and decodable like any checkpoint."""
 
 from __future__ import annotations
 
@@ -50,23 +51,30 @@ def test_every_result_names_a_published_file_with_its_sha256():
             assert sha256(path) == entry["sha256"], f"{entry['file']} has changed"
 
 
-def test_the_readme_names_every_published_file_and_no_other():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    named = set(re.findall(r"models/[\w.+-]+\.pt", readme))
+# the pages with the results tables: the README's headline and the results page
+TABLES = [ROOT / "README.md", ROOT / "docs" / "explanation" / "results.md"]
+
+
+@pytest.mark.parametrize("page", TABLES, ids=lambda p: p.name)
+def test_the_results_tables_name_every_published_file_and_no_other(page):
+    text = page.read_text(encoding="utf-8")
+    named = set(re.findall(r"models/[\w.+-]+\.pt", text))
     published = {f"models/{p.name}" for p in MODELS}
-    assert named == published
+    assert named == published, page.relative_to(ROOT)
     others = [p.name for p in (ROOT / "models").iterdir() if p.suffix != ".pt"]
     assert not others, f"models/ holds more than published models: {others}"
 
 
-def test_the_readme_quotes_each_result_as_the_json_holds_it():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8").replace("**", "")
+@pytest.mark.parametrize("page", TABLES, ids=lambda p: p.name)
+def test_the_results_tables_quote_each_result_as_the_json_holds_it(page):
+    text = page.read_text(encoding="utf-8").replace("**", "")
     for row in result_rows():
         t = row["test"]
         cells = [t["bleu"], t["bleu_lc"], t["chrf"], row["valid_bleu_chosen"]]
         quoted = " | ".join(f"{x:.2f}" for x in cells)
         quoted += f" | {row['beam']} | {row['alpha']} |"
-        assert quoted in readme, f"{row['row']}: the README does not quote {quoted}"
+        where = page.relative_to(ROOT)
+        assert quoted in text, f"{row['row']}: {where} does not quote {quoted}"
 
 
 def decode(paths: list[Path]) -> tuple[list[str], list[str]]:

@@ -15,11 +15,11 @@ class TokenizerConfig:
 
     model: str | None = None  # path to a trained model (joint); None = train one
     src_model: str | None = None  # separate source model, with joint: false
-    tgt_model: str | None = None
-    joint: bool = True
-    vocab_size: int = 8000
-    model_type: Literal["unigram", "bpe"] = "unigram"
-    character_coverage: float = 1.0
+    tgt_model: str | None = None  # separate target model, with joint: false
+    joint: bool = True  # one model for both languages; false: one per language
+    vocab_size: int = 8000  # pieces of a trained model, at most (each, if not joint)
+    model_type: Literal["unigram", "bpe"] = "unigram"  # SentencePiece algorithm
+    character_coverage: float = 1.0  # share of characters the model covers
     # pairs drawn at random from the training data (read in a stream) to train on
     sample_sentences: int = 1_000_000
 
@@ -65,19 +65,19 @@ Format = Literal["text", "tsv", "jsonl", "hub", "copy", "reverse"]
 class CorpusConfig:
     """One training corpus of ``data.train``; a field left unset takes data's."""
 
-    dir: str | None = None
-    format: Format | None = None
+    dir: str | None = None  # default: data.dir
+    format: Format | None = None  # default: data.format
     split: str | None = None  # default: data.train_split
-    hub_name: str | None = None
-    hub_config: str | None = None
-    src_field: str | None = None
-    tgt_field: str | None = None
+    hub_name: str | None = None  # default: data.hub_name
+    hub_config: str | None = None  # default: data.hub_config
+    src_field: str | None = None  # default: data.src_field
+    tgt_field: str | None = None  # default: data.tgt_field
     # times per epoch: 4 = every pair four times, 0.5 = a random half each epoch
     weight: float = 1.0
     # with data.pairs: the one direction this corpus is read in (default: every
     # direction of data.pairs its files hold)
     src_lang: str | None = None
-    tgt_lang: str | None = None
+    tgt_lang: str | None = None  # the target language of that direction
 
     def validate(self, prefix: str) -> None:
         check(self.weight > 0, f"{prefix}.weight", self.weight, "must be positive")
@@ -93,25 +93,25 @@ class CorpusConfig:
 class DataConfig:
     """Where the parallel corpus comes from and how it is filtered and batched."""
 
-    src_lang: str = "de"
-    tgt_lang: str = "en"
+    src_lang: str = "de"  # source language code: file suffix, default field name
+    tgt_lang: str = "en"  # target language code
     # 'text': {dir}/{split}.{lang}[.gz]; 'tsv': {dir}/{split}.tsv[.gz] (src<TAB>tgt);
     # 'jsonl': {dir}/{split}.jsonl[.gz]; 'hub': a Hugging Face dataset by name;
     # 'copy' / 'reverse': synthetic toy tasks that need no files.
     format: Format = "text"
-    dir: str | None = None
+    dir: str | None = None  # folder of the corpus files (and of local hub files)
     # when data.dir does not exist: download these files (name: sha256) from
     # source_url into download_dir (default ~/.cache/transformer_nmt/corpora/...)
     source_url: str | None = None
-    source_files: dict[str, str] = field(default_factory=dict)
-    download_dir: str | None = None
-    hub_name: str | None = None
-    hub_config: str | None = None
+    source_files: dict[str, str] = field(default_factory=dict)  # see source_url
+    download_dir: str | None = None  # see source_url
+    hub_name: str | None = None  # Hugging Face dataset name (or json, csv, parquet)
+    hub_config: str | None = None  # the dataset's configuration, e.g. de-en
     src_field: str | None = None  # JSONL/hub: column of the source, or translation.X
-    tgt_field: str | None = None
-    train_split: str = "train"
-    valid_split: str = "val"
-    test_split: str | None = "test"
+    tgt_field: str | None = None  # JSONL/hub: column of the target
+    train_split: str = "train"  # split name of the training data
+    valid_split: str = "val"  # validated on during training
+    test_split: str | None = "test"  # transformer-eval's default split
     # several training corpora, each with its own files and weight (default: the
     # one corpus above); validation and test splits come from the fields above
     train: list[CorpusConfig] = field(default_factory=list)
@@ -130,15 +130,14 @@ class DataConfig:
     max_length: int = 100  # pieces per side, filtered beyond
     max_length_ratio: float = 3.0  # longer/shorter piece count, filtered beyond
     max_tokens: int = 4096  # token budget per batch, padding included
-    valid_max_tokens: int = 8192
+    valid_max_tokens: int = 8192  # token budget per validation batch
     max_sentences: int = 0  # cap on sentences per batch; 0 = none
     cache_dir: str | None = None  # corpus stores; default: <run_dir>/cache
-    # synthetic tasks
-    toy_vocab: int = 20
-    toy_min_len: int = 3
-    toy_max_len: int = 12
-    toy_train_size: int = 4000
-    toy_valid_size: int = 200
+    toy_vocab: int = 20  # copy/reverse: distinct letters (at most 26)
+    toy_min_len: int = 3  # copy/reverse: fewest letters a sentence
+    toy_max_len: int = 12  # copy/reverse: most letters a sentence
+    toy_train_size: int = 4000  # copy/reverse: training pairs
+    toy_valid_size: int = 200  # copy/reverse: pairs of every other split
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     @property

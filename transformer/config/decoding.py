@@ -19,26 +19,26 @@ SAMPLING = ("temperature", "top_k", "top_p", "seed")
 class DecodingConfig:
     """Search settings shared by validation, evaluation and translation."""
 
-    strategy: Literal["greedy", "beam", "sample"] = "beam"
-    beam_size: int = 5
+    strategy: Literal["greedy", "beam", "sample"] = "beam"  # the search
+    beam_size: int = 5  # hypotheses kept per sentence (beam search)
     length_penalty: float = 0.6  # GNMT alpha; 0 = raw log-probability
-    nbest: int = 1
+    nbest: int = 1  # hypotheses returned per sentence (beam search)
     max_len_a: float = 1.5  # max output length = a * source length + b
-    max_len_b: int = 10
-    min_len: int = 0
+    max_len_b: int = 10  # see max_len_a
+    min_len: int = 0  # pieces before <eos> is allowed
     # subtracted from <unk>'s log-probability at every step (fairseq's --unkpen):
     # > 0 gives fewer <unk>, < 0 more; it counts in the scores
     unk_penalty: float = 0.0
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
+    temperature: float = 1.0  # sampling: logits divided by it
+    top_k: int = 0  # sampling: only the k likeliest pieces; 0 = off
+    top_p: float = 1.0  # sampling: smallest set with this mass (nucleus); 1.0 = off
     max_tokens: int = 8192  # source tokens per decoding batch
     seed: int = 0  # for sampling
-    # weights and activations of transformer-eval / -translate; bf16 decodes 1.15-1.5x
-    # faster on AVX-512-bf16 CPUs (README: Decoding speed); scores stay float32
+    # weights and activations of transformer-eval / -translate; bf16 pays where
+    # the CPU or GPU has native bf16 (docs: Benchmarks); scores stay float32
     precision: Literal["fp32", "bf16"] = "fp32"
     # torch.compile the cached decoding step (dynamic shapes, a few graphs per
-    # model); on CPU the compile takes about a minute, see the README's benchmarks
+    # model); on CPU compiling costs more than it saves (docs: Benchmarks)
     compile: bool = False
 
     def with_options(

@@ -18,40 +18,41 @@ from transformer.config.model import ModelConfig, TransformerConfig
 class TrainingConfig:
     """The optimisation loop, validation, checkpoints and hardware."""
 
-    run_dir: str = "checkpoints/run"
-    seed: int = 1234
+    run_dir: str = "checkpoints/run"  # checkpoints, logs, the resolved config
+    seed: int = 1234  # weights, data order, dropout, toy data, tokenizer sample
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype
-    compile: bool = False
+    compile: bool = False  # torch.compile the forward pass and the loss
     threads: int = 0  # CPU threads; 0 = all cores
-    optimizer: Literal["adam", "adamw"] = "adam"
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-9
-    weight_decay: float = 0.0
+    optimizer: Literal["adam", "adamw"] = "adam"  # adamw: decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.98)  # Adam's moment decay rates
+    eps: float = 1e-9  # Adam's epsilon
+    weight_decay: float = 0.0  # L2 penalty (adam) or decoupled decay (adamw)
     # noam: the paper's d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), rescaled
     # so that it peaks at lr (at step warmup_steps); inverse_sqrt: linear warm-up to
     # lr, then lr * sqrt(warmup / step) (the same curve); constant: lr throughout
     schedule: Literal["noam", "inverse_sqrt", "constant"] = "noam"
     lr: float = 7e-4  # the peak learning rate, for every schedule
-    warmup_steps: int = 4000
+    warmup_steps: int = 4000  # updates until the rate peaks at lr
     cooldown_steps: int = 0  # last updates before max_steps: rate falls linearly to 0
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # probability mass spread over the vocabulary
     # target positions whose logits the loss reduces at a time: its float32
     # temporaries are loss_chunk_rows x vocabulary, never batch x vocabulary
     loss_chunk_rows: int = 4096
-    clip_grad_norm: float = 0.0  # 0 = no clipping
+    clip_grad_norm: float = 0.0  # largest gradient norm; 0 = no clipping
     accumulate: int = 1  # batches per update
-    max_steps: int = 100_000
-    max_epochs: int = 0  # 0 = no limit
+    max_steps: int = 100_000  # updates, then a last validation and stop
+    max_epochs: int = 0  # epochs before stopping; 0 = no limit
     # stop after this many minutes of updates (state.train_seconds: validation and
     # checkpoint writes not counted, every sitting of a resumed run counted);
     # 0 = no limit. The last update is followed by a validation, as at max_steps.
     max_minutes: float = 0.0
     log_every: int = 50  # steps between metrics.jsonl rows
     log_seconds: float = 30.0  # seconds between progress lines when not on a terminal
-    validate_every: int = 1000
+    validate_every: int = 1000  # updates between validations (and checkpoints)
     save_every: int = 0  # step checkpoints; 0 = only at validation
     keep_last: int = 5  # step checkpoints kept
+    # which validation score picks best.pt (and counts for patience)
     best_metric: Literal["bleu", "chrf", "loss", "accuracy"] = "bleu"
     # with data.pairs: the direction ("de-en") whose best_metric picks best.pt
     # (null: the mean over directions)
@@ -59,7 +60,7 @@ class TrainingConfig:
     patience: int = 0  # validations without improvement before stopping; 0 = never
     valid_bleu: bool = True  # greedy-decode the validation set for BLEU / chrF
     max_nonfinite: int = 5  # consecutive skipped (non-finite) updates before stopping
-    resume: Literal["auto", "never"] = "auto"
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from run_dir/last.pt
     # a fresh run (resume: never) into a folder holding another run's checkpoints
     # is refused unless true, which deletes that run's files first (--overwrite);
     # an action, not a setting: the run's saved config says false

@@ -33,7 +33,7 @@ class ServeConfig:
     max_chars: int = 20_000  # characters in one request, all sentences together
     max_body_bytes: int = 1_000_000  # request body, by its Content-Length
     max_alternatives: int = 4  # n-best beyond the best
-    max_beam: int = 16
+    max_beam: int = 16  # largest beam_size a request may ask for
     batch_tokens: int = 4096  # source tokens x beam decoded together
     max_wait_ms: float = 5.0  # how long a batch's first request waits for others
     timeout_s: float = 60.0  # default and upper bound of a request's timeout
