@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +268,49 @@ def test_a_ctranslate2_export_decodes_both_directions_as_ours(trained, tmp_path)
             assert [t[0].tokens for t in theirs] == [t[0].tokens for t in ours]
     with pytest.raises(ConfigError, match="is multilingual"):
         exported.translate(sentences)
+
+
+# --- the stores: each language's file tokenized once ---
+
+
+def test_each_language_file_is_tokenized_once(corpus, tmp_path, caplog):
+    import dataclasses
+
+    from transformer.data import open_store, read_pairs
+    from transformer.data.store import build_store
+
+    cfg = config(corpus, "run_unused", "data.pairs=[src-cpy, src-rev, cpy-src]")
+    tok = Tokenizer.train(
+        _spm(), [s for s, _ in read_pairs(cfg.data.direction("src", "cpy"), "train")],
+        [], tags=["src", "cpy", "rev"],
+    )  # fmt: skip
+    cache = tmp_path / "cache"
+    stores = [
+        open_store(settings, split, tok, cache)
+        for settings, split, _ in cfg.data.train_corpora()
+    ]
+    sides = sorted(p.name.split("-")[2] for p in cache.glob("side-*"))
+    assert sides == ["cpy", "rev", "src"]  # three files, not six sides
+    for store, (settings, split, _) in zip(
+        stores, cfg.data.train_corpora(), strict=True
+    ):
+        assert store.meta["layout"] == "sides"
+        # the same pairs, pieces and lengths as a store of the direction alone
+        alone = build_store(
+            dataclasses.replace(settings, pairs=[]), split, tok, tmp_path / "pairs"
+        )
+        assert len(store) == len(alone) == 3000
+        rows = np.array([0, 5, 2999, 17])
+        for side in ("src", "tgt"):
+            assert (store.lengths(side) == alone.lengths(side)).all()
+            assert (store.padded(side, rows, 0) == alone.padded(side, rows, 0)).all()
+        shutil.rmtree(tmp_path / "pairs")
+    # a damaged side is noticed through the direction's store and rebuilt
+    side = next(cache.glob("side-train-rev-*"))
+    data = (side / "ids.bin").read_bytes()
+    (side / "ids.bin").write_bytes(data[: len(data) // 2])
+    settings, split, _ = cfg.data.train_corpora()[1]
+    again = open_store(settings, split, tok, cache)
+    assert "damaged" in caplog.text
+    assert (again.padded("tgt", np.array([0, 1]), 0) == stores[1].padded(
+        "tgt", np.array([0, 1]), 0)).all()  # fmt: skip

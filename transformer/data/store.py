@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from transformer.config import DataConfig
+from transformer.data.arrays import block_offsets, gather
 from transformer.data.corpus import FilterStats, keep_pair
 
 # DIGESTS and file_digests stay importable from here, where they were defined
@@ -60,6 +61,12 @@ from transformer.data.readers import (
     read_pairs,
     split_origin,
 )
+from transformer.data.sides import (
+    build_direction,
+    direction_problems,
+    open_direction,
+    uses_sides,
+)
 from transformer.files import as_if_created
 from transformer.locks import acquire
 from transformer.tokenizer import Tokenizer
@@ -67,7 +74,6 @@ from transformer.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 STORE_VERSION = 1
-BLOCK = 64  # pairs per stored-at-open offset
 CHUNK = 20_000  # pairs read, tokenized and written at a time (the raw-text buffer)
 
 
@@ -139,6 +145,8 @@ class CorpusStore:
             return [f"meta.json: {getattr(e, 'strerror', None) or e}"]
         if not isinstance(meta, dict):
             return ["meta.json: not a store's record"]
+        if meta.get("layout") == "sides":
+            return direction_problems(path, meta, checksums)
         return store_problems(path, meta, checksums)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -153,6 +161,8 @@ class CorpusStore:
         return FilterStats(**self.meta["filter"])
 
     def _open(self) -> dict[str, Any]:
+        if self._maps is None and self.meta.get("layout") == "sides":
+            self._maps = open_direction(self.path, self.meta)
         if self._maps is None:
             maps: dict[str, Any] = {}
             for side in ("src", "tgt"):
@@ -165,36 +175,27 @@ class CorpusStore:
                     if tokens
                     else np.zeros(0, ids_dtype)
                 )
-                sums = np.add.reduceat(
-                    lengths, np.arange(0, len(lengths), BLOCK), dtype=np.int64
-                )
-                blocks = np.concatenate([[0], np.cumsum(sums)])  # (pairs / 64 + 1,)
-                maps[side] = (ids, lengths, blocks)
+                maps[side] = (ids, lengths, block_offsets(lengths))
             self._maps = maps
         return self._maps
 
     def lengths(self, side: str) -> np.ndarray:
-        """Pieces per pair on ``side`` (no <bos>/<eos>), memory-mapped."""
-        return self._open()[side][1]
+        """Pieces per pair on ``side`` (no <bos>/<eos>), memory-mapped (read
+        through the kept lines for a store over shared sides)."""
+        maps = self._open()
+        if "kept" in maps:
+            return np.asarray(maps[side][1][maps["kept"]])
+        return maps[side][1]
 
     def padded(self, side: str, indices: np.ndarray, pad: int) -> np.ndarray:
         """The pieces of pairs ``indices`` on ``side`` as (B, longest), ``pad`` after
         each sentence."""
-        ids, lengths, blocks = self._open()[side]
-        indices = np.asarray(indices, dtype=np.int64)
-        lens = lengths[indices].astype(np.int64)  # (B,)
-        # offset = the block's offset + the lengths before it inside the block
-        first = indices - indices % BLOCK
-        window = first[:, None] + np.arange(BLOCK - 1)  # (B, 63)
-        before = window < indices[:, None]
-        inner = np.where(before, lengths[np.minimum(window, self.pairs - 1)], 0)
-        offsets = blocks[indices // BLOCK] + inner.sum(1, dtype=np.int64)
-        width = int(lens.max()) if len(lens) else 0
-        cols = np.arange(width)
-        real = cols[None, :] < lens[:, None]  # (B, W)
-        out = np.full((len(indices), width), pad, dtype=np.int64)
-        out[real] = ids[(offsets[:, None] + cols[None, :])[real]]
-        return out
+        maps = self._open()
+        ids, lengths, blocks = maps[side]
+        rows = np.asarray(indices, dtype=np.int64)
+        if "kept" in maps:  # a pair is a line of the shared sides
+            rows = np.asarray(maps["kept"][rows], dtype=np.int64)
+        return gather(ids, lengths, blocks, rows, pad)
 
     def pair(self, index: int) -> tuple[list[int], list[int]]:
         """The pieces of one pair (for tests and inspection)."""
@@ -371,9 +372,17 @@ def open_store(
     checksums are checked), built when missing, rebuilt when damaged."""
     key = store_key(cfg, split, tokenizer, seed, cache_dir)
     path = Path(cache_dir) / f"store-{split}-{key}"
+    build = build_store
+    if uses_sides(cfg):  # a multilingual text corpus: each language's file once
+
+        def build(cfg, split, tokenizer, path, seed, progress):
+            clean_partial_stores(path.parent)
+            build_direction(cfg, split, tokenizer, path, key, split_origin(cfg, split))
+            return CorpusStore(path)
+
     if not path.exists():
         log.info("building the corpus store %s", path)
-        return build_store(cfg, split, tokenizer, path, seed, progress=progress)
+        return build(cfg, split, tokenizer, path, seed, progress=progress)
     problems = CorpusStore.problems_of(path)
     if not problems:
         store = CorpusStore(path)
@@ -384,7 +393,7 @@ def open_store(
     )
     try:
         aside = set_aside(path)
-        store = build_store(cfg, split, tokenizer, path, seed, progress=progress)
+        store = build(cfg, split, tokenizer, path, seed, progress=progress)
     except OSError as e:
         raise DataError(
             f"corpus store {path} is damaged ({'; '.join(problems)}) and cannot be "
