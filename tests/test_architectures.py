@@ -324,6 +324,26 @@ def test_decoder_only_stops_at_its_positions():
     assert len(out[0][0].tokens) < 64 - 60
 
 
+def test_decoder_only_layers_keep_the_state_dict_names_of_older_checkpoints():
+    # its layers were a separate CausalLayer with these names; they are the
+    # encoder's layer now, and checkpoints written before load as they are
+    per_layer = [
+        f"{part}.{p}"
+        for part in ("self_attn.out_proj", "self_attn.qkv_proj", "ffn.fc1", "ffn.fc2")
+        for p in ("weight", "bias")
+    ] + [
+        f"{res}.norm.{p}" for res in ("attn_res", "ffn_res") for p in ("weight", "bias")
+    ]
+    older = ["tgt_embed.weight", "src_embed.weight"]
+    older += [f"layers.{i}.{name}" for i in range(2) for name in per_layer]
+    model = tiny_model(arch="decoder_only")
+    assert sorted(model.state_dict()) == sorted(older)
+    saved = {name: torch.randn_like(t) for name, t in model.state_dict().items()}
+    fresh = tiny_model(seed=1, arch="decoder_only")
+    fresh.load_state_dict(saved)  # strict: no name missing or left over
+    assert torch.equal(fresh.layers[1].ffn.fc2.weight, saved["layers.1.ffn.fc2.weight"])
+
+
 def test_config_checks_name_the_keys(tmp_path, toy_tokenizer):
     with pytest.raises(ConfigError, match="data.max_length"):
         tiny(tmp_path, toy_tokenizer, "model.arch=decoder_only")
