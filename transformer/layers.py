@@ -21,8 +21,7 @@ _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 def _torch_bernoulli_is_serial() -> bool:
     """On CPU, torch draws dropout masks with MKL's parallel generator on Intel
     processors only; elsewhere with one thread and one Mersenne-Twister draw per
-    element (about 100M elements/s on the AMD EPYC of ``benchmarks/train.json``,
-    8% of a training step)."""
+    element, a visible share of a training step (the README's profile of one)."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -32,11 +31,11 @@ def _torch_bernoulli_is_serial() -> bool:
 
 class Dropout(nn.Dropout):
     """``nn.Dropout``; on a CPU where torch's mask generator is serial, the mask
-    comes from 16 random bits per element drawn as 64-bit words (4x faster with its
-    backward there). An element is kept when its bits reach ``round(p * 2^16)``, so
-    the drop rate is p to within 2^-17; kept values are scaled by 1 / (1 - p) as in
-    ``nn.Dropout``. Under ``torch.compile`` it is ``nn.Dropout`` (inductor fuses
-    its own generator)."""
+    comes from 16 random bits per element drawn as 64-bit words (one draw for four
+    elements instead of one each). An element is kept when its bits reach
+    ``round(p * 2^16)``, so the drop rate is p to within 2^-17; kept values are
+    scaled by 1 / (1 - p) as in ``nn.Dropout``. Under ``torch.compile`` it is
+    ``nn.Dropout`` (inductor fuses its own generator)."""
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.p

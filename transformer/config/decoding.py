@@ -26,11 +26,11 @@ class DecodingConfig:
     top_p: float = 1.0  # 1.0 = off
     max_tokens: int = 8192  # source tokens per decoding batch
     seed: int = 0  # for sampling
-    # weights and activations of transformer-eval / -translate; bf16 decodes 1.15-1.5x
-    # faster on AVX-512-bf16 CPUs (README: Decoding speed); scores stay float32
+    # weights and activations of transformer-eval / -translate; bf16 uses the bf16
+    # matmuls of AVX-512-bf16 CPUs (README: Decoding speed); scores stay float32
     precision: Literal["fp32", "bf16"] = "fp32"
     # torch.compile the cached decoding step (dynamic shapes, a few graphs per
-    # model); on CPU the compile takes about a minute, see the README's benchmarks
+    # model); the compile itself takes a while on CPU, see the README's benchmarks
     compile: bool = False
 
     def settle_nbest(
