@@ -177,9 +177,12 @@ def test_each_sentence_stops_at_its_own_eos(strategy, half_trained):
     # and <eos> alone (and no hypothesis holds an <eos> inside)
     model, alpha = half_trained, 0.6
     cfg = DecodingConfig(
-        strategy=strategy, beam_size=3, nbest=3 if strategy == "beam" else 1
+        strategy=strategy,
+        beam_size=3,
+        nbest=3 if strategy == "beam" else 1,
+        length_penalty=alpha,
+        max_len_b=30,
     )
-    cfg.length_penalty, cfg.max_len_b = alpha, 30
     results = generate(model, SRC, cfg)
     best = [len(hyps[0].tokens) for hyps in results]
     assert len(set(best)) > 1, best
