@@ -84,6 +84,7 @@ COPY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", COPY)
 def test_toy_copy_task_is_learned(name):
     steps, extra, needed = COPY[name]

@@ -21,17 +21,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory) -> Path:
-    """A copy-task model trained for a few hundred steps."""
+    """A copy-task model trained for a few hundred steps of small batches: enough
+    to copy short sentences exactly (validation BLEU above 90)."""
     run = tmp_path_factory.mktemp("toy") / "run"
     cfg = load_config(
         ROOT / "configs" / "toy_copy.yaml",
         [
             f"training.run_dir={run}",
             f"data.cache_dir={run.parent / 'cache'}",
-            "training.max_steps=500",
-            "training.validate_every=250",
-            "training.save_every=250",
+            "data.max_tokens=1024",
+            "training.max_steps=300",
+            "training.validate_every=150",
+            "training.save_every=150",
             "training.best_metric=bleu",
+            "training.threads=1",
         ],
     )
     train(cfg)
