@@ -75,12 +75,15 @@ def test_beam_one_equals_greedy(name):
 
 
 # steps, extra settings and exact copies needed (of 16): the fixed-vector model
-# has to squeeze the sentence through one state, and learns it last
+# has to squeeze the sentence through one state, and learns it last. The
+# decoder-only model finds each source token at an offset set by the source
+# length; under a constant rate when it gets there varied with the seed and the
+# CPU's rounding, and an annealed rate lets every run settle on it
 COPY = {
     "rnn-soft-additive": (300, {"rnn_hidden": 128}, 14),
     "rnn-hard": (300, {"rnn_hidden": 128}, 13),
     "rnn-none": (500, {"rnn_hidden": 128}, 8),
-    "decoder_only": (300, {"decoder_layers": 4, "lr": 1e-3}, 10),
+    "decoder_only": (400, {"decoder_layers": 4, "lr": 2e-3, "anneal": True}, 12),
 }
 
 
