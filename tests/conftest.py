@@ -168,10 +168,16 @@ def multi30k_dir() -> Path:
 
 
 def train_copy_model(
-    steps: int, seed: int = 0, vocab: int = 14, lr: float = 3e-3, **overrides
+    steps: int,
+    seed: int = 0,
+    vocab: int = 14,
+    lr: float = 3e-3,
+    anneal: bool = False,
+    **overrides,
 ) -> Transformer:
     """A small model trained for ``steps`` updates on the copy task (ids 4..vocab-1).
 
+    ``anneal``: the learning rate falls linearly from ``lr`` to 0 over the steps.
     ``overrides`` change the architecture (``tiny_config`` keys); with different
     source and target vocabularies the copied ids are those both have.
     """
@@ -187,7 +193,9 @@ def train_copy_model(
     model = create_model(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
     shared = min(cfg.src_vocab_size, cfg.tgt_vocab_size)
-    for _ in range(steps):
+    for step in range(steps):
+        if anneal:
+            opt.param_groups[0]["lr"] = lr * (1 - step / steps)
         length = int(torch.randint(3, 9, (1,)))
         body = torch.randint(4, shared, (64, length))
         src = torch.cat([body, torch.full((64, 1), 3)], 1)

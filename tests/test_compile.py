@@ -22,6 +22,9 @@ from transformer.search import generate
 from transformer.training import Trainer
 from transformer.training.loss import forward_loss
 
+# dynamo traces for seconds per graph: the quick lane leaves these to CI
+pytestmark = pytest.mark.slow
+
 
 def random_ids(b, t, vocab=23, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -454,6 +454,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(weight, b[name]), name
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_infinite_gradient_on_one_rank_skips_on_both(tmp_path, toy_tokenizer):
     run = tmp_path / "run"
@@ -473,6 +474,7 @@ def test_infinite_gradient_on_one_rank_skips_on_both(tmp_path, toy_tokenizer):
     assert last["batch_in_epoch"] == 6  # one update was skipped on both ranks
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_sigterm_on_one_rank_stops_both_and_resumes_bit_identically(
     tmp_path, toy_tokenizer
@@ -530,6 +532,7 @@ def _rank0_fails_or_stalls(rank: int, init_file: str, mode: str, errors) -> None
         errors.put((rank, type(e).__name__, str(e)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fail", "stall"])
 def test_other_ranks_get_a_clear_error_when_rank0_fails_or_stalls(tmp_path, mode):
     import torch.multiprocessing as mp
@@ -577,6 +580,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["group", "each"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 def test_a_signal_to_the_process_group_with_data_workers(

@@ -200,6 +200,7 @@ def test_bad_ids_give_clear_errors():
         model.encode(torch.full((1, 70), 5))
 
 
+@pytest.mark.slow
 def test_copy_task_is_learned():
     torch.manual_seed(0)
     cfg = tiny_config(

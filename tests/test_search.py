@@ -16,6 +16,7 @@ from transformer.search import (
     filter_logits,
     generate,
     length_penalty,
+    max_lengths,
 )
 
 SRC = torch.tensor([[5, 6, 7, 8, 9, 3], [10, 11, 3, 0, 0, 0], [12, 13, 4, 3, 0, 0]])
@@ -155,22 +156,46 @@ def test_top_k_keeps_k_tokens():
     assert kept.tolist() == [5, 5, 5]
 
 
-def test_length_limits_and_min_length(half_trained):
-    model = half_trained
-    cfg = DecodingConfig(strategy="greedy", max_len_a=0.0, max_len_b=4)
-    for hyps in generate(model, SRC, cfg):
-        assert len(hyps[0].tokens) <= 3  # 4 including <eos>
-    cfg = DecodingConfig(strategy="beam", beam_size=3, min_len=5, max_len_b=20)
-    for hyps in generate(model, SRC, cfg):
-        assert len(hyps[0].tokens) >= 5
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_length_limits_and_min_length(strategy, half_trained):
+    def lengths(**limits):
+        cfg = DecodingConfig(strategy=strategy, beam_size=3, **limits)
+        return [len(hyps[0].tokens) for hyps in generate(half_trained, SRC, cfg)]
+
+    # the model copies sources of 5, 2 and 3 tokens: left alone, some outputs are
+    # longer than the limit and some shorter than the minimum tried below
+    free = lengths(max_len_b=20)
+    assert max(free) > 3 and min(free) < 5, free
+    assert max(lengths(max_len_a=0.0, max_len_b=4)) <= 3  # 4 including <eos>
+    assert min(lengths(min_len=5, max_len_b=20)) >= 5
 
 
-def test_each_sentence_stops_at_its_own_eos(half_trained):
-    model = half_trained
-    results = generate(model, SRC, DecodingConfig(strategy="greedy", max_len_b=30))
-    for hyps in results:
-        assert EOS_ID not in hyps[0].tokens
-        assert BOS_ID not in hyps[0].tokens
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_each_sentence_stops_at_its_own_eos(strategy, half_trained):
+    # the sentences of the batch end at different steps, each by its own <eos>;
+    # one that has ended takes no more tokens: its score is that of its tokens
+    # and <eos> alone (and no hypothesis holds an <eos> inside)
+    model, alpha = half_trained, 0.6
+    cfg = DecodingConfig(
+        strategy=strategy,
+        beam_size=3,
+        nbest=3 if strategy == "beam" else 1,
+        length_penalty=alpha,
+        max_len_b=30,
+    )
+    results = generate(model, SRC, cfg)
+    best = [len(hyps[0].tokens) for hyps in results]
+    assert len(set(best)) > 1, best
+    limits = max_lengths(SRC, cfg, model.target_positions(SRC)).tolist()
+    assert all(n + 1 < limit for n, limit in zip(best, limits, strict=True))
+    for i, hyps in enumerate(results):
+        src = SRC[i : i + 1, : int((SRC[i] != 0).sum())]
+        for h in hyps:
+            assert EOS_ID not in h.tokens and BOS_ID not in h.tokens
+            expected = sequence_logprob(model, src, [*h.tokens, EOS_ID])
+            if strategy == "beam":
+                expected /= length_penalty(len(h.tokens) + 1, alpha)
+            assert h.score == pytest.approx(expected, abs=1e-4)
 
 
 def test_decode_corpus_keeps_input_order(half_trained):

@@ -576,6 +576,7 @@ def server(checkpoints):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_decoded_in_shared_batches(server, models):
     rng = random.Random(6)
     sentences = [letters(rng) for _ in range(12)]
@@ -608,6 +609,7 @@ def test_concurrent_requests_are_decoded_in_shared_batches(server, models):
     assert final["largest_batch"] >= 4
 
 
+@pytest.mark.slow
 def test_browser_translates_and_shows_the_attention_map(server, models, tmp_path):
     webdriver = pytest.importorskip(
         "selenium.webdriver", reason="selenium not installed: pip install -e '.[dev]'"

@@ -331,6 +331,7 @@ def test_preprocess_builds_what_training_reuses(tmp_path, toy_tokenizer, capsys)
     assert trainer.train_data.stores[0].path == store
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_two_ranks_map_a_preprocessed_store_without_tokenizing(tmp_path, toy_tokenizer):
     run = tmp_path / "run"

@@ -160,6 +160,7 @@ def test_resume_is_bit_identical(tmp_path, toy_tokenizer):
     assert not torch.equal(fresh.model.tgt_embed.weight, resumed.model.tgt_embed.weight)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_and_resume_continues(tmp_path, toy_tokenizer):
     run = tmp_path / "run"
     args = train_command(
@@ -265,6 +266,7 @@ def test_average_checkpoints(tmp_path, toy_tokenizer):
     assert averaged["step"] == 4 and averaged["averaged_steps"] == [2, 4]
 
 
+@pytest.mark.slow
 def test_toy_copy_config_learns(tmp_path):
     cfg = load_config(
         TOY,
@@ -282,6 +284,7 @@ def test_toy_copy_config_learns(tmp_path):
     assert '"bleu"' in rows[-1]
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_two_process_gloo_matches_single_process(tmp_path, toy_tokenizer):
     common = [
@@ -328,6 +331,7 @@ def test_two_process_gloo_matches_single_process(tmp_path, toy_tokenizer):
     )
 
 
+@pytest.mark.slow
 def test_progress_piped_to_a_file_is_a_few_log_lines(tmp_path, toy_tokenizer):
     # not a terminal: no redrawn bar, one line every training.log_seconds
     run = tmp_path / "run"

@@ -4,11 +4,11 @@ A training step allocates the same large tensors every time (the logits and thei
 gradient alone are B * T * V floats, over 100 MB for a 4,096-token batch and an
 8k vocabulary). glibc serves blocks above its mmap threshold (at most 32 MB) with a
 fresh ``mmap`` and unmaps them on free, so every step pays the kernel's page faults
-again on each of those pages: in a VM that was a quarter of the reference small
-model's step time (``benchmarks/train.json``). Telling glibc never to mmap and never
-to return the top of the heap makes a freed block the next step's block, with its
-pages already mapped. The process keeps its peak memory for its lifetime, which is
-what a training run does anyway.
+again on each of those pages, a large share of a step's time in a VM (the README's
+profile of a training step, ``benchmarks/train.json``). Telling glibc never to mmap
+and never to return the top of the heap makes a freed block the next step's block,
+with its pages already mapped. The process keeps its peak memory for its lifetime,
+which is what a training run does anyway.
 """
 
 from __future__ import annotations

@@ -21,8 +21,7 @@ _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 def _torch_bernoulli_is_serial() -> bool:
     """On CPU, torch draws dropout masks with MKL's parallel generator on Intel
     processors only; elsewhere with one thread and one Mersenne-Twister draw per
-    element (about 100M elements/s on the AMD EPYC of ``benchmarks/train.json``,
-    8% of a training step)."""
+    element, a visible share of a training step (the README's profile of one)."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -32,11 +31,11 @@ def _torch_bernoulli_is_serial() -> bool:
 
 class Dropout(nn.Dropout):
     """``nn.Dropout``; on a CPU where torch's mask generator is serial, the mask
-    comes from 16 random bits per element drawn as 64-bit words (4x faster with its
-    backward there). An element is kept when its bits reach ``round(p * 2^16)``, so
-    the drop rate is p to within 2^-17; kept values are scaled by 1 / (1 - p) as in
-    ``nn.Dropout``. Under ``torch.compile`` it is ``nn.Dropout`` (inductor fuses
-    its own generator)."""
+    comes from 16 random bits per element drawn as 64-bit words (one draw for four
+    elements instead of one each). An element is kept when its bits reach
+    ``round(p * 2^16)``, so the drop rate is p to within 2^-17; kept values are
+    scaled by 1 / (1 - p) as in ``nn.Dropout``. Under ``torch.compile`` it is
+    ``nn.Dropout`` (inductor fuses its own generator)."""
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.p
@@ -91,6 +90,9 @@ class Residual(nn.Module):
 
 
 class EncoderLayer(nn.Module):
+    """Self-attention and feed-forward: the encoder's layer, and with a causal mask
+    and a cache the decoder-only model's (``models/decoder_only.py``)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
@@ -98,10 +100,22 @@ class EncoderLayer(nn.Module):
         self.attn_res = Residual(cfg)
         self.ffn_res = Residual(cfg)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """x: (B, S, D); mask: (B, 1, 1, S) bool, True at real source tokens."""
+    def forward(
+        self, x: Tensor, mask: Tensor, cache: LayerCache | None = None
+    ) -> Tensor:
+        """Run T new positions.
+
+        Args:
+            x: (B, T, D) the new positions.
+            mask: bool, True = may attend: (B, 1, 1, T) at real source tokens in
+                the encoder; (B, 1, T, P + T) over the P past keys in ``cache``
+                and the new ones in the decoder-only model.
+            cache: the past positions' K/V, extended in place with the new ones.
+        """
         h = self.attn_res.pre(x)
-        q, k, v = self.self_attn.project(h)
+        q, k, v = self.self_attn.project(h)  # (B, H, T, Dh)
+        if cache is not None:
+            k, v = cache.extend(k, v)  # (B, H, P + T, Dh)
         x = self.attn_res.post(x, self.self_attn.attend(q, k, v, mask, is_causal=False))
         return self.ffn_res.post(x, self.ffn(self.ffn_res.pre(x)))
 

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.attention import SelfAttention, causal_mask, padding_mask
+from transformer.attention import causal_mask, padding_mask
 from transformer.cache import LayerCache
 from transformer.config import ModelConfig
 from transformer.embeddings import PositionalEncoding
-from transformer.layers import Dropout, FeedForward, Residual
+from transformer.layers import Dropout, EncoderLayer
 from transformer.models.common import check_ids, output_projection, token_embeddings
 
 
@@ -41,30 +41,6 @@ def _check_positions(positions: Tensor, max_positions: int) -> None:
         torch._assert_async(fits, message)
     elif not fits:
         raise ValueError(message)
-
-
-class CausalLayer(nn.Module):
-    """Masked self-attention and feed-forward (post-norm or pre-norm)."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.ffn = FeedForward(cfg)
-        self.attn_res = Residual(cfg)
-        self.ffn_res = Residual(cfg)
-
-    def forward(
-        self, x: Tensor, mask: Tensor, cache: LayerCache | None = None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x: (B, T, D) new positions; mask: (B, 1, T, P + T) bool over the past P
-        (in ``cache``) and new keys. Returns the output and this call's K/V."""
-        h = self.attn_res.pre(x)
-        q, k, v = self.self_attn.project(h)  # (B, H, T, Dh)
-        new_kv = (k, v)
-        if cache is not None:
-            k, v = cache.extend(k, v)  # (B, H, P + T, Dh)
-        x = self.attn_res.post(x, self.self_attn.attend(q, k, v, mask, False))
-        return self.ffn_res.post(x, self.ffn(self.ffn_res.pre(x))), new_kv
 
 
 @dataclass
@@ -128,7 +104,10 @@ class DecoderOnly(nn.Module):
         learned = cfg.positional == "learned"
         self.pos = PositionalEncoding(cfg.max_positions, d, learned)
         self.dropout = Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(CausalLayer(cfg) for _ in range(cfg.decoder_layers))
+        # the encoder's layer under a causal mask, with the cache of ``decode``
+        self.layers = nn.ModuleList(
+            EncoderLayer(cfg) for _ in range(cfg.decoder_layers)
+        )
         self.norm = nn.LayerNorm(d) if cfg.norm_first else None
         self.output_proj = output_projection(cfg)
         for module in self.modules():
@@ -164,10 +143,10 @@ class DecoderOnly(nn.Module):
         x, mask, lengths = self._source(src)
         s = src.size(1)
         attn = causal_mask(s, s, src.device) & mask[:, None, None, :]  # (B,1,S,S)
-        kv = []
-        for layer in self.layers:
-            x, layer_kv = layer(x, attn)
-            kv.append(layer_kv)
+        caches = [LayerCache() for _ in self.layers]
+        for layer, layer_cache in zip(self.layers, caches, strict=True):
+            x = layer(x, attn, layer_cache)  # keeps the source's K/V in the cache
+        kv = [(c.self_k, c.self_v) for c in caches]
         return PrefixMemory(src, mask, lengths, kv)
 
     def _full(self, src: Tensor, tgt: Tensor) -> Tensor:
@@ -178,7 +157,7 @@ class DecoderOnly(nn.Module):
         keys = torch.cat([mask, mask.new_ones(tgt.shape)], dim=1)  # (B, S + T)
         attn = causal_mask(n, n, src.device) & keys[:, None, None, :]
         for layer in self.layers:
-            x, _ = layer(x, attn)
+            x = layer(x, attn)
         return self._output(x[:, src.size(1) :])
 
     def decode(
@@ -202,7 +181,7 @@ class DecoderOnly(nn.Module):
         )
         attn = causal_mask(t, past + t, x.device) & cache.key_mask[:, None, None, :]
         for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
-            x, _ = layer(x, attn, layer_cache)
+            x = layer(x, attn, layer_cache)
         cache.positions = cache.positions + t
         cache.length += t
         return self._output(x)

@@ -46,8 +46,8 @@ def build_optimizer(
 ]:
     """Adam(W) whose rate the scheduler sets, and a scaler active for fp16 on CUDA."""
     t = cfg.training
-    # One fused kernel per update instead of foreach's passes over every tensor:
-    # 4-5x faster on CPU (7.6M parameters, one thread: 44-59 ms -> 10-13 ms).
+    # One fused kernel per update instead of foreach's passes over every tensor,
+    # on CPU as on CUDA: the update reads and writes each parameter once.
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(
