@@ -119,10 +119,10 @@ class DataConfig:
     # every corpus is read in each of them (src_lang / tgt_lang are then unused)
     # and a tag asks for the target language; empty: the one direction above
     pairs: list[str] = field(default_factory=list)
-    # where the target-language tag goes: source (the source's first token,
-    # Johnson et al. 2017) or target (the decoder's first input, as fairseq's
-    # decoder-langtok and NLLB); see transformer/data/languages.py for the choice
-    tag: Literal["source", "target"] = "source"
+    # where the target-language tag goes: target (the decoder's first input, as
+    # fairseq's decoder-langtok and NLLB) or source (the source's first token,
+    # Johnson et al. 2017); transformer/data/languages.py says why target
+    tag: Literal["source", "target"] = "target"
     # directions are drawn in proportion to size^(1/T) on top of the corpus
     # weights: 1 = by size, 5 = the usual multilingual setting, large = uniform
     sampling_temperature: float = 1.0
