@@ -115,7 +115,7 @@ def test_the_search_never_emits_a_tag():
 
 
 def test_directions_known_zero_shot_and_unknown():
-    data = load_config(TOY, ["data.pairs=[src-cpy, src-rev]"]).data
+    data = load_config(TOY, ["data.pairs=[src-cpy, src-rev]", "data.tag=source"]).data
     tok = Tokenizer.train(_spm(), ["a b c"] * 30, [], tags=["src", "cpy", "rev"])
     way = direction(data, tok, "src", "rev")
     assert way == Direction("src", "rev", (tok.tags["rev"],), BOS_ID, (4, 5, 6))
