@@ -158,7 +158,8 @@ def test_validation_uses_the_ema_weights(tmp_path, toy_tokenizer):
     def loss(weights: str) -> float:
         model, _, _, _ = load_model(run / "last.pt", weights=weights)
         cpu = torch.device("cpu")
-        return evaluate_loss(model, trainer.valid, 256, cpu, "fp32")["loss"]
+        (valid,) = trainer.valid  # one direction: one validation set
+        return evaluate_loss(model, valid.corpus, 256, cpu, "fp32")["loss"]
 
     assert logged["loss"] == pytest.approx(loss("ema"), rel=1e-6)
     assert abs(logged["loss"] - loss("raw")) > 1e-4

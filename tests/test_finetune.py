@@ -40,7 +40,8 @@ def reverse_run(run, tokenizer, *extra):
 
 def accuracy(trainer: Trainer) -> float:
     cpu = torch.device("cpu")
-    return evaluate_loss(trainer.model, trainer.valid, 256, cpu, "fp32")["accuracy"]
+    (valid,) = trainer.valid  # one direction: one validation set
+    return evaluate_loss(trainer.model, valid.corpus, 256, cpu, "fp32")["accuracy"]
 
 
 def test_fine_tuning_beats_training_from_scratch(parent, tmp_path, toy_tokenizer):
