@@ -30,7 +30,7 @@ from transformer.checkpoint import (
 from transformer.config import Config, ConfigError, DecodingConfig
 from transformer.data.languages import Direction, direction, warn_zero_shot
 from transformer.models import Ensemble, create_model
-from transformer.precision import effective_precision
+from transformer.precision import effective_precision, quantize_int8
 from transformer.search import Hypothesis, check_min_len, decode_corpus
 from transformer.tokenizer import Tokenizer, TokenizerError
 
@@ -149,10 +149,18 @@ def load_ensemble(
 
 def set_precision(model: nn.Module, precision: str) -> nn.Module:
     """Cast a loaded model for decoding (``decoding.precision``): bf16 weights and
-    activations use the bf16 matmuls of AVX-512 CPUs and GPUs; the search still
-    ranks float32 log-probabilities. Without native bf16 (``precision.native_bf16``)
-    the model stays float32, with a warning."""
+    activations use the bf16 matmuls of AVX-512 CPUs and GPUs; int8 quantizes the
+    linear layers (CPU only, ``precision.quantize_int8``); the search still ranks
+    float32 log-probabilities. Without native bf16 (``precision.native_bf16``)
+    bf16 stays float32, with a warning."""
     device = next(model.parameters()).device
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ConfigError(
+                f"decoding.precision: int8 decodes on a CPU (this model is on "
+                f"{device}); use bf16 on a GPU"
+            )
+        return quantize_int8(model)
     if effective_precision(device, precision, "decoding.precision") == "bf16":
         model.to(torch.bfloat16)
     return model
@@ -318,8 +326,10 @@ class Translator:
                 f"precision: the model already decodes in {self.precision}"
             )
         set_precision(self.model, precision)  # fp32 (a warning) without native bf16
-        dtype = next(self.model.parameters()).dtype
+        dtype = next(self.model.parameters(), torch.empty(0)).dtype
         self.precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+        if precision == "int8":
+            self.precision = "int8"
 
     def encode(
         self, sentences: list[str], way: Direction | None = None

@@ -76,3 +76,40 @@ def autocast(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (or each model of an ensemble) for int8 decoding on a CPU, in
+    place: its linear layers hold int8 weights quantized per output channel (its
+    recurrent layers per tensor), and quantize their inputs per batch (PyTorch's dynamic
+    quantization, FBGEMM / oneDNN kernels, VNNI where the CPU has it). A tied
+    output projection, the target embedding used as the output layer, becomes a
+    linear layer of its own first: it is the largest matrix product of a decoding
+    step. Embeddings, norms and the search stay float32."""
+    import warnings
+
+    from torch import nn
+
+    for member in getattr(model, "models", [model]):
+        if getattr(member, "output_proj", True) is None:
+            weight = member.tgt_embed.weight
+            proj = nn.Linear(weight.size(1), weight.size(0), bias=False)
+            proj.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+            member.output_proj = proj
+    with warnings.catch_warnings():
+        # torch.ao's dynamic quantization is deprecated in favour of torchao,
+        # whose CPU int8 path needs torch.compile; it still runs in the torch
+        # this project pins
+        warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+        quant = torch.ao.quantization
+        torch.ao.quantization.quantize_dynamic(
+            model,
+            {
+                nn.Linear: quant.per_channel_dynamic_qconfig,
+                nn.LSTM: quant.default_dynamic_qconfig,
+                nn.GRU: quant.default_dynamic_qconfig,
+            },
+            dtype=torch.qint8,
+            inplace=True,
+        )
+    return model

@@ -64,7 +64,9 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--no-cache", action="store_true", help="recompute the prefix")
     parser.add_argument(
-        "--precision", choices=["fp32", "bf16"], help="weights and activations"
+        "--precision",
+        choices=["fp32", "bf16", "int8"],
+        help="weights and activations (int8: CPU, linear layers)",
     )
     parser.add_argument(
         "decoding",

@@ -35,8 +35,9 @@ class DecodingConfig:
     max_tokens: int = 8192  # source tokens per decoding batch
     seed: int = 0  # for sampling
     # weights and activations of transformer-eval / -translate; bf16 pays where
-    # the CPU or GPU has native bf16 (docs: Benchmarks); scores stay float32
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # the CPU or GPU has native bf16, int8 (CPU only: the linear layers quantized)
+    # where it has VNNI (docs: Benchmarks); scores stay float32
+    precision: Literal["fp32", "bf16", "int8"] = "fp32"
     # torch.compile the cached decoding step (dynamic shapes, a few graphs per
     # model); on CPU compiling costs more than it saves (docs: Benchmarks)
     compile: bool = False

@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads; 0: all")
     parser.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
+        choices=["fp32", "bf16", "int8"],
         help="weights and activations (default: the checkpoint's decoding.precision)",
     )
     for f in dataclasses.fields(ServeConfig):
