@@ -4,6 +4,7 @@ same weights (in this process, and as a user runs them: scripts/bench_ct2.py).""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import subprocess
@@ -159,8 +160,12 @@ def bench_decode(args) -> dict:
                     model, tokenizer, sources, refs, runs, device, Path(tmp)
                 )
             )
-    for precision in sorted(set(args.precision), key=["fp32", "bf16"].index):
-        set_precision(model, precision)  # fp32 runs first, on the loaded weights
+    loaded = model
+    for precision in sorted(set(args.precision), key=["fp32", "int8", "bf16"].index):
+        # fp32 runs first, on the loaded weights; int8 quantizes a copy of them;
+        # bf16 casts them, last
+        model = copy.deepcopy(loaded) if precision == "int8" else loaded
+        set_precision(model, precision)
         suffix = "" if precision == "fp32" else f"_{precision}"
         for name, (dcfg, use_cache) in runs.items():
             if suffix and not use_cache:
@@ -178,11 +183,14 @@ def bench_decode(args) -> dict:
             }
             if not suffix:  # counted once, outside the timing (the count is slow)
                 results[name]["model_gflop"] = decode_gflop(
-                    lambda c=dcfg, u=use_cache: translate(
-                        model, tokenizer, sources, c, device, u
+                    lambda c=dcfg, u=use_cache, m=model: translate(
+                        m, tokenizer, sources, c, device, u
                     )
                 )
-            results[name + suffix]["weights"] = str(next(model.parameters()).dtype)
+            weights = str(next(model.parameters()).dtype)
+            results[name + suffix]["weights"] = (
+                "int8 linear layers" if precision == "int8" else weights
+            )
             logging.info("%s: %.1f sentences/s", name + suffix, len(sources) / seconds)
             if args.compile and use_cache and not suffix:
                 results[f"{name}_compile"] = bench_compiled_decoding(
@@ -222,6 +230,17 @@ def bench_decode(args) -> dict:
             for name in ("greedy", "beam5")
             for suffix in ("", "_int8")
         }
+    if "greedy_cached_int8" in results and "greedy_cached" in results:
+        result["int8_speedup_over_fp32"] = {
+            name: results[name]["seconds"] / results[f"{name}_int8"]["seconds"]
+            for name in ("greedy_cached", "beam5_cached")
+        }
+        if speedups:  # our int8 against CTranslate2's int8, same sources
+            result["torch_int8_speedup_over_ct2_int8"] = {
+                name: results[f"ct2_{name}_int8"]["seconds"]
+                / results[f"{name}_cached_int8"]["seconds"]
+                for name in ("greedy", "beam5")
+            }
     if "greedy_cached_bf16" in results:
         greedy = results["greedy_cached_bf16"]["seconds"]
         result["bf16_beam5_time_over_greedy"] = (

@@ -154,7 +154,7 @@ def _main(argv: list[str] | None = None) -> int:
     decode.add_argument("--split", default="test_2016_flickr")
     decode.add_argument("--limit", type=int, default=0, help="first N sentences only")
     decode.add_argument(
-        "--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"]
+        "--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8"]
     )
     decode.add_argument(
         "--no-ctranslate2", action="store_true", help="skip the CTranslate2 rows"
