@@ -62,11 +62,3 @@ def test_int8_in_an_ensemble_and_an_rnn():
     )
     out = generate(ensemble, SRC, DecodingConfig(strategy="beam", beam_size=3))
     assert len(out) == len(SRC)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_int8_is_for_cpus(copier):
-    from transformer.config import ConfigError
-
-    with pytest.raises(ConfigError, match="int8 decodes on a CPU"):
-        set_precision(copier.to("cuda"), "int8")
