@@ -45,6 +45,10 @@ def tag_piece(lang: str) -> str:
     return f"<2{lang}>"
 
 
+# the reserved piece that marks a back-translated source (Caswell et al. 2019)
+BT_PIECE = "<BT>"
+
+
 def train_sentencepiece(
     sentences: Iterable[str], cfg: TokenizerConfig, reserved: Iterable[str] = ()
 ) -> bytes:
@@ -134,17 +138,30 @@ class Tokenizer:
         return self.tags.get(lang)
 
     @functools.cached_property
-    def tags(self) -> dict[str, int]:
-        """Language -> the id of its tag, for every tag the target model holds
-        (reserved control pieces: right after the four special ids)."""
+    def reserved(self) -> dict[str, int]:
+        """Piece -> id of every reserved piece (language tags, ``<BT>``): the
+        control pieces right after the four special ids, which no text encodes
+        to, decoding drops, and no search emits."""
         out = {}
         for i in range(len(SPECIAL_IDS), self.tgt_vocab_size):
             if not self.tgt.is_control(i):
                 break
-            piece = self.tgt.id_to_piece(i)
-            if piece.startswith("<2") and piece.endswith(">"):
-                out[piece[2:-1]] = i
+            out[self.tgt.id_to_piece(i)] = i
         return out
+
+    @property
+    def tags(self) -> dict[str, int]:
+        """Language -> the id of its tag (``<2xx>``)."""
+        return {
+            piece[2:-1]: i
+            for piece, i in self.reserved.items()
+            if piece.startswith("<2") and piece.endswith(">")
+        }
+
+    @property
+    def bt_id(self) -> int | None:
+        """The id of ``<BT>``, None when the tokenizer reserves none."""
+        return self.reserved.get(BT_PIECE)
 
     def src_pieces(self, text: str) -> list[str]:
         return self.src.encode(text, out_type=str)
@@ -217,10 +234,12 @@ class Tokenizer:
         src_sentences: Iterator[str] | list[str],
         tgt_sentences: Iterator[str] | list[str],
         tags: Iterable[str] = (),
+        extra: Iterable[str] = (),
     ) -> Tokenizer:
         """Train on the two sides' sentences; ``tags``: languages whose tags the
-        models reserve (in both models, so that ids agree)."""
-        reserved = [tag_piece(lang) for lang in tags]
+        models reserve, ``extra``: other reserved pieces (``BT_PIECE``), in both
+        models so that ids agree."""
+        reserved = [tag_piece(lang) for lang in tags] + list(extra)
         if cfg.joint:
             joint = list(src_sentences) + list(tgt_sentences)
             log.info("training a joint SentencePiece model on %d sentences", len(joint))

@@ -59,6 +59,7 @@ class TokenizerConfig:
 
 
 Format = Literal["text", "tsv", "jsonl", "hub", "copy", "reverse"]
+Synthetic = Literal["distilled", "back_translated"]
 
 
 @dataclass
@@ -78,6 +79,10 @@ class CorpusConfig:
     # direction of data.pairs its files hold)
     src_lang: str | None = None
     tgt_lang: str | None = None  # the target language of that direction
+    # distilled: targets translated by a teacher; back_translated: sources
+    # translated back from real targets (default: data.synthetic)
+    synthetic: Synthetic | None = None
+    bt_tag: bool | None = None  # default: data.bt_tag
 
     def validate(self, prefix: str) -> None:
         check(self.weight > 0, f"{prefix}.weight", self.weight, "must be positive")
@@ -115,6 +120,12 @@ class DataConfig:
     # several training corpora, each with its own files and weight (default: the
     # one corpus above); validation and test splits come from the fields above
     train: list[CorpusConfig] = field(default_factory=list)
+    # a synthetic corpus: distilled (a teacher's translations of the sources) or
+    # back_translated (sources translated back from real targets); null: real
+    synthetic: Synthetic | None = None
+    # a back-translated corpus's sources start with the reserved piece <BT>
+    # (tagged back-translation, Caswell et al. 2019)
+    bt_tag: bool = True
     # one model for several directions, "src-tgt" each (e.g. [de-en, en-de]):
     # every corpus is read in each of them (src_lang / tgt_lang are then unused)
     # and a tag asks for the target language; empty: the one direction above
@@ -141,7 +152,8 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     @property
-    def synthetic(self) -> bool:
+    def toy(self) -> bool:
+        """A synthetic toy task (copy, reverse), generated, not read."""
         return self.format in ("copy", "reverse")
 
     @property
@@ -161,6 +173,15 @@ class DataConfig:
     def direction(self, src: str, tgt: str) -> DataConfig:
         """These settings for the direction ``src`` -> ``tgt``."""
         return dataclasses.replace(self, src_lang=src, tgt_lang=tgt, train=[])
+
+    def tagged(self) -> bool:
+        """Do these settings' sources start with ``<BT>``?"""
+        return self.synthetic == "back_translated" and self.bt_tag
+
+    def reserved(self) -> list[str]:
+        """Reserved pieces besides the language tags that the tokenizer needs:
+        ``<BT>`` when a training corpus is tagged back-translation."""
+        return ["<BT>"] if any(c.tagged() for c, _, _ in self.train_corpora()) else []
 
     def train_corpora(self) -> list[tuple[DataConfig, str, float]]:
         """(settings, split, weight) of each training corpus, and with ``pairs``
@@ -232,7 +253,7 @@ class DataConfig:
                     None,
                     "needed for format hub",
                 )
-        if self.synthetic:
+        if self.toy:
             check(self.toy_vocab >= 2, f"{prefix}.toy_vocab", self.toy_vocab, ">= 2")
             check(
                 1 <= self.toy_min_len <= self.toy_max_len,
@@ -284,7 +305,7 @@ class DataConfig:
                 continue
             fmt = corpus.format or self.format
             check(
-                fmt != "tsv" and not self.synthetic,
+                fmt != "tsv" and not self.toy,
                 f"{prefix}.pairs",
                 fmt,
                 "a corpus read in every direction needs its files or fields "

@@ -159,7 +159,7 @@ def ensure_corpus(cfg: DataConfig) -> DataConfig:
     folder exists (or it needs none), else a copy naming the folder the files were
     downloaded into. A missing folder without a source is an error naming both
     remedies."""
-    if cfg.synthetic or (cfg.format == "hub" and not cfg.dir):
+    if cfg.toy or (cfg.format == "hub" and not cfg.dir):
         return cfg
     if cfg.dir and Path(cfg.dir).is_dir():
         return cfg

@@ -107,7 +107,7 @@ def corpus_identity(
         "langs": [cfg.src_lang, cfg.tgt_lang],
         "fields": [cfg.src_field, cfg.tgt_field],
     }
-    if cfg.synthetic:
+    if cfg.toy:
         identity["toy"] = [cfg.toy_vocab, cfg.toy_min_len, cfg.toy_max_len]
         identity["toy"] += [cfg.toy_train_size, seed]
     elif cfg.format == "hub" and not cfg.dir:  # a hub corpus: its name

@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 class Direction:
     """How a sentence is translated from ``src`` into ``tgt``.
 
-    ``prefix``: ids before the source's pieces (the tag, or nothing); ``bos``: the
-    decoder's first input (the tag, or ``<bos>``); ``banned``: ids the search never
-    emits (every tag); ``zero_shot``: a direction the model was not trained on.
+    ``prefix``: ids before the source's pieces (the tag, or nothing; ``<BT>``
+    before it for a tagged back-translated corpus); ``bos``: the decoder's first
+    input (the tag, or ``<bos>``); ``banned``: ids the search never emits (every
+    reserved piece); ``zero_shot``: a direction the model was not trained on.
     """
 
     src: str
@@ -82,7 +83,7 @@ def direction(
                 f"{origin} translates {pair[0]}->{pair[1]} only (asked: "
                 f"{src or pair[0]}->{tgt or pair[1]})"
             )
-        return Direction(*pair)
+        return Direction(*pair, banned=tuple(sorted(tokenizer.reserved.values())))
     names = ", ".join(f"{s}->{t}" for s, t in trained)
     if src is None or tgt is None:
         raise ConfigError(
@@ -107,7 +108,7 @@ def direction(
         )
     zero_shot = (src, tgt) not in trained
     tag = tags[tgt]
-    banned = tuple(sorted(tags.values()))
+    banned = tuple(sorted(tokenizer.reserved.values()))  # tags and <BT>
     if data.tag == "source":
         return Direction(src, tgt, (tag,), BOS_ID, banned, zero_shot)
     return Direction(src, tgt, (), tag, banned, zero_shot)

@@ -211,7 +211,7 @@ def toy_pairs(cfg: DataConfig, split: str, seed: int) -> list[tuple[str, str]]:
 def check_split(cfg: DataConfig, split: str, key: str) -> None:
     """Fail early, naming the config key, when a split's local files are missing
     (rather than after the tokenizer and the training store are built)."""
-    if cfg.synthetic or not split:
+    if cfg.toy or not split:
         return
     for src, tgt in cfg.directions():  # each direction's files, with data.pairs
         settings = cfg.direction(src, tgt) if cfg.multilingual else cfg
@@ -244,7 +244,7 @@ def split_files(cfg: DataConfig, split: str) -> list[Path]:
 
 def split_origin(cfg: DataConfig, split: str) -> str:
     """Where a split is read from, for messages: its files, or the hub corpus."""
-    if cfg.synthetic:
+    if cfg.toy:
         return f"the synthetic {cfg.format} task ({split})"
     if cfg.format == "hub":
         return f"hub dataset {cfg.hub_name!r} (split {split!r})"
@@ -256,7 +256,7 @@ def split_origin(cfg: DataConfig, split: str) -> str:
 
 def read_pairs(cfg: DataConfig, split: str, seed: int = 0) -> Iterator[tuple[str, str]]:
     """Stream the (source, target) strings of a split, whatever the format."""
-    if cfg.synthetic:
+    if cfg.toy:
         yield from toy_pairs(cfg, split, seed)
     elif cfg.format == "hub":
         yield from read_hub_pairs(cfg, split)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from transformer.allocator import reuse_freed_memory
-from transformer.config import Config, TrainingConfig
+from transformer.config import Config, ConfigError, TrainingConfig
 from transformer.data import (
     CorpusStore,
     TrainBatches,
@@ -102,6 +103,19 @@ def build_train_data(
     corpora = d.train_corpora()
     weights = [weight for _, _, weight in corpora]
     ways = [direction(d, tokenizer, c.src_lang, c.tgt_lang) for c, _, _ in corpora]
+    if any(c.tagged() for c, _, _ in corpora):  # tagged back-translation
+        if tokenizer.bt_id is None:
+            raise ConfigError(
+                "data.bt_tag: a back-translated corpus is tagged with <BT>, which "
+                "this tokenizer does not reserve (train one with this config, or "
+                "set bt_tag: false)"
+            )
+        ways = [
+            dataclasses.replace(w, prefix=(tokenizer.bt_id, *w.prefix))
+            if c.tagged()
+            else w
+            for w, (c, _, _) in zip(ways, corpora, strict=True)
+        ]
     if d.multilingual:
         weights = direction_weights(stores, weights, ways, d.sampling_temperature)
     data = TrainBatches(

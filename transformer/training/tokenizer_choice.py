@@ -136,6 +136,7 @@ def tokenizer_record(cfg: Config) -> dict[str, Any]:
         ],
         # the tags it reserves (a bilingual record has none: older records match)
         **({"tags": cfg.data.languages()} if cfg.data.multilingual else {}),
+        **({"reserved": cfg.data.reserved()} if cfg.data.reserved() else {}),
     }
 
 
@@ -220,7 +221,9 @@ def _run_folder_tokenizer(
                 ", ".join(f"{len(v)} {k}" for k, v in texts.items()),
             )
             every = [line for lines in texts.values() for line in lines]
-            trained = Tokenizer.train(tcfg, every, [], tags=list(texts))
+            trained = Tokenizer.train(
+                tcfg, every, [], tags=list(texts), extra=cfg.data.reserved()
+            )
             atomic_write_bytes(record, (json.dumps(wanted, indent=1) + "\n").encode())
             trained.save(run_dir)
         elif not saved.exists():
@@ -236,7 +239,7 @@ def _run_folder_tokenizer(
                         f"({seen} pairs) to train the tokenizer on"
                     )
             log.info("tokenizer: training on %d of %d pairs", len(src), seen)
-            trained = Tokenizer.train(tcfg, src, tgt)
+            trained = Tokenizer.train(tcfg, src, tgt, extra=cfg.data.reserved())
             got = max(trained.src_vocab_size, trained.tgt_vocab_size)
             if got < tcfg.vocab_size:
                 log.warning(
