@@ -22,6 +22,13 @@ class TokenizerConfig:
     character_coverage: float = 1.0  # share of characters the model covers
     # pairs drawn at random from the training data (read in a stream) to train on
     sample_sentences: int = 1_000_000
+    # subword regularization: each training pair's segmentation sampled anew every
+    # epoch (unigram: Kudo 2018's smoothing alpha; bpe: BPE-dropout's merge-drop
+    # rate); 0 = off. Validation and decoding use the best segmentation
+    sampling_alpha: float = 0.0
+    sampling_nbest: int = -1  # unigram: sample from the n best (-1: from all)
+    # which side's segmentations are sampled: both, source or target
+    sampling_sides: Literal["both", "source", "target"] = "both"
 
     def validate(self, prefix: str = "data.tokenizer") -> None:
         check(
@@ -35,6 +42,19 @@ class TokenizerConfig:
             f"{prefix}.sample_sentences",
             self.sample_sentences,
             "must be positive",
+        )
+        check(
+            self.sampling_alpha >= 0
+            and (self.model_type != "bpe" or self.sampling_alpha < 1),
+            f"{prefix}.sampling_alpha",
+            self.sampling_alpha,
+            "must be >= 0 (and below 1 for bpe: a merge-drop rate)",
+        )
+        check(
+            self.sampling_nbest == -1 or self.sampling_nbest >= 1,
+            f"{prefix}.sampling_nbest",
+            self.sampling_nbest,
+            "must be -1 (all) or at least 1",
         )
         check(
             0.0 < self.character_coverage <= 1.0,

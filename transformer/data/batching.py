@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformer.config import BOS_ID, EOS_ID, PAD_ID
 from transformer.data.languages import Direction
 from transformer.data.readers import DataError
+from transformer.data.resegment import Resegmenter
 from transformer.data.store import CorpusStore
 from transformer.data.workers import (
     WorkerFailure,
@@ -249,6 +250,7 @@ class TrainBatches:
         workers: int = 0,
         pin_memory: bool = False,
         directions: list[Direction] | None = None,
+        resegment: Resegmenter | None = None,
     ) -> None:
         self.stores, self.weights = stores, weights
         self.max_tokens, self.max_sentences = max_tokens, max_sentences
@@ -257,6 +259,7 @@ class TrainBatches:
         # per store, the tokens of its direction: a source prefix (a language
         # tag) and the decoder's first input
         self.directions = directions or [Direction("", "") for _ in stores]
+        self.resegment = resegment  # subword regularization, or None
         self.offsets = np.cumsum([0] + [len(s) for s in stores])
         # lengths with <eos> / <bos> (and a source prefix), all corpora back to
         # back: (pairs,); widened first, as a uint8 length of 255 + 1 would wrap
@@ -281,6 +284,11 @@ class TrainBatches:
                 self.stores, self.weights, self.directions, strict=True
             )
         ]
+        sampled = self.resegment
+        if sampled is not None:  # what the samples depend on
+            parts.append(
+                f"~{sampled.alpha:g}/{sampled.nbest}/{','.join(sampled.sides)}"
+            )
         return "+".join(parts)
 
     def epoch_ids(self, epoch: int) -> np.ndarray | None:
@@ -318,8 +326,11 @@ class TrainBatches:
         self._last = (epoch, batches)
         return batches
 
-    def collate(self, ids: np.ndarray) -> Batch:
-        """Gather pairs ``ids`` (global ids) from their stores into a batch."""
+    def collate(self, ids: np.ndarray, epoch: int | None = None) -> Batch:
+        """Gather pairs ``ids`` (global ids) from their stores into a batch;
+        with subword regularization, segmented as sampled for ``epoch``."""
+        if self.resegment is not None and epoch is not None:
+            return self._collate_sampled(ids, epoch)
         corpus = np.searchsorted(self.offsets, ids, side="right") - 1
         src_len, tgt_len = self.src_len[ids] - 1, self.tgt_len[ids] - 1
         src = np.full((len(ids), int(src_len.max())), PAD_ID, dtype=np.int64)
@@ -339,6 +350,30 @@ class TrainBatches:
             tgt[rows, : t.shape[1]] = t
             bos[rows] = way.bos
         return collate_arrays(src, tgt, src_len, tgt_len, bos)
+
+    def _collate_sampled(self, ids: np.ndarray, epoch: int) -> Batch:
+        """``collate`` with each pair's segmentation sampled (``resegment``)."""
+        corpus = np.searchsorted(self.offsets, ids, side="right") - 1
+        src: list[list[int]] = [[] for _ in ids]
+        tgt: list[list[int]] = [[] for _ in ids]
+        bos = np.full(len(ids), BOS_ID, dtype=np.int64)
+        for c in np.unique(corpus).tolist():
+            rows = np.flatnonzero(corpus == c)
+            local = ids[rows] - self.offsets[c]
+            store, way = self.stores[c], self.directions[c]
+            pairs = ids[rows].tolist()
+            for side, out in (("src", src), ("tgt", tgt)):
+                padded = store.padded(side, local, -1)
+                pieces = [row[row >= 0].tolist() for row in padded]
+                pieces = self.resegment(side, pieces, pairs, epoch)
+                for r, p in zip(rows.tolist(), pieces, strict=True):
+                    out[r] = [*way.prefix, *p] if side == "src" else p
+            bos[rows] = way.bos
+        src_len = np.array([len(x) for x in src])
+        tgt_len = np.array([len(x) for x in tgt])
+        return collate_arrays(
+            _padded(src, src_len), _padded(tgt, tgt_len), src_len, tgt_len, bos
+        )
 
     def positions(
         self, epoch: int, start: int, max_epochs: int = 0
@@ -364,7 +399,7 @@ class TrainBatches:
         ``workers`` processes that live as long as the stream."""
         if not self.workers:
             for e, k, ids in self.positions(epoch, start, max_epochs):
-                yield e, k, self.collate(ids)
+                yield e, k, self.collate(ids, e)
             return
         next(iter(self.positions(epoch, 0, max_epochs)), None)  # errors here, not
         loader = DataLoader(  # wrapped in a worker's traceback
@@ -405,6 +440,14 @@ class TrainBatches:
         return padding_efficiency(self.batches(epoch), self.src_len, self.tgt_len)
 
 
+def _padded(rows: list[list[int]], lengths: np.ndarray) -> np.ndarray:
+    """Rows of pieces -> (B, longest), PAD_ID after each."""
+    out = np.full((len(rows), int(lengths.max(initial=0))), PAD_ID, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
 def _tokens_of(way: Direction) -> str:
     """What a direction adds to a batch, for the fingerprint (nothing for a
     bilingual corpus, whose fingerprint stays as it was)."""
@@ -432,6 +475,6 @@ class _Stream(IterableDataset):
         try:
             for n, (e, k, ids) in enumerate(positions):
                 if n % step == first:
-                    yield e, k, self.data.collate(ids)
+                    yield e, k, self.data.collate(ids, e)
         except Exception as error:  # sent as an item: see WorkerFailure
             yield WorkerFailure.of(error, first, e, k)

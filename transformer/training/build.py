@@ -18,6 +18,7 @@ from transformer.data import (
     split_origin,
 )
 from transformer.data.languages import Direction, direction, temperature_factors
+from transformer.data.resegment import Resegmenter
 from transformer.inference import resolve_device
 from transformer.models import create_model
 from transformer.tokenizer import Tokenizer
@@ -129,6 +130,7 @@ def build_train_data(
         workers=d.workers,
         pin_memory=device.type == "cuda",
         directions=ways,
+        resegment=_resegmenter(cfg, tokenizer),
     )
     log.info("training data: %d pairs in %d corpus store(s)", data.n_pairs, len(stores))
     return data
@@ -161,3 +163,24 @@ def direction_weights(
             temperature,
         )
     return out
+
+
+def _resegmenter(cfg: Config, tokenizer: Tokenizer) -> Resegmenter | None:
+    """Subword regularization's sampler (``data.tokenizer.sampling_alpha``)."""
+    tcfg = cfg.data.tokenizer
+    if not tcfg.sampling_alpha:
+        return None
+    log.info(
+        "subword regularization: alpha %g, nbest %d, %s",
+        tcfg.sampling_alpha,
+        tcfg.sampling_nbest,
+        tcfg.sampling_sides,
+    )
+    return Resegmenter(
+        tokenizer,
+        tcfg.sampling_alpha,
+        tcfg.sampling_nbest,
+        tcfg.sampling_sides,
+        cfg.data.max_length,
+        cfg.training.seed,
+    )
