@@ -222,7 +222,7 @@ def test_controls_work_for_every_architecture_and_ensembles(arch):
         PieceControls(prefix=(9, 10), constraints=((4,),), forbid=((11, 11),)),
     ]
     src = pad_sources(srcs)
-    for m in (model, Ensemble([model])):
+    for m in (model, Ensemble([model]).eval()):
         for strategy in ("greedy", "beam"):
             c = controls if strategy == "beam" else [
                 PieceControls(prefix=x.prefix, forbid=x.forbid) for x in controls
@@ -233,7 +233,7 @@ def test_controls_work_for_every_architecture_and_ensembles(arch):
                 assert out[: len(ctl.prefix)] == list(ctl.prefix)
                 assert all(has(out, p) for p in ctl.constraints), out
                 assert not any(has(out, p) for p in ctl.forbid), out
-    one = generate(Ensemble([model]), src, config("beam"), controls=controls)
+    one = generate(Ensemble([model]).eval(), src, config("beam"), controls=controls)
     assert best(one) == best(generate(model, src, config("beam"), controls=controls))
 
 
