@@ -28,7 +28,9 @@ STRATEGIES = ["greedy", "beam", "sample"]
 
 def sources(n: int = 24, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(4, 14) for _ in range(rng.randrange(3, 7))] for _ in range(n)]
+    return [
+        [rng.randrange(4, 14) for _ in range(rng.randrange(3, 7))] for _ in range(n)
+    ]
 
 
 def config(strategy: str, **extra) -> DecodingConfig:
@@ -259,7 +261,10 @@ def test_controls_are_encoded_and_bad_ones_refused_with_a_message(tokenizer):
         (Controls(forbid=("",)), "forbid[0]: empty phrase"),
         (Controls(prefix=text), "prefix: "),
         (Controls(constraints=(text,)), "constraints[0] "),
-        (Controls(constraints=("number",), forbid=("number",)), "forbid[0] 'number' is"),
+        (
+            Controls(constraints=("number",), forbid=("number",)),
+            "forbid[0] 'number' is",
+        ),
         (Controls(constraints=("many words",), forbid=("words",)), "is part of the"),
         (Controls(prefix="this is", forbid=("is",)), "is part of the prefix"),
         (Controls(constraints=("a",) * 17), "at most 16"),

@@ -128,13 +128,16 @@ def test_transformer_score_equals_the_search_and_its_formats_agree(pairs, tmp_pa
     # JSON lines in, JSON out, per token, an ensemble of one model twice
     jsonl = tmp_path / "pairs.jsonl"
     jsonl.write_text(
-        "".join(json.dumps({"src": s, "tgt": t}) + "\n" for s, t in zip(DE, EN))
+        "".join(
+            json.dumps({"src": s, "tgt": t}) + "\n" for s, t in zip(DE, EN, strict=True)
+        )
     )
     plain = score_cli("--checkpoint", MODEL, "--src", src, "--tgt", tgt, "--per-token")
     both = score_cli(
         "--checkpoint", MODEL, MODEL, "--jsonl", jsonl, "--json", "--per-token"
     )
-    for line, row in zip(plain.stdout.splitlines(), both.stdout.splitlines()):
+    rows = zip(plain.stdout.splitlines(), both.stdout.splitlines(), strict=True)
+    for line, row in rows:
         total, _, _, tokens = line.split("\t")
         got = json.loads(row)
         assert got["score"] == pytest.approx(float(total), abs=1e-4)
