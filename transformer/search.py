@@ -166,18 +166,6 @@ def length_limits(
     return max_lengths(src, cfg, positions.cpu()).tolist()
 
 
-def _constrain(
-    logp: Tensor,
-    step: int,
-    limit: Tensor,
-    cfg: DecodingConfig,
-    near_limit: bool,
-    banned: Sequence[int] = (),
-) -> Tensor:
-    """``_ban``, then ``_force_eos``."""
-    return _force_eos(_ban(logp, step, cfg, banned), step, limit, near_limit)
-
-
 # --- per-sentence controls ---
 
 

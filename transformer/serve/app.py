@@ -285,6 +285,7 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
     @app.post(
         "/translate",
         response_model=TranslateResponse,
+        response_model_exclude_none=True,  # alignment only when asked for
         summary="translate a sentence or a list of sentences",
     )
     async def translate(request: Request, req: TranslateRequest):
