@@ -210,7 +210,16 @@ class _Guide:
         self, controls: Sequence[PieceControls | None], vocab: int, device
     ) -> None:
         self.controls = [c or PieceControls() for c in controls]
-        ctl, self.vocab, self.device = self.controls, vocab, device
+        self.vocab, self.device = vocab, device
+        self._prefixes()
+        self._forbidden()
+        self._required()
+        self.width = max(self.forbid.size(-1), self.full.size(-1), 1)
+
+    def _prefixes(self) -> None:
+        """Prefix ids (B, P) padded with <pad>, their lengths (B,), and the
+        pieces banned right after a prefix that ends a word (B, V) or None."""
+        ctl, device = self.controls, self.device
         lengths = [len(c.prefix) for c in ctl]
         self.common, self.longest_prefix = min(lengths), max(lengths)
         self.prefix_len = torch.tensor(lengths, device=device)
@@ -218,52 +227,54 @@ class _Guide:
         for b, c in enumerate(ctl):
             prefix[b, : len(c.prefix)] = torch.tensor(c.prefix, dtype=torch.long)
         self.prefix = prefix.to(device)
-        # forbidden phrases: the first n - 1 pieces, and the last one to ban
-        self.has_forbid = any(c.forbid for c in ctl)
-        fw = max((len(f) - 1 for c in ctl for f in c.forbid), default=0)
-        self.forbid, self.forbid_valid, real = _right_aligned(
-            [[f[:-1] for f in c.forbid] for c in ctl], fw, device
-        )
-        last = torch.full(real.shape, vocab, dtype=torch.long)  # vocab: no token
-        for b, c in enumerate(ctl):
-            for p, f in enumerate(c.forbid):
-                last[b, p] = f[-1]
-        self.forbid_last, self.forbid_real = last.to(device), real
-        # the pieces banned right after a prefix that ends a word
         self.after = None
         if any(c.after_prefix for c in ctl):
-            after = torch.zeros(len(ctl), vocab, dtype=torch.bool)
+            after = torch.zeros(len(ctl), self.vocab, dtype=torch.bool)
             for b, c in enumerate(ctl):
                 after[b, list(c.after_prefix)] = True
             self.after = after.to(device)
-        # required phrases
+
+    def _forbidden(self) -> None:
+        """Forbidden phrases: their first n - 1 pieces right-aligned (B, P, n - 1)
+        and the last piece (B, P), which they ban (``vocab``: none)."""
+        ctl = self.controls
+        self.has_forbid = any(c.forbid for c in ctl)
+        width = max((len(f) - 1 for c in ctl for f in c.forbid), default=0)
+        self.forbid, self.forbid_valid, self.forbid_real = _right_aligned(
+            [[f[:-1] for f in c.forbid] for c in ctl], width, self.device
+        )
+        last = torch.full(self.forbid_real.shape, self.vocab, dtype=torch.long)
+        for b, c in enumerate(ctl):
+            for p, f in enumerate(c.forbid):
+                last[b, p] = f[-1]
+        self.forbid_last = last.to(self.device)
+
+    def _required(self) -> None:
+        """Constraints: whole (B, C, L) right-aligned, their pieces (B, C, L)
+        left-aligned and lengths (B, C) (0: none), and their beginnings of 1 to
+        L - 1 pieces (B, C, K, K), K = L - 1, right-aligned."""
+        ctl, device = self.controls, self.device
         self.has_constraints = any(c.constraints for c in ctl)
         longest = max((len(p) for c in ctl for p in c.constraints), default=1)
         self.full, self.full_valid, real = _right_aligned(
             [list(c.constraints) for c in ctl], longest, device
         )
-        count = real.size(1)
-        self.c_len = torch.zeros(len(ctl), count, dtype=torch.long)
+        count, k = real.size(1), longest - 1
+        lengths = torch.zeros(len(ctl), count, dtype=torch.long)
         pieces = torch.zeros(len(ctl), count, longest, dtype=torch.long)
-        for b, c in enumerate(ctl):
-            for j, phrase in enumerate(c.constraints):
-                self.c_len[b, j] = len(phrase)
-                pieces[b, j, : len(phrase)] = torch.tensor(phrase)
-        self.pieces = pieces.to(device)
-        # beginnings: for k = 1 .. longest - 1, the first k pieces of each
-        k = longest - 1
         begin = torch.full((len(ctl), count, k, k), -2, dtype=torch.long)
         for b, c in enumerate(ctl):
             for j, phrase in enumerate(c.constraints):
+                lengths[b, j] = len(phrase)
+                pieces[b, j, : len(phrase)] = torch.tensor(phrase)
                 for n in range(1, len(phrase)):
                     begin[b, j, n - 1, k - n :] = torch.tensor(phrase[:n])
-        self.begin, self.begin_valid = begin.to(device), (begin >= 0).to(device)
         steps = torch.arange(1, k + 1)
-        self.begin_real = (steps < self.c_len[..., None]).to(device)  # (B, C, K)
+        self.total = int(lengths.sum(1).max())  # the fullest bank
+        self.pieces, self.c_len = pieces.to(device), lengths.to(device)
+        self.begin, self.begin_valid = begin.to(device), (begin >= 0).to(device)
+        self.begin_real = (steps < lengths[..., None]).to(device)  # (B, C, K)
         self.begin_steps = steps.to(device)
-        self.c_len = self.c_len.to(device)
-        self.total = int(self.c_len.sum(1).max())  # the fullest bank
-        self.width = max(fw, longest, 1)
 
     def check(self, limit: Tensor) -> None:
         """A prefix must leave room for </s> within its sentence's ``limit``."""

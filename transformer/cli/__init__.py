@@ -2,4 +2,5 @@
 each entry point): ``train`` (transformer-train, -preprocess, -average),
 ``evaluate`` (transformer-eval), ``translate`` (transformer-translate), ``score``
 (transformer-score), with the decoding options they share in ``options`` and the
-error handling of every command in ``common``. Export and serving have their own packages."""
+error handling of every command in ``common``. Export and serving have their own
+packages."""
