@@ -221,7 +221,6 @@ class ExportedModel:
                     [pieces[i] for i in given],
                     [prefixes[i] for i in given],
                     max_input_length=self.max_positions,
-                    offset=len(start),
                 )
                 for i, result in zip(given, scored, strict=True):
                     extra[i] = sum(result.log_probs[:-1])  # not its </s>
@@ -366,8 +365,7 @@ class ExportedModel:
             max_batch_size=max_tokens,
             batch_type="tokens",
             max_input_length=self.max_positions,
-            offset=len(start),
-        )
+        )  # a tag in front is the decoder's start (no start token): not scored
         for i, result in zip(fits, scored, strict=True):
             probs = list(result.log_probs)
             results[i] = PairScore(sum(probs), len(probs), probs)
