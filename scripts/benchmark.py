@@ -53,6 +53,12 @@ reaches a validation BLEU (greedy), with recipe overrides (scripts/bench_quality
     python scripts/benchmark.py quality --target 27 --minutes 15 \
         data.max_tokens=2048 training.lr=0.001 training.warmup_steps=300
 
+Decoding under control: terminology constraints (share met, BLEU, time against
+plain beam search), target prefixes and scoring, with the published models on
+test_2016_flickr (scripts/bench_control.py):
+
+    python scripts/benchmark.py control --sentences 300
+
 Serving throughput and latency under concurrent clients (scripts/bench_serve.py):
 
     python scripts/benchmark.py serve --clients 32 --seconds 30 --max-wait-ms 5 20
@@ -74,6 +80,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_compare  # noqa: E402  (scripts/bench_compare.py)
+import bench_control  # noqa: E402  (scripts/bench_control.py)
 import bench_data  # noqa: E402  (scripts/bench_data.py)
 import bench_quality  # noqa: E402  (scripts/bench_quality.py)
 import bench_serve  # noqa: E402  (scripts/bench_serve.py)
@@ -86,7 +93,7 @@ from transformer.config import ConfigError  # noqa: E402
 _POSITIVE = {
     "updates", "max_tokens", "matmul_seconds", "minutes", "lanes", "clients",
     "rounds", "max_requests", "output_pieces", "validate_every", "format_batches",
-    "sizes", "seconds",
+    "sizes", "seconds", "beam", "chunk",
 }  # fmt: skip
 
 
@@ -169,6 +176,7 @@ def _main(argv: list[str] | None = None) -> int:
     bench_serve.add_parser(sub)
     bench_compare.add_parser(sub)
     bench_quality.add_parser(sub)
+    bench_control.add_parser(sub)
     for p in sub.choices.values():
         p.add_argument("--output", help="JSON file (default: benchmarks/<what>.json)")
     args = parser.parse_args(argv)
@@ -184,6 +192,8 @@ def _main(argv: list[str] | None = None) -> int:
         result = bench_compare.bench_compare(args)
     elif args.what == "quality":
         result = bench_quality.bench_quality(args)
+    elif args.what == "control":
+        result = bench_control.bench_control(args)
     elif args.single:
         args.precision, args.compile = args.precision[0], args.compile[0]
         result = bench_train(args)

@@ -25,6 +25,7 @@ PACKAGE = "transformer"
 FRONT_ENDS = (
     "transformer.cli.evaluate",
     "transformer.cli.translate",
+    "transformer.cli.score",
     "transformer.cli.options",
     "transformer.cli.common",
     "transformer.serve",

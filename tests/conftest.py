@@ -214,6 +214,12 @@ def half_trained() -> Transformer:
     return train_copy_model(120)
 
 
+@pytest.fixture(scope="session")
+def copy_model() -> Transformer:
+    """Trained until it copies sentences of 3 to 7 pieces: confident outputs."""
+    return train_copy_model(600)
+
+
 needs_torchrun = pytest.mark.skipif(
     shutil.which("torchrun") is None, reason="torchrun not on PATH"
 )

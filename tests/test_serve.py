@@ -645,6 +645,15 @@ def test_browser_translates_and_shows_the_attention_map(server, models, tmp_path
         wait.until(lambda d: d.execute_script(loaded) > 0)
         if os.environ.get("SERVE_SCREENSHOT"):
             driver.save_screenshot(os.environ["SERVE_SCREENSHOT"])
+        # required terms: beam search puts them in the output
+        Select(driver.find_element(By.ID, "strategy")).select_by_value("beam")
+        driver.find_element(By.ID, "show-attention").click()  # off
+        driver.find_element(By.ID, "terms").send_keys("q r; t")
+        driver.execute_script("document.getElementById('output').textContent = ''")
+        driver.find_element(By.ID, "translate").click()
+        wait.until(lambda d: d.find_element(By.ID, "output").text)
+        shown = driver.find_element(By.ID, "output").text
+        assert "q r" in shown and "t" in shown.split(), shown
         # an empty box: the server's message is shown
         driver.find_element(By.ID, "source-text").clear()
         driver.find_element(By.ID, "translate").click()

@@ -1,8 +1,10 @@
-"""transformer-translate: sentences from arguments, a file or standard input."""
+"""transformer-translate: sentences from arguments, a file or standard input;
+plain text, or JSON lines with per-sentence controls (``--jsonl``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -14,8 +16,9 @@ from transformer.cli.options import (
     search_options,
 )
 from transformer.config import ConfigError
+from transformer.controls import ControlError, Controls
 from transformer.data import DataError, read_lines
-from transformer.inference import Translator
+from transformer.inference import Outcome, Translator
 
 log = logging.getLogger("transformer")
 
@@ -68,6 +71,44 @@ def _stdin_lines(replace_invalid: bool):
             yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
+def _jsonl_request(line: str) -> tuple[str, Controls | None]:
+    """A ``--jsonl`` input line -> its source and controls; ControlError names
+    what is wrong with it."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ControlError(f"not valid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise ControlError("expected a JSON object with a src key")
+    src = obj.get("src")
+    if not isinstance(src, str):
+        got = "no src key" if src is None else f"src is a {type(src).__name__}"
+        raise ControlError(f"{got}: expected a string")
+    controls = Controls.from_dict(obj, ignore=("src",))
+    return src, None if controls.empty else controls
+
+
+def _json_result(outcome: Outcome, alignment: bool, nbest: bool) -> dict:
+    """One output line of ``--jsonl``."""
+    if outcome.error is not None:
+        return {"error": outcome.error, "warnings": outcome.warnings}
+    hyps = outcome.translations
+
+    def entry(h) -> dict:
+        out = {"text": h.text, "score": h.score}
+        if alignment:
+            out["alignment"] = h.alignment or ""
+        return out
+
+    best = entry(hyps[0]) if hyps else {"text": "", "score": 0.0}
+    if alignment and not hyps:
+        best["alignment"] = ""
+    result = {**best, "warnings": outcome.warnings}
+    if nbest:
+        result["nbest"] = [entry(h) for h in hyps]
+    return result
+
+
 def _translate(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="transformer-translate",
@@ -100,9 +141,54 @@ def _translate(argv: list[str] | None) -> int:
     )
     parser.add_argument("--layer", type=int, default=-1, help="decoder layer to plot")
     parser.add_argument("--head", type=int, help="head to plot (default: the mean)")
+    controls = parser.add_argument_group(
+        "controls (docs: Evaluate and translate, Controls)"
+    )
+    controls.add_argument(
+        "--jsonl",
+        action="store_true",
+        help='input lines are JSON objects {"src": ..., "prefix": ..., '
+        '"constraints": [...], "forbid": [...]}; output lines are JSON objects',
+    )
+    controls.add_argument(
+        "--prefix",
+        help="every output starts with this text (a trailing space ends its last word)",
+    )
+    controls.add_argument(
+        "--constraint",
+        action="append",
+        default=[],
+        metavar="PHRASE",
+        help="every output contains PHRASE (repeatable; beam search)",
+    )
+    controls.add_argument(
+        "--forbid",
+        action="append",
+        default=[],
+        metavar="PHRASE",
+        help="no output contains PHRASE (repeatable)",
+    )
+    controls.add_argument(
+        "--alignment",
+        action="store_true",
+        help="add word alignments (Pharaoh i-j) from the attention",
+    )
+    controls.add_argument(
+        "--alignment-layer",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="the decoder layer whose attention aligns (default -1, the last)",
+    )
     args = parse_decoding_args(parser, argv)
     if args.attention and len(args.checkpoint) > 1:
         raise ConfigError("--attention plots one model: give one --checkpoint")
+    if args.attention and args.jsonl:
+        raise ConfigError("--attention plots a plain sentence: not with --jsonl")
+    common = Controls(args.prefix or "", tuple(args.constraint), tuple(args.forbid))
+    for key, phrases in (("--constraint", args.constraint), ("--forbid", args.forbid)):
+        if any(not p.strip() for p in phrases):
+            raise ConfigError(f"{key}: an empty phrase")
     if args.batch_lines < 1:
         raise ConfigError(f"--batch-lines: must be >= 1 (got {args.batch_lines})")
     check_output(args.attention, "--attention")
@@ -114,6 +200,13 @@ def _translate(argv: list[str] | None) -> int:
     dcfg = translator.decoding(*search_options(args))
     way = translator.direction(args.src_lang, args.tgt_lang)
     translator.cast(dcfg.precision)
+    if args.alignment:
+        translator.check_alignment(args.alignment_layer)
+    if common.constraints and dcfg.strategy != "beam":
+        raise ConfigError(
+            f"--constraint: needs beam search (--beam K), not {dcfg.strategy}"
+        )
+    controlled = args.jsonl or args.alignment or not common.empty
     use_cache = not args.no_cache
     if args.attention:  # first: a bad --layer or --head fails before the work
         from transformer.plots import plot_attention
@@ -132,8 +225,62 @@ def _translate(argv: list[str] | None) -> int:
         print(f"attention plot: {path}", file=sys.stderr)
     done_lines = 0  # lines of the input written so far: n-best rows count from 0
 
+    def emit_controlled(batch: list[str]) -> None:
+        """Translate a batch with controls or alignments; plain or JSON lines."""
+        nonlocal done_lines
+        requests: dict[int, tuple[str, Controls | None]] = {}
+        outcomes: dict[int, Outcome] = {}
+        for i, line in enumerate(batch):
+            if not line.strip():
+                continue
+            try:
+                src, own = _jsonl_request(line) if args.jsonl else (line, None)
+            except ControlError as e:
+                outcomes[i] = Outcome(error=str(e))
+                continue
+            if src.strip():
+                mine = common.merged(own) if own is not None else common
+                requests[i] = (src, None if mine.empty else mine)
+            else:
+                outcomes[i] = Outcome()
+        todo = list(requests)
+        done = translator.translate_controlled(
+            [requests[i][0] for i in todo],
+            dcfg,
+            [requests[i][1] for i in todo],
+            args.alignment_layer if args.alignment else None,
+            way,
+            use_cache=use_cache,
+        )
+        outcomes.update(zip(todo, done, strict=True))
+        for i in range(len(batch)):
+            outcome = outcomes.get(i, Outcome())
+            number = done_lines + i + 1
+            if outcome.error is not None:
+                log.warning("line %d: refused: %s", number, outcome.error)
+            for warning in outcome.warnings:
+                log.warning("line %d: %s", number, warning)
+            if args.jsonl:
+                result = _json_result(outcome, args.alignment, dcfg.nbest > 1)
+                print(json.dumps(result, ensure_ascii=False))
+                continue
+            hyps = outcome.translations or [None]
+            for h in hyps if dcfg.nbest > 1 else hyps[:1]:
+                text = _one_line(h.text) if h else ""
+                fields = [text] + (
+                    [h.alignment or "" if h else ""] if args.alignment else []
+                )
+                if dcfg.nbest > 1:
+                    fields = [str(number - 1), f"{h.score if h else 0.0:.4f}", *fields]
+                print("\t".join(fields))
+        sys.stdout.flush()
+        done_lines += len(batch)
+
     def emit(batch: list[str]) -> None:
         nonlocal done_lines
+        if controlled:
+            emit_controlled(batch)
+            return
         todo = [i for i, line in enumerate(batch) if line.strip()]
         done = translator.translate(
             [batch[i] for i in todo],

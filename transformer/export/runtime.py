@@ -13,6 +13,16 @@
   CTranslate2's beam search with a non-zero penalty (which, like ours, keeps searching
   until ``beam_size`` hypotheses have finished; 0 stops as soon as the best beam
   ends), takes back the plain log-probabilities and re-ranks with GNMT's penalty.
+- Controls: a target prefix is CTranslate2's ``target_prefix`` (whose
+  log-probability it leaves out of the score: it is added back from
+  ``score_batch``, so that scores count the prefix as ours do); forbidden phrases
+  are its ``suppress_sequences`` (one list per call: sentences are grouped by
+  theirs). Required phrases (``constraints``) and a prefix that ends its last
+  word (a trailing space) have no CTranslate2 counterpart and are refused.
+- Alignments come from ``return_attention``: the attention the export
+  names in its ``alignment`` entry (this toolkit's exports: the last layer, every
+  head averaged, as ``transformer-translate --alignment`` by default).
+- ``score`` is ``score_batch``: the log-probabilities of given translations.
 """
 
 from __future__ import annotations
@@ -24,10 +34,13 @@ from typing import Any
 
 import torch
 
+from transformer.alignment import pharaoh, source_words, target_words, word_links
 from transformer.config import BOS_ID, EOS_ID, ConfigError, DataConfig, DecodingConfig
+from transformer.controls import ControlError, Controls, PieceControls, encode_controls
 from transformer.data.languages import Direction, direction, warn_zero_shot
 from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
 from transformer.inference import Translation
+from transformer.scoring import PairScore
 from transformer.search import (
     Hypothesis,
     check_min_len,
@@ -121,20 +134,37 @@ class ExportedModel:
         sources: list[list[int]],
         cfg: DecodingConfig,
         way: Direction | None = None,
+        controls: list[PieceControls | None] | None = None,
     ) -> list[list[Hypothesis]]:
         """Source ids (a source tag, pieces, no <eos>) -> ``cfg.nbest``
-        hypotheses each, in order; ``way``: the direction (its tags).
+        hypotheses each, in order; ``way``: the direction (its tags);
+        ``controls``: per sentence, a prefix and forbidden phrases.
 
         Mirrors ``transformer.search.decode_corpus``: greedy or beam search, the
         per-sentence length limit ``max_len_a * (|src| + 1) + max_len_b`` (tokens with
         <eos>), ``min_len``, and beam hypotheses ranked by the GNMT length penalty.
         """
+        return [
+            [h for h, _ in hyps] for hyps in self._search(sources, cfg, way, controls)
+        ]
+
+    def _search(
+        self,
+        sources: list[list[int]],
+        cfg: DecodingConfig,
+        way: Direction | None = None,
+        controls: list[PieceControls | None] | None = None,
+        attention: bool = False,
+    ) -> list[list[tuple[Hypothesis, list[list[float]] | None]]]:
+        """``decode``, each hypothesis with its attention (T, S) when asked."""
         if cfg.strategy == "sample":
             raise ConfigError("decoding.strategy: sampling is not supported here")
         if cfg.unk_penalty:  # CTranslate2 can only ban <unk> (disable_unk)
             raise ConfigError(
                 "decoding.unk_penalty: not supported by the CTranslate2 runtime"
             )
+        controls = controls or [None] * len(sources)
+        _check_supported(controls)
         beam = cfg.strategy == "beam"
         k = cfg.beam_size if beam else 1
         way = way or Direction("", "")
@@ -142,27 +172,33 @@ class ExportedModel:
         tags = [[tgt_vocab.id_to_piece(i)] for i in way.banned]
         suppress = [[p] for p in self.info["suppress_tokens"]] + tags
         if not self.suppress_specials:
-            suppress = None
+            suppress = []
         src_vocab = self.tokenizer.src
         pieces = [[src_vocab.id_to_piece(i) for i in s] for s in sources]
         # a tag as the decoder's first input: CTranslate2 starts from the prefix
-        start = [tgt_vocab.id_to_piece(way.bos)] if way.bos != BOS_ID else None
-        # CTranslate2 has one length limit per call: group sentences by ours
-        # float32 arithmetic, as in ``transformer.search.max_lengths``
-        src_len = torch.tensor([len(s) + 1 for s in sources], dtype=torch.float32)
-        budget = (cfg.max_len_a * src_len + cfg.max_len_b).floor().long()
-        groups: dict[int, list[int]] = {}
-        for i, limit in enumerate(budget.clamp(1, self.max_positions).tolist()):
-            groups.setdefault(limit, []).append(i)
-        results: list[list[Hypothesis] | None] = [None] * len(sources)
+        start = [tgt_vocab.id_to_piece(way.bos)] if way.bos != BOS_ID else []
+        prefixes = [
+            start + [tgt_vocab.id_to_piece(i) for i in (c.prefix if c else ())]
+            for c in controls
+        ]
+        # CTranslate2 has one length limit and one list of banned sequences per
+        # call: group sentences by ours
+        limits = self.length_limits(sources, cfg)
+        groups: dict[tuple, list[int]] = {}
+        for i, limit in enumerate(limits):
+            forbid = tuple(controls[i].forbid) if controls[i] else ()
+            groups.setdefault((limit, forbid), []).append(i)
+        results: list[list | None] = [None] * len(sources)
         if groups:
-            warn_min_len_cut(cfg.min_len, min(groups))
-        for limit, indices in sorted(groups.items()):
+            warn_min_len_cut(cfg.min_len, min(limits))
+        for (limit, forbid), indices in sorted(groups.items()):
             n0 = sum(len(sources[i]) + 1 for i in indices) / len(indices)
             beta = _ct2_length_penalty(cfg.length_penalty, n0) if beam else 0.0
+            banned = suppress + [[tgt_vocab.id_to_piece(i) for i in f] for f in forbid]
+            target_prefix = [prefixes[i] or None for i in indices]
             out = self.translator.translate_batch(
                 [pieces[i] for i in indices],
-                target_prefix=None if start is None else [start] * len(indices),
+                target_prefix=None if not any(target_prefix) else target_prefix,
                 max_batch_size=max(cfg.max_tokens // k, 1),
                 batch_type="tokens",
                 beam_size=k,
@@ -172,30 +208,60 @@ class ExportedModel:
                 max_decoding_length=max(limit - 1, 1),
                 min_decoding_length=min(cfg.min_len, max(limit - 1, 1)),
                 max_input_length=self.max_positions,
-                suppress_sequences=suppress,
+                suppress_sequences=banned or None,
                 return_end_token=True,
                 return_scores=True,
+                return_attention=attention,
             )
+            # CTranslate2 leaves a prefix's own log-probability out of its score
+            given = [i for i in indices if len(prefixes[i]) > len(start)]
+            extra = dict.fromkeys(indices, 0.0)
+            if given:
+                scored = self.translator.score_batch(
+                    [pieces[i] for i in given],
+                    [prefixes[i] for i in given],
+                    max_input_length=self.max_positions,
+                )
+                for i, result in zip(given, scored, strict=True):
+                    extra[i] = sum(result.log_probs[:-1])  # not its </s>
             for i, result in zip(indices, out, strict=True):
-                results[i] = self._hypotheses(result, beta, cfg, start)
+                results[i] = self._hypotheses(result, beta, cfg, start, extra[i])
         return results
 
+    def length_limits(self, sources: list[list[int]], cfg: DecodingConfig) -> list[int]:
+        """Each sentence's length limit (tokens with <eos>), as ours: float32
+        arithmetic as in ``transformer.search.max_lengths``."""
+        src_len = torch.tensor([len(s) + 1 for s in sources], dtype=torch.float32)
+        budget = (cfg.max_len_a * src_len + cfg.max_len_b).floor().long()
+        return budget.clamp(1, self.max_positions).tolist()
+
     def _hypotheses(
-        self, result, beta: float, cfg: DecodingConfig, start: list[str] | None
-    ) -> list[Hypothesis]:
+        self,
+        result,
+        beta: float,
+        cfg: DecodingConfig,
+        start: list[str],
+        prefix_score: float = 0.0,
+    ) -> list[tuple[Hypothesis, list[list[float]] | None]]:
         hyps = []
-        for tokens, score in zip(result.hypotheses, result.scores, strict=True):
-            if start is not None and tokens[:1] == start:
+        attention = result.attention or [None] * len(result.hypotheses)
+        for tokens, score, att in zip(
+            result.hypotheses, result.scores, attention, strict=True
+        ):
+            if start and tokens[:1] == start:
                 tokens = tokens[1:]  # the tag the decoder started from
+                att = att[1:] if att else att
             length = len(tokens)  # counts </s>, as both length penalties do
             ids = [self.tokenizer.tgt.piece_to_id(p) for p in tokens]
             if ids and ids[-1] == EOS_ID:
                 ids = ids[:-1]
-            if beta:  # undo CTranslate2's score / |Y| ** beta, apply GNMT's
-                alpha = cfg.length_penalty
-                score = score * length**beta / length_penalty(length, alpha)
-            hyps.append(Hypothesis(ids, score))
-        hyps.sort(key=lambda h: h.score, reverse=True)
+            if beta:  # undo CTranslate2's score / |Y| ** beta
+                score = score * length**beta
+            score += prefix_score
+            if beta:  # apply GNMT's
+                score /= length_penalty(length, cfg.length_penalty)
+            hyps.append((Hypothesis(ids, score), att))
+        hyps.sort(key=lambda h: h[0].score, reverse=True)
         return hyps[: cfg.nbest]
 
     def translate(
@@ -204,9 +270,16 @@ class ExportedModel:
         cfg: DecodingConfig | None = None,
         src_lang: str | None = None,
         tgt_lang: str | None = None,
+        controls: list[Controls | None] | None = None,
+        alignment: bool = False,
     ) -> list[list[Translation]]:
         """Raw sentences -> n-best detokenized translations, like ``translate()``;
-        a multilingual export needs the direction (``src_lang``, ``tgt_lang``)."""
+        a multilingual export needs the direction (``src_lang``, ``tgt_lang``).
+
+        ``controls``: per sentence, a prefix and forbidden phrases (a sentence
+        whose controls cannot be decoded raises ``ControlError`` naming it);
+        ``alignment``: add Pharaoh word alignments from the export's attention.
+        """
         cfg = cfg or self.decoding_config()
         way = self.direction(src_lang, tgt_lang)
         limit = self.max_positions - 1 - len(way.prefix)  # room for <eos>
@@ -214,13 +287,107 @@ class ExportedModel:
         if any(len(s) > limit for s in ids):
             log.warning("sentences longer than %d pieces were truncated", limit)
         ids = [[*way.prefix, *s[:limit]] for s in ids]
-        return [
-            [
-                Translation(self.tokenizer.decode_tgt(h.tokens), h.score, h.tokens)
-                for h in hyps
-            ]
-            for hyps in self.decode(ids, cfg, way)
+        pieces = None
+        if controls is not None:
+            pieces = []
+            limits = self.length_limits(ids, cfg)
+            for number, (c, n) in enumerate(zip(controls, limits, strict=True), 1):
+                if c is None or c.empty:
+                    pieces.append(None)
+                    continue
+                try:
+                    _check_supported([c], text=True)
+                    pieces.append(encode_controls(c, self.tokenizer, n))
+                except (ControlError, ConfigError) as e:
+                    raise ControlError(f"sentence {number}: {e}") from None
+        results = self._search(ids, cfg, way, pieces, attention=alignment)
+        decode = self.tokenizer.decode_tgt
+        out = []
+        for src, hyps in zip(ids, results, strict=True):
+            row = []
+            for h, att in hyps:
+                t = Translation(decode(h.tokens), h.score, h.tokens)
+                if alignment:
+                    t.alignment = self._alignment(src, h.tokens, att, way)
+                row.append(t)
+            out.append(row)
+        return out
+
+    def _alignment(self, src, tokens, attention, way: Direction) -> str:
+        """Pharaoh links from CTranslate2's attention (T, S) of one hypothesis."""
+        if not tokens or not attention:
+            return ""
+        tags = len(way.prefix)
+        src_pieces = [self.tokenizer.src.id_to_piece(i) for i in src[tags:]]
+        words = [-1] * tags + source_words(src_pieces) + [-1]  # </s>
+        matrix = torch.tensor(attention, dtype=torch.float32)[: len(tokens)]
+        matrix = matrix[:, : len(words)]
+        tgt = target_words(tokens, self.tokenizer.decode_tgt)
+        return pharaoh(word_links(matrix, words[: matrix.size(1)], tgt))
+
+    def score(
+        self,
+        sources: list[str],
+        targets: list[str],
+        src_lang: str | None = None,
+        tgt_lang: str | None = None,
+        max_tokens: int = 8192,
+    ) -> list[PairScore]:
+        """Log-probabilities of ``targets`` as translations of ``sources``
+        (CTranslate2's ``score_batch``), as ``Translator.score`` gives them."""
+        way = self.direction(src_lang, tgt_lang)
+        limit = self.max_positions - 1 - len(way.prefix)
+        src_ids = self.tokenizer.encode_src(sources)
+        tgt_ids = self.tokenizer.encode_tgt(targets)
+        results = [
+            PairScore(error=f"the source's {len(s)} pieces exceed the model's {limit}")
+            for s in src_ids
         ]
+        start = [self.tokenizer.tgt.id_to_piece(way.bos)] if way.bos != BOS_ID else []
+        fits = [
+            i
+            for i, (s, t) in enumerate(zip(src_ids, tgt_ids, strict=True))
+            if len(s) <= limit and len(t) + 1 <= self.max_positions
+        ]
+        for i, t in enumerate(tgt_ids):
+            if len(t) + 1 > self.max_positions and len(src_ids[i]) <= limit:
+                results[i] = PairScore(
+                    error=f"the target's {len(t) + 1} tokens (with </s>) exceed the "
+                    f"{self.max_positions} target positions the model has"
+                )
+        src_vocab, tgt_vocab = self.tokenizer.src, self.tokenizer.tgt
+        scored = self.translator.score_batch(
+            [
+                [src_vocab.id_to_piece(j) for j in (*way.prefix, *src_ids[i])]
+                for i in fits
+            ],
+            [start + [tgt_vocab.id_to_piece(j) for j in tgt_ids[i]] for i in fits],
+            max_batch_size=max_tokens,
+            batch_type="tokens",
+            max_input_length=self.max_positions,
+        )  # a tag in front is the decoder's start (no start token): not scored
+        for i, result in zip(fits, scored, strict=True):
+            probs = list(result.log_probs)
+            results[i] = PairScore(sum(probs), len(probs), probs)
+        return results
+
+
+def _check_supported(controls, text: bool = False) -> None:
+    """Refuse the controls CTranslate2 has no counterpart for, naming them."""
+    for c in controls:
+        if c is None:
+            continue
+        if c.constraints:
+            raise ConfigError(
+                "constraints: not supported by the CTranslate2 runtime (it has no "
+                "lexically constrained search); use transformer-translate"
+            )
+        ends_word = c.prefix[-1:].isspace() if text else bool(c.after_prefix)
+        if ends_word:
+            raise ConfigError(
+                "prefix: one that ends its last word (a trailing space) is not "
+                "supported by the CTranslate2 runtime; drop the space"
+            )
 
 
 def translate_with_ctranslate2(

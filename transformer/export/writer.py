@@ -129,6 +129,10 @@ def build_spec(model: Transformer, tokenizer: Tokenizer, tag_starts: bool = Fals
         cfg.n_heads,
         pre_norm=cfg.norm_first,
         activation=activations[cfg.activation],
+        # return_attention gives the last layer's cross-attention averaged over
+        # every head, as transformer-translate --alignment aligns by default
+        alignment_layer=-1,
+        alignment_heads=cfg.n_heads,
     )
     special = _special_pieces(tokenizer)
     spec.config.unk_token = special["unk"]
@@ -315,6 +319,8 @@ def _export_info(
         "decoder_start_token": special["bos"],
         "suppress_tokens": [special["pad"], special["bos"]],
         "max_positions": model.cfg.max_positions,
+        # what return_attention gives (older exports: head 0 of the last layer)
+        "alignment": {"layer": -1, "heads": model.cfg.n_heads},
         "model": asdict(model.cfg),
         "decoding": {
             key: getattr(decoding, key)

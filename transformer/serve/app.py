@@ -9,6 +9,8 @@ import itertools
 import logging
 
 from transformer.config import ConfigError
+from transformer.controls import ControlError, Controls
+from transformer.inference import unmet_warning
 from transformer.serve.batching import (
     AttentionWork,
     Batcher,
@@ -100,12 +102,37 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
             None, gt=0, le=limits.timeout_s, description="seconds; 504 after that"
         )
 
-    class TranslateRequest(SearchOptions):
-        """LibreTranslate's request, plus the search options."""
+    class Sentence(BaseModel):
+        """One sentence with its controls (``transformer-translate --jsonl``'s
+        line)."""
 
-        q: str | list[str] = Field(description="a sentence or a list of sentences")
+        model_config = ConfigDict(extra="forbid")
+        src: str = Field(description="the sentence")
+        prefix: str | None = Field(
+            None, description="the output starts with it (a trailing space ends "
+            "its last word)"
+        )  # fmt: skip
+        constraints: list[str] = Field(
+            [], description="phrases the output must contain (beam search)"
+        )
+        forbid: list[str] = Field([], description="phrases the output must not contain")
+
+    class TranslateRequest(SearchOptions):
+        """LibreTranslate's request, plus the search options, per-sentence
+        controls and alignments."""
+
+        q: str | Sentence | list[str | Sentence] = Field(
+            description="a sentence or a list; each a string, or an object with "
+            "src and its controls"
+        )
         alternatives: int = Field(
             0, ge=0, le=limits.max_alternatives, description="n-best beyond the best"
+        )
+        alignment: bool = Field(
+            False, description="word alignments (Pharaoh i-j) from the attention"
+        )
+        alignment_layer: int = Field(
+            -1, description="the decoder layer whose attention aligns"
         )
         format: Literal["text"] = "text"
         api_key: str | None = Field(None, description="accepted and ignored")
@@ -113,7 +140,12 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
     class TranslateResponse(BaseModel):
         translatedText: str | list[str]
         alternatives: list[str] | list[list[str]]
-        warnings: list[str] = Field(description="e.g. truncated sentences")
+        alignment: str | list[str] | None = Field(
+            None, description="per sentence, Pharaoh word alignments (if asked)"
+        )
+        warnings: list[str] = Field(
+            description="e.g. truncated sentences, constraints not met"
+        )
 
     class AttentionRequest(SearchOptions):
         q: str = Field(description="one sentence")
@@ -253,12 +285,30 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
     @app.post(
         "/translate",
         response_model=TranslateResponse,
+        response_model_exclude_none=True,  # alignment only when asked for
         summary="translate a sentence or a list of sentences",
     )
     async def translate(request: Request, req: TranslateRequest):
         lm = model_for(req)
         settings = settings_for(lm, req, req.alternatives)
-        sentences = [req.q] if isinstance(req.q, str) else list(req.q)
+        if req.alignment:
+            try:
+                lm.translator.check_alignment(req.alignment_layer, "alignment_layer")
+            except ConfigError as e:
+                raise ApiError(400, str(e)) from None
+        single = not isinstance(req.q, list)
+        items = [req.q] if single else list(req.q)
+        sentences = [i if isinstance(i, str) else i.src for i in items]
+        controls: list[Controls | None] = []
+        for number, item in enumerate(items, start=1):
+            if isinstance(item, str):
+                controls.append(None)
+                continue
+            try:
+                c = Controls.from_dict(item.model_dump(), ignore=("src",))
+            except ControlError as e:  # pydantic checked the types: not reached
+                raise ApiError(400, f"sentence {number}: {e}") from None
+            controls.append(None if c.empty else c)
         if not any(s.strip() for s in sentences):
             raise ApiError(400, "q is empty: give a sentence or a list of sentences")
         check_text(sentences)
@@ -291,26 +341,47 @@ def create_app(models: list[LoadedModel], limits: ServeConfig | None = None):
                 )
                 ids = ids[: lm.max_source]
             sources.append([*prefix, *ids])
+        mine = [controls[i] for i in todo]
+        pieces = None
+        if any(c is not None for c in mine):
+            pieces, errors = lm.translator.encode_controls(sources, mine, settings)
+            for i, error in zip(todo, errors, strict=True):
+                if error is not None:
+                    raise ApiError(400, f"sentence {i + 1}: {error}")
         beam = settings.beam_size if settings.strategy == "beam" else 1
         cost = sum(len(s) + 1 for s in sources) * beam
         key = ("translate", lm.source, lm.target, dataclasses.astuple(settings))
         if settings.strategy == "sample":
             # alone, so that a seed gives the same sample whatever else is queued
             key += (next(unique),)
-        work = TranslationWork(lm, settings, sources)
+        layer = req.alignment_layer if req.alignment else None
+        work = TranslationWork(lm, settings, sources, pieces, layer)
         done = await run(request, req, key, cost, len(sources), work, translate_batch)
         results: list[list[str]] = [[""] for _ in sentences]
+        aligned: list[str] = ["" for _ in sentences]
         for i, nbest in zip(todo, done, strict=True):
-            results[i] = nbest or [""]
+            results[i] = [h.text for h in nbest] or [""]
+            if nbest:
+                aligned[i] = nbest[0].alignment or ""
+                warning = unmet_warning(controls[i], nbest[0].unmet)
+                if warning:
+                    warnings.append(f"sentence {i + 1}: {warning}")
         best = [r[0] for r in results]
         others = [r[1:] for r in results]
-        if isinstance(req.q, str):
+        alignment = aligned if req.alignment else None
+        if single:
             return {
                 "translatedText": best[0],
                 "alternatives": others[0],
+                "alignment": alignment[0] if alignment else None,
                 "warnings": warnings,
             }
-        return {"translatedText": best, "alternatives": others, "warnings": warnings}
+        return {
+            "translatedText": best,
+            "alternatives": others,
+            "alignment": alignment,
+            "warnings": warnings,
+        }
 
     @app.post(
         "/attention",

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transformer.config import DecodingConfig
+from transformer.controls import PieceControls
+from transformer.inference import Translation
 from transformer.serve.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -173,20 +175,39 @@ class TranslationWork:
     model: LoadedModel
     settings: DecodingConfig
     sources: list[list[int]]  # pieces of the non-empty sentences, truncated
+    # per sentence, its checked controls (None: none)
+    controls: list[PieceControls | None] | None = None
+    alignment: int | None = None  # the attention layer that aligns, if asked
 
 
-def translate_batch(jobs: list[Job]) -> list[list[list[str]]]:
+def translate_batch(jobs: list[Job]) -> list[list[list[Translation]]]:
     """Decode the sentences of several requests together; per job and sentence, the
-    n-best detokenized translations."""
+    n-best translations (aligned for the jobs that ask)."""
     work: TranslationWork = jobs[0].payload
     lm = work.model
     sources = [s for job in jobs for s in job.payload.sources]
-    hyps = lm.translator.decode(sources, work.settings, lm.way)
-    texts = [[h.text for h in nbest] for nbest in hyps]
+    controls = None
+    if any(job.payload.controls for job in jobs):
+        controls = [
+            c
+            for job in jobs
+            for c in (job.payload.controls or [None] * len(job.payload.sources))
+        ]
+    hyps = lm.translator.decode(sources, work.settings, lm.way, controls=controls)
     out, start = [], 0
     for job in jobs:
         end = start + len(job.payload.sources)
-        out.append(texts[start:end])
+        mine = hyps[start:end]
+        layer = job.payload.alignment
+        if layer is not None:
+            pairs = [(h, src) for h_list, src in zip(mine, job.payload.sources,
+                     strict=True) for h in h_list]  # fmt: skip
+            links = lm.translator.alignments(
+                [src for _, src in pairs], [h.tokens for h, _ in pairs], lm.way, layer
+            )
+            for (h, _), text in zip(pairs, links, strict=True):
+                h.alignment = text
+        out.append(mine)
         start = end
     return out
 
