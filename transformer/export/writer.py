@@ -157,7 +157,9 @@ def build_spec(model: Transformer, tokenizer: Tokenizer, tag_starts: bool = Fals
         _set_norm(enc.layer_norm, model.encoder_norm)
         _set_norm(dec.layer_norm, model.decoder_norm)
     output = model.tgt_embed if model.output_proj is None else model.output_proj
-    dec.projection.weight = _array(output.weight)  # (V_tgt, D), no bias
+    dec.projection.weight = _array(output.weight)  # (V_tgt, D)
+    if model.final_logits_bias is not None:
+        dec.projection.bias = _array(model.final_logits_bias)
 
     for layer_spec, layer in zip(enc.layer, model.encoder, strict=True):
         attn = layer_spec.self_attention
