@@ -259,11 +259,11 @@ class Config:
             "true) that holds every language and its tag",
         )
         check(
-            d.tokenizer.joint or not m.tie_src_tgt_embeddings,
+            d.tokenizer.joint or d.tokenizer.vocab or not m.tie_src_tgt_embeddings,
             "model.tie_src_tgt_embeddings",
             True,
-            "needs a joint tokenizer (data.tokenizer.joint: true); "
-            "set it to false for separate vocabularies",
+            "needs a joint tokenizer (data.tokenizer.joint: true, or one "
+            "data.tokenizer.vocab); set it to false for separate vocabularies",
         )
 
     def to_dict(self) -> dict[str, Any]:
