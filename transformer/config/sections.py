@@ -82,9 +82,10 @@ class TrainingConfig:
     # (0.999 alone keeps 37% of it after 1,000 updates); false: ema_decay throughout
     ema_decay_warmup: bool = True
     validate_ema: bool = False  # validate (and pick best.pt) with the EMA weights
-    # fine-tuning: a new run starts from this checkpoint's weights and tokenizer,
-    # with a fresh optimizer, schedule and data position (a run dir that already
-    # holds last.pt resumes instead); its architecture must match model
+    # fine-tuning: a new run starts from this checkpoint's weights and tokenizer
+    # (or a transformers MarianMT folder's, or a Hub name's), with a fresh
+    # optimizer, schedule and data position (a run dir that already holds last.pt
+    # resumes instead); its architecture must match model
     init_from: str | None = None
     init_weights: Literal["raw", "ema"] = "raw"  # which of init_from's weights
 
