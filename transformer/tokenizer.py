@@ -95,7 +95,7 @@ class MappedModel:
     def decode(self, ids: list[int]) -> str:
         text = self.sp.decode_pieces([self.pieces[i] for i in ids])
         # a piece the SentencePiece model lacks keeps its word-start mark
-        return text.replace("\u2581", " ").strip()
+        return text.replace("\u2581", " ")
 
 
 def check_vocabulary(pieces: list[str], origin: str) -> list[str]:
