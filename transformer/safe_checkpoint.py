@@ -59,6 +59,7 @@ def _flat_entries(ckpt: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {}
     rest: dict[str, Any] = {}
     aliases: dict[str, dict[str, str]] = {}
+    stored: set[int] = set()  # storages an earlier entry holds
     for key, value in ckpt.items():
         if isinstance(value, dict) and any(
             isinstance(v, torch.Tensor) for v in value.values()
@@ -71,9 +72,17 @@ def _flat_entries(ckpt: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
                 )
             tied = tied_names(value)
             aliases[key] = tied
+            mine = set()
             for name, tensor in value.items():
-                if name not in tied:
-                    tensors[f"{key}.{name}"] = tensor.detach().cpu().contiguous()
+                if name in tied:
+                    continue
+                where = tensor.untyped_storage().data_ptr()
+                tensor = tensor.detach().cpu().contiguous()
+                if where in stored:  # shared with another entry: a copy of its own
+                    tensor = tensor.clone()
+                mine.add(where)
+                tensors[f"{key}.{name}"] = tensor
+            stored |= mine
         elif _holds_tensors(value):
             raise SafeCheckpointError(
                 f"its {key!r} entry holds nested tensors (a training checkpoint's "
