@@ -236,7 +236,7 @@ def _read_marian(folder: Path, named: Path) -> dict:
     from transformer.hf.marian import MarianError
 
     try:
-        return read_marian(folder, str(named))
+        return {"format": FORMAT_VERSION, **read_marian(folder, str(named))}
     except MarianError as e:
         raise CheckpointError(str(e)) from None
 

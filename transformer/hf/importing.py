@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from transformer.checkpoint import FORMAT_VERSION
 from transformer.config import Config, DataConfig, DecodingConfig, TrainingConfig
 from transformer.hf.marian import (
     MarianError,
@@ -191,8 +190,9 @@ def _config(
 
 
 def read_marian(folder: Path, origin: str | None = None) -> dict[str, Any]:
-    """The checkpoint dict of a MarianMT folder (see the module docstring);
-    ``origin``: what the user named (a Hub name), for the record."""
+    """The checkpoint dict of a MarianMT folder (see the module docstring),
+    without its ``format`` (the caller's); ``origin``: what the user named (a
+    Hub name), for the record."""
     config = _json(folder / "config.json")
     if config.get("model_type") != "marian":
         raise MarianError(
@@ -240,7 +240,6 @@ def read_marian(folder: Path, origin: str | None = None) -> dict[str, Any]:
         raise MarianError(f"{folder}: {e}") from None
     cfg = _config(folder, model_cfg, tok, generation, record)
     ckpt = {
-        "format": FORMAT_VERSION,
         "model": state,
         "config": cfg.to_dict(),
         "tokenizer": tokenizer.state_dict(),
