@@ -290,6 +290,18 @@ def test_fine_tuning_from_the_folder_lowers_the_loss(marian_dir, corpus_dir, tmp
     assert after < 0.9 * before, (before, after)
     # the fixed logits bias stays as imported
     assert torch.equal(trainer.model.final_logits_bias, imported["final_logits_bias"])
+    # and the result exports to CTranslate2 int8 like any checkpoint of ours
+    pytest.importorskip("ctranslate2", reason="the export extra")
+    from transformer.export import ExportedModel, export_checkpoint
+
+    last = tmp_path / "run" / "last.pt"
+    out = export_checkpoint(last, tmp_path / "int8", quantization="int8")
+    tuned = load_model(last)[0]
+    greedy = DecodingConfig(strategy="greedy", max_len_a=0, max_len_b=LIMIT)
+    srcs = trainer.tokenizer.encode_src(SENTENCES)
+    ours = [h[0].tokens for h in decode_corpus(tuned, srcs, greedy, CPU)]
+    int8 = ExportedModel(out, intra_threads=1).decode(srcs, greedy)
+    assert sum(a[0].tokens == b for a, b in zip(int8, ours, strict=True)) >= 5
 
 
 def test_the_ctranslate2_export_decodes_as_the_import(pair, tmp_path):

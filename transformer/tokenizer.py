@@ -76,18 +76,21 @@ class MappedModel:
     def is_control(self, i: int) -> bool:
         return i < len(SPECIAL_IDS)
 
-    def _pieces(self, text: str) -> list[str]:
-        code = []
+    @staticmethod
+    def _split_code(text: str) -> tuple[list[str], str]:
         end = text.find("<<") if text.startswith(">>") else -1
-        if end != -1:
-            code, text = [text[: end + 2]], text[end + 2 :]
-        return code + self.sp.encode(text, out_type=str)
+        if end == -1:
+            return [], text
+        return [text[: end + 2]], text[end + 2 :]
 
     def encode(self, texts, out_type=int, num_threads: int = -1):
         """Pieces (``out_type=str``) or ids of one text or a list of them."""
         if isinstance(texts, str):
             return self.encode([texts], out_type)[0]
-        pieces = [self._pieces(text) for text in texts]
+        split = [self._split_code(text) for text in texts]
+        rest = [text for _, text in split]
+        encoded = self.sp.encode(rest, out_type=str, num_threads=num_threads)
+        pieces = [code + row for (code, _), row in zip(split, encoded, strict=True)]
         if out_type is str:
             return pieces
         return [[self.ids.get(p, UNK_ID) for p in row] for row in pieces]
