@@ -383,6 +383,25 @@ def test_a_folder_that_is_no_marian_model_is_one_line(tmp_path, marian_dir, caps
         load_checkpoint(refused)
 
 
+def test_a_hub_name_is_read_from_the_hub_cache(monkeypatch, marian_dir, tmp_path):
+    """What the Hub client hands back (here: the folder, never the network) is
+    read as the folder is; eval writes its hypotheses to the working folder."""
+    import transformer.hf.importing as importing
+
+    asked = []
+    monkeypatch.setattr(importing, "download", lambda n: asked.append(n) or marian_dir)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src.de").write_text(SRC[3] + "\n")
+    (tmp_path / "ref.en").write_text(TGT[3] + "\n")
+    name = "Helsinki-NLP/opus-mt-de-en"
+    args = ["--checkpoint", name, "--src", "src.de", "--ref", "ref.en", "--greedy"]
+    assert eval_main(args) == 0
+    assert asked == [name]
+    report = json.loads((tmp_path / "opus-mt-de-en.src.de.hyp.json").read_text())
+    assert report["checkpoint"] == name
+    assert load_checkpoint(name)["imported_from"] == name
+
+
 def test_a_hub_name_goes_to_the_hub_client(monkeypatch, tmp_path, capsys):
     """A name that is no file or folder is asked of the Hub (never here: the
     client is replaced), and its failure is one line."""
