@@ -431,3 +431,31 @@ def test_a_hub_name_goes_to_the_hub_client(monkeypatch, tmp_path, capsys):
 
         cfg = load_config(TOY, ["training.init_from=Helsinki-NLP/opus-mt-xx-yy"])
         load_init(cfg)
+
+
+def test_data_tokenizer_vocab_takes_a_marian_vocabulary(marian_dir):
+    """A new model can be trained with MarianMT's tokenizer files: its
+    vocab.json gives the pieces' ids (ours first: <pad> <unk> <s> </s>) over the
+    two SentencePiece models, which share the one vocabulary."""
+    from transformer.config import ConfigError, config_from_dict
+    from transformer.tokenizer import Tokenizer
+
+    tokenizer_cfg = {
+        "joint": False,
+        "src_model": str(marian_dir / "source.spm"),
+        "tgt_model": str(marian_dir / "target.spm"),
+        "vocab": str(marian_dir / "vocab.json"),
+    }
+    cfg = config_from_dict({"data": {"tokenizer": tokenizer_cfg}})  # ties: allowed
+    tokenizer = Tokenizer.from_files(cfg.data.tokenizer)
+    marian = json.loads((marian_dir / "vocab.json").read_text())
+    assert tokenizer.vocab[:4] == ["<pad>", "<unk>", "<s>", "</s>"]
+    assert tokenizer.src_vocab_size == len(marian) + 1  # <s> is new
+    assert tokenizer.shared_vocabulary and not tokenizer.joint
+    hf_tokenizer = transformers.MarianTokenizer.from_pretrained(marian_dir)
+    pieces = [hf_tokenizer.convert_ids_to_tokens(row[:-1])
+              for row in hf_tokenizer(SENTENCES)["input_ids"]]  # fmt: skip
+    assert [[tokenizer.vocab[i] for i in row] for row in
+            tokenizer.encode_src(SENTENCES)] == pieces  # fmt: skip
+    with pytest.raises(ConfigError, match="data.tokenizer.vocab: gives the ids"):
+        config_from_dict({"data": {"tokenizer": {"vocab": "v.json"}}})
