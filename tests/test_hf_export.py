@@ -21,6 +21,7 @@ from transformer.config import (
     DataConfig,
     DecodingConfig,
     TokenizerConfig,
+    model_config,
 )
 from transformer.data import pad_sources, read_pairs
 from transformer.export import ExportError, main
@@ -293,6 +294,9 @@ def test_refusals_name_the_option_and_the_ways_on(tokenizers, tmp_path, override
     cfg = Config(model=model.cfg, data=DataConfig(pairs=["de-en", "en-de"]))
     with pytest.raises(ExportError, match="data.pairs"):
         export_hf(model, tokenizer, cfg, tmp_path / "x")
+    rnn = Config(model=model_config(arch="rnn"))
+    with pytest.raises(ExportError, match="model.arch: rnn: MarianMT is the"):
+        export_hf(model, tokenizer, rnn, tmp_path / "x")
 
 
 def error_line(capsys) -> str:

@@ -73,16 +73,16 @@ class _Link:
 def _layer_links(ours: str, marian: str, decoder: bool) -> list[_Link]:
     self_norm = "self_res" if decoder else "attn_res"
     norms = [(self_norm, "self_attn_layer_norm")]
-    # projections that read the stream: (ours, Marian's, split among them)
-    reads = [("self_attn.qkv_proj", ["self_attn.q_proj", "self_attn.k_proj"])]
-    reads[0][1].append("self_attn.v_proj")
+    # projections that read the stream (ours, and Marian's that split it)
+    qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    reads = [("self_attn.qkv_proj", qkv)]
     # projections that write it
     writes = [("self_attn.out_proj", "self_attn.out_proj")]
     if decoder:
         norms.append(("cross_res", "encoder_attn_layer_norm"))
-        reads.append(("cross_attn.q_proj", ["encoder_attn.q_proj"]))
-        reads.append(("cross_attn.kv_proj", ["encoder_attn.k_proj"]))
-        reads[-1][1].append("encoder_attn.v_proj")
+        kv = ["encoder_attn.k_proj", "encoder_attn.v_proj"]
+        reads += [("cross_attn.q_proj", ["encoder_attn.q_proj"])]
+        reads += [("cross_attn.kv_proj", kv)]
         writes.append(("cross_attn.out_proj", "encoder_attn.out_proj"))
     norms.append(("ffn_res", "final_layer_norm"))
     reads.append(("ffn.fc1", ["fc1"]))
@@ -93,8 +93,8 @@ def _layer_links(ours: str, marian: str, decoder: bool) -> list[_Link]:
         for p in ("weight", "bias")
     ]
     for a, bs in reads:  # (out, D): the input columns; the bias is not the stream
-        links.append(_Link(f"{ours}.{a}.weight", [f"{marian}.{b}.weight" for b in bs]))
-        links[-1].cols = True
+        weights = [f"{marian}.{b}.weight" for b in bs]
+        links.append(_Link(f"{ours}.{a}.weight", weights, cols=True))
         links.append(_Link(f"{ours}.{a}.bias", [f"{marian}.{b}.bias" for b in bs]))
     for a, b in writes:  # (D, in) and (D,): the output rows
         for p in ("weight", "bias"):
