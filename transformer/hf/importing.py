@@ -166,10 +166,16 @@ def _languages(folder: Path, tok: dict) -> tuple[str, str]:
 
 
 def _config(
-    folder: Path, model_cfg: Any, tok: dict, generation: dict, record: dict
+    folder: Path,
+    model_cfg: Any,
+    tok: dict,
+    generation: dict,
+    record: dict,
+    config: dict,
 ) -> Config:
     """The resolved config: our export's record where the folder has one, else
-    the languages and beam size the folder names."""
+    the languages and beam size the folder names (older MarianMT folders keep
+    generation settings in ``config.json``)."""
     stored = record.get("config") if isinstance(record.get("config"), dict) else {}
     if stored:
         from transformer.config import config_from_dict
@@ -180,7 +186,7 @@ def _config(
     else:
         src, tgt = _languages(folder, tok)
         data = DataConfig(src_lang=src, tgt_lang=tgt)
-        beams = generation.get("num_beams") or 1
+        beams = generation.get("num_beams") or config.get("num_beams") or 1
         decoding = DecodingConfig(
             strategy="beam" if beams > 1 else "greedy", beam_size=max(beams, 1)
         )
@@ -238,7 +244,7 @@ def read_marian(folder: Path, origin: str | None = None) -> dict[str, Any]:
         )
     except TokenizerError as e:
         raise MarianError(f"{folder}: {e}") from None
-    cfg = _config(folder, model_cfg, tok, generation, record)
+    cfg = _config(folder, model_cfg, tok, generation, record, config)
     ckpt = {
         "model": state,
         "config": cfg.to_dict(),
