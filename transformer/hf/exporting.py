@@ -269,11 +269,17 @@ def model_card(
         "## Use",
         "",
         "```python",
-        "from transformers import pipeline",
+        "from transformers import MarianMTModel, MarianTokenizer",
         "",
-        'translate = pipeline("translation", model="PATH_OR_HUB_NAME")',
-        'print(translate("...")[0]["translation_text"])',
+        'tokenizer = MarianTokenizer.from_pretrained("PATH_OR_HUB_NAME")',
+        'model = MarianMTModel.from_pretrained("PATH_OR_HUB_NAME")',
+        'batch = tokenizer(["..."], return_tensors="pt", padding=True)',
+        "print(tokenizer.batch_decode(model.generate(**batch), "
+        "skip_special_tokens=True))",
         "```",
+        "",
+        'With transformers 4, `pipeline("translation", model="PATH_OR_HUB_NAME")` '
+        "does the same (transformers 5 removed that pipeline).",
         "",
         f"`generation_config.json` holds transformer-nmt's search defaults: {search}, "
         "never emitting `<pad>` or `<s>`, `</s>` forced at the length limit, "
