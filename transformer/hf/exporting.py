@@ -313,7 +313,8 @@ def model_card(
         "",
         f"Research, teaching and comparison of translation systems on {d.src_lang} "
         f"-> {d.tgt_lang} text like its training data "
-        f"(`{d.hub_name or d.dir or d.format}`). It has not been evaluated outside "
+        f"(`{d.hub_name or d.source_url or d.dir or d.format}`). It has not been "
+        "evaluated outside "
         "that domain, nor for bias, toxicity or factual faithfulness; do not use "
         "it where a wrong translation can cause harm without a human check.",
         "",
