@@ -32,8 +32,8 @@ import torch
 from bench_common import ROOT, machine
 
 MODELS = {
-    "de-en": "models/multi30k_de_en_tiny_b.pt",
-    "en-de": "models/multi30k_en_de_tiny_c.pt",
+    "de-en": "models/multi30k_de_en_tiny_b.safetensors",
+    "en-de": "models/multi30k_en_de_tiny_c.safetensors",
 }
 # function words, which make poor terminology
 _STOP_EN = (

@@ -3,7 +3,7 @@ its zero-shot directions beside pivoting through English with the same model, an
 the off-target rate of each (outputs in a language other than the one asked for).
 
     python scripts/multilingual_results.py --out results/multi30k_multilingual.json \
-        --model models/multi30k_multilingual.pt \
+        --model models/multi30k_multilingual.safetensors \
         --bilingual de-en=checkpoints/bi_de_en/best.pt ... \
         --zero-shot de-fr fr-de de-cs cs-de --pivot en --beams 1 5 --alphas 1.0 2.0
 

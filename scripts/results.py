@@ -3,8 +3,8 @@ set scored once with that choice, written as JSON with what reproduces each numb
 
     python scripts/results.py --out results/multi30k_en_de.json --beams 5 \
         --alphas 1.0 2.0 3.0 \
-        --row single=models/multi30k_en_de_a.pt \
-        --row ensemble=models/multi30k_en_de_a.pt,models/multi30k_en_de_b.pt
+        --row single=models/en_de_a.safetensors \
+        --row ensemble=models/en_de_a.safetensors,models/en_de_b.safetensors
 
 A row is one checkpoint or an ensemble of several (comma-separated). For each row
 every beam size and GNMT alpha decodes the validation split (data.valid_split of

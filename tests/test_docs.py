@@ -313,7 +313,8 @@ def sandbox(tmp_path_factory) -> Path:
     shutil.copytree(ROOT / "configs", repo / "configs")
     (repo / "scripts").symlink_to(ROOT / "scripts")
     (repo / "models").mkdir()
-    for model in (ROOT / "models").glob("*.pt"):  # links: writes stay in the copy
+    # links: writes stay in the copy
+    for model in (ROOT / "models").glob("*.safetensors"):
         (repo / "models" / model.name).symlink_to(model)
     if (ROOT.parent / "shared").is_dir():
         (base / "shared").symlink_to(ROOT.parent / "shared")

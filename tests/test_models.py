@@ -1,13 +1,14 @@
 """The models published in ``models/``: the files behind the results tables of the
 README and ``docs/explanation/results.md`` (``results/*.json`` names each with its
-sha256), each weights only, float16, under 20 MB with its tokenizer, and loadable
-and decodable like any checkpoint."""
+sha256), each a safetensors file (no pickle), weights only, float16, under 20 MB
+with its tokenizer, and loadable and decodable like any checkpoint."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,10 @@ import torch
 
 from transformer.checkpoint import load_checkpoint
 from transformer.inference import load_ensemble, translate
+from transformer.safe_checkpoint import is_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = sorted((ROOT / "models").glob("*.pt"))
+MODELS = sorted((ROOT / "models").glob("*.safetensors"))
 RESULTS = sorted((ROOT / "results").glob("*.json"))
 TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng", "ema", "data_signature")
 # the same two sentences in each language, each side the other's reference
@@ -62,10 +64,10 @@ TABLES = [ROOT / "README.md", ROOT / "docs" / "explanation" / "results.md"]
 @pytest.mark.parametrize("page", TABLES, ids=lambda p: p.name)
 def test_the_results_tables_name_every_published_file_and_no_other(page):
     text = page.read_text(encoding="utf-8")
-    named = set(re.findall(r"models/[\w.+-]+\.pt", text))
+    named = set(re.findall(r"models/[\w.+-]+\.(?:pt|safetensors)\b", text))
     published = {f"models/{p.name}" for p in MODELS}
     assert named == published, page.relative_to(ROOT)
-    others = [p.name for p in (ROOT / "models").iterdir() if p.suffix != ".pt"]
+    others = [p.name for p in (ROOT / "models").iterdir() if p.suffix != ".safetensors"]
     assert not others, f"models/ holds more than published models: {others}"
 
 
@@ -103,6 +105,7 @@ def test_a_reported_ensemble_loads_and_translates(row):
 @pytest.mark.parametrize("path", MODELS, ids=[p.name for p in MODELS])
 def test_a_published_file_is_small_half_weights_only_and_decodes(path):
     assert path.stat().st_size < 20 * 10**6
+    assert is_safetensors(path) and not zipfile.is_zipfile(path)  # no pickle
     ckpt = load_checkpoint(path)
     assert ckpt.get("weights_only") is True
     assert not [k for k in TRAINING_ONLY if k in ckpt]

@@ -13,12 +13,12 @@ from transformer.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     architecture_diffs,
-    atomic_save,
     checkpoint_config,
     load_checkpoint,
     model_weights,
     repeated_paths,
     same_tokenizer,
+    save_weights_file,
 )
 from transformer.config import ModelConfig
 from transformer.state_dicts import (
@@ -178,5 +178,5 @@ def average_checkpoints(
         for key in ("model", "ema"):
             if key in out:
                 out[key] = _to_half(out[key], Path(output))
-    atomic_save(out, output)
+    save_weights_file(out, output)
     return Path(output)

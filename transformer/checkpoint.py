@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from transformer import safe_checkpoint
 from transformer.config import (
     Config,
     ConfigError,
@@ -24,6 +25,7 @@ from transformer.config import (
     migrate,
 )
 from transformer.files import atomic_write
+from transformer.safe_checkpoint import SUFFIX, SafeCheckpointError, is_safetensors
 from transformer.state_dicts import cast_weights, non_finite_weights
 
 log = logging.getLogger(__name__)
@@ -167,8 +169,15 @@ def _load_failure(path: Path, e: Exception) -> str:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint safely (no code can run) and check that it is one of ours."""
+    """Read a checkpoint safely (no code can run) and check that it is one of ours:
+    a ``.pt`` file (``torch.load(weights_only=True)``), a safetensors file, or a
+    transformers MarianMT folder or Hub name, converted (``transformer.hf``)."""
     path = Path(path)
+    marian = _marian_folder(path)
+    if marian is not None:
+        ckpt = _read_marian(marian, path)
+        _check_layout(ckpt, path)
+        return ckpt
     if path.is_dir():
         hint = next(
             (f"; did you mean {path / n}?" for n in _RUN_FILES if (path / n).is_file()),
@@ -176,7 +185,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file{hint}")
     if not path.is_file():
+        moved = path.with_suffix(SUFFIX)
+        if path.suffix == ".pt" and moved.is_file():
+            raise CheckpointError(
+                f"{path}: checkpoint not found; did you mean {moved}? (the "
+                "published models are safetensors files now)"
+            )
         raise CheckpointError(f"{path}: checkpoint not found")
+    if is_safetensors(path):
+        try:
+            ckpt = safe_checkpoint.load(path, map_location)
+        except SafeCheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        _check_layout(ckpt, path)
+        return ckpt
     _check_archive(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -187,6 +209,49 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from e
     _check_layout(ckpt, path)
     return ckpt
+
+
+def _marian_folder(path: Path) -> Path | None:
+    """The transformers model folder ``path`` names (a Hub name: downloaded into
+    the Hub's cache), or None when it names none."""
+    from transformer.hf.importing import (
+        download,
+        is_model_folder,
+        looks_like_hub_name,
+    )
+    from transformer.hf.marian import MarianError
+
+    if is_model_folder(path):
+        return path
+    if path.exists() or not looks_like_hub_name(str(path)):
+        return None
+    try:
+        return download(str(path))
+    except MarianError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _read_marian(folder: Path, named: Path) -> dict:
+    from transformer.hf.importing import read_marian
+    from transformer.hf.marian import MarianError
+
+    try:
+        return {"format": FORMAT_VERSION, **read_marian(folder, str(named))}
+    except MarianError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def save_weights_file(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Write a checkpoint without training state: a ``.safetensors`` file (no
+    pickle; ``transformer.safe_checkpoint``) or, under any other name, with
+    ``torch.save``."""
+    if Path(path).suffix == SUFFIX:
+        try:
+            safe_checkpoint.save(ckpt, path)
+        except SafeCheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    else:
+        atomic_save(ckpt, path)
 
 
 def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Config:

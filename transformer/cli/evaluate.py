@@ -89,7 +89,10 @@ def _eval(argv: list[str] | None) -> int:
     tag = ".ema" if args.weights == "ema" else ""
     tag += f".ens{len(infos)}" if len(infos) > 1 else ""
     tag += f".{way.name}" if translator.multilingual else ""
-    default = Path(args.checkpoint[0]).with_suffix(f"{tag}.{name}.hyp")
+    first = Path(args.checkpoint[0])
+    if not first.exists():  # a Hub name: the hypotheses go to this folder
+        first = Path(first.name)
+    default = first.with_suffix(f"{tag}.{name}.hyp")
     output = Path(args.output or default)
     atomic_write_bytes(output, ("\n".join(hyps) + "\n").encode("utf-8"))
     first = infos[0]

@@ -34,8 +34,9 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
         required=True,
         nargs="+",
         action="extend",
-        help="a .pt checkpoint; several (or the option repeated) decode as an "
-        "ensemble, the mean of their probabilities",
+        help="a checkpoint (.pt, .safetensors, or a transformers MarianMT folder "
+        "or Hub name); several (or the option repeated) decode as an ensemble, the "
+        "mean of their probabilities",
     )
     parser.add_argument(
         "--weights",

@@ -156,7 +156,12 @@ def _average(argv: list[str] | None) -> int:
     parser.add_argument("--run-dir", help="folder with step_<N>.pt checkpoints")
     parser.add_argument("--last", type=int, default=5, help="how many (default 5)")
     parser.add_argument("--inputs", nargs="*", help="explicit checkpoint files")
-    parser.add_argument("--output", required=True, help="the averaged checkpoint")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="the averaged checkpoint: a .safetensors name writes a safetensors "
+        "file (no pickle: how models are published), any other a torch.save file",
+    )
     parser.add_argument(
         "--weights",
         choices=WEIGHTS,

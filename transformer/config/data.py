@@ -17,6 +17,10 @@ class TokenizerConfig:
     src_model: str | None = None  # separate source model, with joint: false
     tgt_model: str | None = None  # separate target model, with joint: false
     joint: bool = True  # one model for both languages; false: one per language
+    # a JSON file of piece -> id (as transformers' vocab.json) giving the ids of
+    # the model's pieces (of both models, with joint: false) in place of their own;
+    # <pad> <unk> <s> </s> take ids 0-3, the others follow in the file's order
+    vocab: str | None = None
     vocab_size: int = 8000  # pieces of a trained model, at most (each, if not joint)
     model_type: Literal["unigram", "bpe"] = "unigram"  # SentencePiece algorithm
     character_coverage: float = 1.0  # share of characters the model covers
@@ -61,6 +65,13 @@ class TokenizerConfig:
             f"{prefix}.character_coverage",
             self.character_coverage,
             "must be in (0, 1]",
+        )
+        check(
+            self.vocab is None or bool(self.model or self.src_model),
+            f"{prefix}.vocab",
+            self.vocab,
+            "gives the ids of given SentencePiece models: set model (or src_model "
+            "and tgt_model) too",
         )
         if self.joint:
             check(

@@ -149,6 +149,9 @@ class TransformerConfig(_AttentionStack):
 
     arch: Literal["transformer"] = "transformer"
     encoder_layers: int = 6  # layers of the encoder
+    # a fixed bias added to every output logit (a buffer, not trained, as in
+    # transformers' MarianMT, whose models bring theirs); false: no bias
+    final_logits_bias: bool = False
 
     def validate(self, prefix: str = "model") -> None:
         super().validate(prefix)

@@ -82,9 +82,10 @@ class TrainingConfig:
     # (0.999 alone keeps 37% of it after 1,000 updates); false: ema_decay throughout
     ema_decay_warmup: bool = True
     validate_ema: bool = False  # validate (and pick best.pt) with the EMA weights
-    # fine-tuning: a new run starts from this checkpoint's weights and tokenizer,
-    # with a fresh optimizer, schedule and data position (a run dir that already
-    # holds last.pt resumes instead); its architecture must match model
+    # fine-tuning: a new run starts from this checkpoint's weights and tokenizer
+    # (or a transformers MarianMT folder's, or a Hub name's), with a fresh
+    # optimizer, schedule and data position (a run dir that already holds last.pt
+    # resumes instead); its architecture must match model
     init_from: str | None = None
     init_weights: Literal["raw", "ema"] = "raw"  # which of init_from's weights
 
@@ -259,11 +260,11 @@ class Config:
             "true) that holds every language and its tag",
         )
         check(
-            d.tokenizer.joint or not m.tie_src_tgt_embeddings,
+            d.tokenizer.joint or d.tokenizer.vocab or not m.tie_src_tgt_embeddings,
             "model.tie_src_tgt_embeddings",
             True,
-            "needs a joint tokenizer (data.tokenizer.joint: true); "
-            "set it to false for separate vocabularies",
+            "needs a joint tokenizer (data.tokenizer.joint: true, or one "
+            "data.tokenizer.vocab); set it to false for separate vocabularies",
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,6 +6,8 @@ checkpoint's SentencePiece model(s) and ``export.json``, which says how the expo
 meant to be used (``writer``). ``ExportedModel`` / ``translate_with_ctranslate2``
 translate raw sentences with it, with this toolkit's search settings (``runtime``).
 ``ctranslate2`` is imported only when used: ``pip install -e ".[export]"``.
+``--format hf`` writes a transformers MarianMT folder instead
+(``transformer.hf.exporting``; ``pip install -e ".[hf]"``).
 """
 
 from transformer.export.common import (

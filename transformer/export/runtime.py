@@ -47,7 +47,7 @@ from transformer.search import (
     length_penalty,
     warn_min_len_cut,
 )
-from transformer.tokenizer import Tokenizer
+from transformer.tokenizer import Tokenizer, read_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,17 @@ class ExportedModel:
             tgt = (self.dir / files["target_model"]).read_bytes()
             if files["joint"]:
                 tgt = None
+            vocabs = {  # the pieces' ids, where they are not the models' own
+                key: read_vocabulary(self.dir / files[key], key)
+                for key in ("vocab", "tgt_vocab")
+                if files.get(key)
+            }
             self.max_positions = int(self.info["max_positions"])
         except (OSError, ValueError, KeyError) as e:
             raise ExportError(
                 f"{self.dir}: not an export of this toolkit ({type(e).__name__}: {e})"
             ) from e
-        self.tokenizer = Tokenizer(src, tgt)
+        self.tokenizer = Tokenizer(src, tgt, **vocabs)
         # the languages (older exports did not record them: no tags)
         self.languages = DataConfig(**self.info.get("languages", {}))
         self.translator = ct2.Translator(

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,13 @@ from torch import nn
 from transformer import __version__
 from transformer.checkpoint import WEIGHTS
 from transformer.config import DataConfig, DecodingConfig, ModelConfig
-from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
-from transformer.files import as_if_created, make_parent, temp_beside, write_error
+from transformer.export.common import (
+    EXPORT_INFO,
+    ExportError,
+    check_output_folder,
+    import_ctranslate2,
+    write_folder,
+)
 from transformer.inference import load_model
 from transformer.models import Transformer
 from transformer.tokenizer import SPECIAL_IDS, Tokenizer
@@ -161,7 +164,9 @@ def build_spec(model: Transformer, tokenizer: Tokenizer, tag_starts: bool = Fals
         _set_norm(enc.layer_norm, model.encoder_norm)
         _set_norm(dec.layer_norm, model.decoder_norm)
     output = model.tgt_embed if model.output_proj is None else model.output_proj
-    dec.projection.weight = _array(output.weight)  # (V_tgt, D), no bias
+    dec.projection.weight = _array(output.weight)  # (V_tgt, D)
+    if model.final_logits_bias is not None:
+        dec.projection.bias = _array(model.final_logits_bias)
 
     for layer_spec, layer in zip(enc.layer, model.encoder, strict=True):
         attn = layer_spec.self_attention
@@ -197,18 +202,7 @@ def _check_options(output: Path, quantization: str | None, force: bool) -> None:
     ):
         choices = ", ".join(quantizations())
         raise ExportError(f"--quantization {quantization}: must be one of {choices}")
-    if not output.exists() and not output.is_symlink():
-        return
-    if not force:
-        raise ExportError(f"{output} already exists; pass --force to replace it")
-    # --force replaces an earlier export or an empty folder, never anything else
-    if not output.is_dir() or output.is_symlink():
-        raise ExportError(f"{output} exists and is not a folder; not replacing it")
-    if any(output.iterdir()) and not (output / EXPORT_INFO).is_file():
-        raise ExportError(
-            f"{output} is not empty and holds no {EXPORT_INFO}, so it is not an "
-            "earlier export; not replacing it"
-        )
+    check_output_folder(output, force)
 
 
 def export_model(
@@ -249,10 +243,8 @@ def export_model(
     tag_starts = data is not None and data.multilingual and data.tag == "target"
     spec = build_spec(model, tokenizer, tag_starts)
     spec.optimize(quantization=quantization)  # aliases tied weights, then quantizes
-    make_parent(output)
-    staging = Path(temp_beside(output, tempfile.mkdtemp))
-    as_if_created(staging)
-    try:
+
+    def fill(staging: Path) -> None:
         spec.save(str(staging))
         files = [p.name for p in tokenizer.save(staging)]
         info = _export_info(model, tokenizer, files, quantization, decoding, source)
@@ -269,23 +261,8 @@ def export_model(
         (staging / EXPORT_INFO).write_text(
             json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        if output.exists():  # an earlier export (see _check_options)
-            trash = Path(temp_beside(output, tempfile.mkdtemp, suffix=".old"))
-            output.rename(trash / output.name)
-            try:
-                staging.rename(output)
-            except BaseException:
-                (trash / output.name).rename(output)
-                raise
-            shutil.rmtree(trash)
-        else:
-            staging.rename(output)
-    except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        cause = write_error(e)  # a full or read-only disk: one line naming it
-        if cause is None:
-            raise
-        raise OSError(cause.errno, cause.strerror, str(output)) from None
+
+    write_folder(output, fill)
     log.info("exported to %s (quantization %s)", output, quantization or "none")
     return output
 
@@ -310,6 +287,9 @@ def _export_info(
             "joint": tokenizer.joint,
             "source_model": src_model,
             "target_model": tgt_model,
+            # the pieces' ids, where they are not the models' own (MarianMT's)
+            **({"vocab": "vocab.json"} if tokenizer.vocab else {}),
+            **({"tgt_vocab": "tgt_vocab.json"} if tokenizer.tgt_vocab else {}),
             "hash": tokenizer.hash(),
         },
         "special_tokens": {
@@ -381,10 +361,29 @@ def export_checkpoint(
 def _export(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="transformer-export",
-        description="Export a checkpoint to a CTranslate2 model directory.",
+        description="Export a checkpoint to a CTranslate2 model directory, or to a "
+        "transformers MarianMT folder (--format hf).",
     )
-    parser.add_argument("--checkpoint", required=True, help="a .pt checkpoint")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint (.pt, .safetensors, or a transformers MarianMT folder or "
+        "Hub name)",
+    )
     parser.add_argument("--output", required=True, help="the folder to create")
+    parser.add_argument(
+        "--format",
+        choices=("ctranslate2", "hf"),
+        default="ctranslate2",
+        help="ctranslate2: a CTranslate2 model; hf: a transformers MarianMT folder "
+        "with a model card (the hf extra)",
+    )
+    parser.add_argument(
+        "--results",
+        nargs="*",
+        help="--format hf: results files whose rows of this checkpoint the model "
+        "card quotes (default: results/*.json)",
+    )
     parser.add_argument(
         "--quantization",
         help="weight type: int8, int8_float32, int8_bfloat16, bfloat16 (or bf16), "
@@ -404,6 +403,19 @@ def _export(argv: list[str] | None) -> int:
     from transformer.cli.common import setup_logging
 
     setup_logging()
+    if args.format == "hf":
+        from transformer.hf.exporting import export_hf_checkpoint
+
+        if args.quantization is not None:
+            raise ExportError("--quantization: for CTranslate2 exports only")
+        results = None if args.results is None else [Path(p) for p in args.results]
+        out = export_hf_checkpoint(
+            args.checkpoint, args.output, args.force, args.weights, results
+        )
+        print(out)
+        return 0
+    if args.results is not None:
+        raise ExportError("--results: for --format hf only")
     out = export_checkpoint(
         args.checkpoint, args.output, args.quantization, args.force, args.weights
     )

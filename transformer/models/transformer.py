@@ -59,6 +59,10 @@ class Transformer(nn.Module):
         self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else None
         self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else None
         self.output_proj = output_projection(cfg)
+        if cfg.final_logits_bias:  # loaded with the weights; training leaves it be
+            self.register_buffer("final_logits_bias", torch.zeros(cfg.tgt_vocab_size))
+        else:
+            self.final_logits_bias = None
         self._init_linear_layers()
 
     def _init_linear_layers(self) -> None:
@@ -113,9 +117,9 @@ class Transformer(nn.Module):
 
     def project(self, x: Tensor) -> Tensor:
         """Decoder states (B, T, D) -> logits (B, T, V)."""
-        if self.output_proj is None:
-            return F.linear(x, self.tgt_embed.weight)
-        return self.output_proj(x)
+        tied = self.output_proj is None
+        weight = self.tgt_embed.weight if tied else self.output_proj.weight
+        return F.linear(x, weight, self.final_logits_bias)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced training: all target positions in parallel, (B, T, V)."""

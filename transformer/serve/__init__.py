@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--checkpoint",
         action="append",
         required=True,
-        help="a .pt checkpoint; repeat for more language pairs",
+        help="a checkpoint (.pt, .safetensors, or a transformers MarianMT folder or "
+        "Hub name); repeat for more language pairs",
     )
     parser.add_argument(
         "--weights",

@@ -1,5 +1,6 @@
 """Fine-tuning: a new run that starts from another checkpoint's weights and
-tokenizer (``training.init_from``)."""
+tokenizer (``training.init_from``): a file of ours, or a transformers MarianMT
+folder or Hub name (``transformer.hf.importing``)."""
 
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ def load_init(cfg: Config) -> InitSource:
     section would build or load, so that the data is tokenized as it was."""
     t = cfg.training
     path = Path(t.init_from)
-    if not path.is_file():
-        raise CheckpointError(f"training.init_from: {path}: checkpoint not found")
-    ckpt = load_checkpoint(path)
+    try:  # a file of ours, or a transformers MarianMT folder or Hub name
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"training.init_from: {e}") from None
     tokenizer = Tokenizer.from_state_dict(ckpt["tokenizer"])
     if _other_tokenizer(cfg, tokenizer):
         log.warning(

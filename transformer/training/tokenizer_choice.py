@@ -89,10 +89,10 @@ def with_vocabulary(cfg: Config, tokenizer: Tokenizer) -> Config:
                 "(leave it at 0 to take the tokenizer's size)"
             )
         sizes[name] = size
-    if not tokenizer.joint and cfg.model.tie_src_tgt_embeddings:
+    if not tokenizer.shared_vocabulary and cfg.model.tie_src_tgt_embeddings:
         raise ConfigError(
             "model.tie_src_tgt_embeddings: needs a joint tokenizer "
-            "(data.tokenizer.joint: true)"
+            "(data.tokenizer.joint: true, or one data.tokenizer.vocab)"
         )
     model = dataclasses.replace(cfg.model, **sizes)
     model.validate()
