@@ -105,7 +105,8 @@ def config_page() -> str:
     for section in sections(Config):
         if not section.fields:
             continue
-        out += [f"## `{section.key}`", "", section.summary, ""]
+        kind = f" with `{section.key}.{section.variant}`" if section.variant else ""
+        out += [f"## `{section.key}`{kind}", "", section.summary, ""]
         rows = [(f.key, f.type, f.default, f.description) for f in section.fields]
         out += [*_table(rows, "key"), ""]
     out += ["## `transformer-serve` limits", "", SERVE_INTRO]

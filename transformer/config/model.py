@@ -65,6 +65,11 @@ class ModelConfig:
             )
         return cls
 
+    @staticmethod
+    def kinds() -> dict[tuple[str, str], type[ModelConfig]]:
+        """(key, value) -> the class it picks: ``("arch", "rnn")``: RNNConfig."""
+        return {("arch", arch): cls for arch, cls in ARCHITECTURES.items()}
+
     def max_pieces(self) -> int:
         """Pieces a source (or target) sentence may hold: one position is kept
         for <eos> / <bos>."""

@@ -41,6 +41,7 @@ class SectionDoc:
     key: str  # "" for the root
     cls: type
     fields: list[FieldDoc]
+    variant: str = ""  # "arch: rnn": the keys of one kind of the section only
 
     @property
     def summary(self) -> str:
@@ -56,7 +57,10 @@ def sections(cls: type, prefix: str = "") -> list[SectionDoc]:
     are written ``key[].field``.
     """
     hints = typing.get_type_hints(cls)
-    notes = field_comments(cls)
+    notes: dict[str, str] = {}  # a field inherited keeps its class's comment
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            notes.update(field_comments(base))
     own: list[FieldDoc] = []
     nested: list[SectionDoc] = []
     for f in dataclasses.fields(cls):
@@ -71,7 +75,22 @@ def sections(cls: type, prefix: str = "") -> list[SectionDoc]:
         own.append(FieldDoc(key, type_name(tp), _default(f), notes.get(f.name, "")))
         if inner is not None:
             nested += sections(inner, f"{key}[].")
-    return [SectionDoc(prefix.rstrip("."), cls, own), *nested]
+    return [SectionDoc(prefix.rstrip("."), cls, own), *_variants(cls, prefix), *nested]
+
+
+def _variants(cls: type, prefix: str) -> list[SectionDoc]:
+    """A section with a class per kind (``ModelConfig.kinds()``: one per
+    ``model.arch``): each kind's own keys, beyond the fields they share."""
+    if "kinds" not in vars(cls):  # the kinds themselves inherit it
+        return []
+    kinds = cls.kinds
+    shared = {f.name for f in dataclasses.fields(cls)}
+    out = []
+    for (name, value), sub in kinds().items():
+        (first, *_) = sections(sub, prefix)
+        own = [f for f in first.fields if f.key.removeprefix(prefix) not in shared]
+        out.append(SectionDoc(prefix.rstrip("."), sub, own, f"{name}: {value}"))
+    return out
 
 
 def field_docs(cls: type) -> list[FieldDoc]:
