@@ -121,6 +121,19 @@ def test_two_workers_an_ensemble_and_a_failing_chunk(
     assert two.read_text() == one.read_text()
 
 
+@pytest.mark.slow
+def test_a_worker_that_dies_ends_the_job_in_one_line(
+    checkpoints, source, tmp_path, monkeypatch, capsys
+):
+    """A worker lost before its first chunk (here its model load exits) is an
+    error, not a pool that starts another worker for ever."""
+    monkeypatch.setenv("TRANSFORMER_TEST_FAIL_LOAD", "1")
+    args = ["--checkpoint", checkpoints[0], "--input", str(source), "--greedy"]
+    args += ["--workers", "2", "--output", str(tmp_path / "out.txt")]
+    assert main(args) == 1
+    assert "error: a worker process died" in capsys.readouterr().err
+
+
 def test_parts_of_another_job_are_refused(checkpoints, source, tmp_path, capsys):
     base = ["--checkpoint", checkpoints[0], "--input", str(source)]
     out = tmp_path / "out.txt"

@@ -296,7 +296,7 @@ def _shims(bin_dir: Path) -> None:
         shim = bin_dir / name
         shim.write_text(
             f"#!{sys.executable}\nimport sys\nfrom {module} import {function}\n"
-            f"sys.exit({function}())\n"
+            f"if __name__ == '__main__':\n    sys.exit({function}())\n"
         )
         shim.chmod(0o755)
     for name in ("python", "python3"):

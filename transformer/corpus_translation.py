@@ -113,6 +113,8 @@ _worker: dict[str, Any] = {}
 def _load(job: CorpusJob, threads: int) -> None:
     from transformer.inference import Translator
 
+    if os.environ.get("TRANSFORMER_TEST_FAIL_LOAD"):  # a test's fault injection
+        raise SystemExit(1)
     if threads:
         torch.set_num_threads(threads)
     translator = Translator.load(job.checkpoints, "cpu", job.weights)
@@ -201,6 +203,8 @@ def translate_corpus(
 
 
 def _run(job: CorpusJob, todo: list, lines: int, progress: bool) -> None:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     from tqdm import tqdm
 
     cores = job.threads or torch.get_num_threads()
@@ -213,15 +217,36 @@ def _run(job: CorpusJob, todo: list, lines: int, progress: bool) -> None:
                 _translate_chunk(item)
                 bar.update(len(item[2]))
             return
+        # a process pool that breaks (raises) when a worker dies, where
+        # multiprocessing.Pool would start another one for ever
         context = multiprocessing.get_context("spawn")
-        with context.Pool(job.workers, _load, (job, share)) as pool:
-            sizes = {item[0]: len(item[2]) for item in todo}
-            try:
-                for k in pool.imap_unordered(_translate_chunk, todo):
-                    bar.update(sizes[k])
-            except BaseException:
-                pool.terminate()  # no worker outlives the job
-                raise
+        pool = ProcessPoolExecutor(
+            job.workers, mp_context=context, initializer=_load, initargs=(job, share)
+        )
+        try:
+            futures = {pool.submit(_translate_chunk, item): item for item in todo}
+            for future in as_completed(futures):
+                future.result()
+                bar.update(len(futures[future][2]))
+        except BaseException as e:
+            _stop(pool)  # no worker outlives the job
+            if type(e).__name__ == "BrokenProcessPool":
+                raise ChunkError(
+                    f"a worker process died ({e}); a script that runs the command "
+                    "on import must guard it with if __name__ == '__main__'"
+                ) from None
+            raise
+        pool.shutdown()
     finally:
         bar.close()
         _worker.clear()
+
+
+def _stop(pool) -> None:
+    """Cancel what is queued and end the workers at once (the executor itself
+    only waits for them)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.join(timeout=10)
