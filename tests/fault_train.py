@@ -25,7 +25,7 @@ if __name__ == "__main__":
 
         real, seen, bad_batch = TrainBatches.collate, [], int(rest[0])
 
-        def collate(self, ids):
+        def collate(self, ids, epoch=None):
             info = get_worker_info()
             if info is not None and rank == int(bad_rank):
                 seen.append(ids)
@@ -33,7 +33,7 @@ if __name__ == "__main__":
                     raise IndexError(
                         "index 2246 is out of bounds for axis 0 with size 563"
                     )
-            return real(self, ids)
+            return real(self, ids, epoch)
 
         TrainBatches.collate = collate
     elif kind == "validation" and rank == int(bad_rank):

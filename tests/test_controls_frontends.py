@@ -13,7 +13,7 @@ from transformer.cli.translate import translate_main
 from transformer.controls import ControlError, Controls
 from transformer.inference import Translator
 
-MODEL = ROOT / "models" / "multi30k_de_en_tiny_b.pt"
+MODEL = ROOT / "models" / "multi30k_de_en_tiny_b.safetensors"
 DE = [
     "Ein Hund rennt durch den Schnee.",
     "Zwei Männer spielen Fußball.",

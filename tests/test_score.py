@@ -21,8 +21,8 @@ from transformer.training.loss import forward_loss
 
 CPU = torch.device("cpu")
 SRCS = [[5, 6, 7, 8], [9, 10, 11], [4, 12, 13, 5, 6, 7], [8]]
-MODEL = ROOT / "models" / "multi30k_de_en_tiny_b.pt"
-OTHER = ROOT / "models" / "multi30k_de_en_tiny_a.pt"
+MODEL = ROOT / "models" / "multi30k_de_en_tiny_b.safetensors"
+OTHER = ROOT / "models" / "multi30k_de_en_tiny_a.safetensors"
 ARCHS = [
     {"arch": "transformer"},
     {"arch": "decoder_only"},

@@ -117,9 +117,13 @@ class Transformer(nn.Module):
 
     def project(self, x: Tensor) -> Tensor:
         """Decoder states (B, T, D) -> logits (B, T, V)."""
-        tied = self.output_proj is None
-        weight = self.tgt_embed.weight if tied else self.output_proj.weight
-        return F.linear(x, weight, self.final_logits_bias)
+        if self.output_proj is None:  # tied: the embedding is the output layer
+            return F.linear(x, self.tgt_embed.weight, self.final_logits_bias)
+        # a module of its own (untied, or int8: a quantized layer has no .weight tensor)
+        logits = self.output_proj(x)
+        if self.final_logits_bias is not None:
+            logits = logits + self.final_logits_bias
+        return logits
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced training: all target positions in parallel, (B, T, V)."""
