@@ -275,9 +275,11 @@ def test_a_ctranslate2_export_decodes_both_directions_as_ours(trained, tmp_path)
         theirs = exported.translate(sentences[:8], dcfg, "src", tgt, prefixes)
         for o, t in zip(ours, theirs, strict=True):
             assert t[0].tokens == o.translations[0].tokens
-            # CTranslate2 renormalises after banning <pad>, <s> and the tags,
-            # to which this toy model gives a little probability
-            assert t[0].score == pytest.approx(o.translations[0].score, abs=1e-2)
+            # CTranslate2 renormalises after banning <pad>, <s> and the tags, to
+            # which this toy model gives a little probability: each step's
+            # log-probability can only rise (by -log(1 - banned mass)), a little
+            gap = t[0].score - o.translations[0].score
+            assert -1e-4 <= gap < 0.05
         given = [o.translations[0].text for o in ours]
         mine = translator.score(sentences[:8], given, way)
         theirs = exported.score(sentences[:8], given, "src", tgt)
