@@ -40,6 +40,7 @@ def diagonal_links(model) -> list[tuple[list, list]]:
     return out
 
 
+@pytest.mark.slow
 def test_the_copy_model_aligns_on_the_diagonal(copy_model):
     for links, diagonal in diagonal_links(copy_model):
         assert links == diagonal
@@ -52,6 +53,7 @@ def test_the_copy_model_aligns_on_the_diagonal(copy_model):
     )
 
 
+@pytest.mark.slow
 def test_a_decoder_only_copy_model_aligns_on_the_diagonal():
     model = train_copy_model(300, arch="decoder_only", anneal=True)
     for links, diagonal in diagonal_links(model):

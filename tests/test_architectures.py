@@ -101,6 +101,7 @@ def test_toy_copy_task_is_learned(name):
     assert exact >= needed, exact
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUN_OPTIONS)
 def test_checkpoint_round_trip_and_bit_identical_resume(name, tmp_path, toy_tokenizer):
     extra = [*RUN_OPTIONS[name], "training.validate_every=3"]

@@ -38,6 +38,7 @@ def run(tmp_path_factory, toy_tokenizer) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_nbest_rows_number_the_input_lines_across_batches(run):
     lines = ["a b c", "d e", "", "f g h", " ".join(["a"] * 200), "i j"]
     args = ["--checkpoint", str(run / "last.pt"), "--beam", "2", "--nbest", "2"]
@@ -51,6 +52,7 @@ def test_nbest_rows_number_the_input_lines_across_batches(run):
     assert "truncated (first: line 5)" in result.stderr.decode()
 
 
+@pytest.mark.slow
 def test_a_closed_output_pipe_stops_quietly(run, tmp_path):
     source = tmp_path / "in.txt"
     source.write_text("a b c\n" * 20000)  # more output than the pipe holds

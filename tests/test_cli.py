@@ -45,6 +45,7 @@ def toy_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_stdin_is_streamed_in_order_with_empty_lines(toy_run):
     lines = ["a b c", "", "d e f g", "h i j k l", "", "m n o"]
     result = translate_cli(
@@ -61,6 +62,7 @@ def test_stdin_is_streamed_in_order_with_empty_lines(toy_run):
             assert hyp.split() == src.split()
 
 
+@pytest.mark.slow
 def test_sentences_nbest_and_sampling(toy_run, capsys):
     ckpt = str(toy_run / "best.pt")
     assert (
@@ -95,6 +97,7 @@ def test_sentences_nbest_and_sampling(toy_run, capsys):
     assert first == second
 
 
+@pytest.mark.slow
 def test_invalid_utf8_is_reported_or_replaced(toy_run):
     data = b"a b\n\xff c\n"
     result = translate_cli(["--checkpoint", str(toy_run / "best.pt")], data)
@@ -108,6 +111,7 @@ def test_invalid_utf8_is_reported_or_replaced(toy_run):
     assert len(result.stdout.decode().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_input_longer_than_positions_warns(toy_run, caplog, capsys):
     long = " ".join(["a"] * 200)  # the toy model has 64 positions
     assert translate_main(["--checkpoint", str(toy_run / "best.pt"), "-s", long]) == 0
@@ -115,6 +119,7 @@ def test_input_longer_than_positions_warns(toy_run, caplog, capsys):
     assert capsys.readouterr().out.strip()
 
 
+@pytest.mark.slow
 def test_attention_plot(toy_run, tmp_path):
     png = tmp_path / "att.png"
     assert (
@@ -135,6 +140,7 @@ def test_attention_plot(toy_run, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_eval_reproduces_validation_bleu(toy_run, tmp_path, capsys):
     rows = [json.loads(r) for r in (toy_run / "metrics.jsonl").read_text().splitlines()]
     best = max((r for r in rows if r["type"] == "valid"), key=lambda r: r["bleu"])
@@ -164,6 +170,7 @@ def test_eval_reproduces_validation_bleu(toy_run, tmp_path, capsys):
         assert hyps == (toy_run / "valid_hyps.txt").read_text().splitlines()
 
 
+@pytest.mark.slow
 def test_eval_in_bf16_matches_float32(toy_run, tmp_path, capsys, monkeypatch):
     # the bf16 path on any CPU (without native bf16 it would run float32 instead)
     monkeypatch.setattr(transformer.precision, "native_bf16", lambda device: True)
@@ -185,6 +192,7 @@ def test_eval_in_bf16_matches_float32(toy_run, tmp_path, capsys, monkeypatch):
     assert out[0][0].text.split() == ["a", "b", "c", "d"]
 
 
+@pytest.mark.slow
 def test_eval_on_file_pair(toy_run, tmp_path, capsys):
     (tmp_path / "src.txt").write_text("a b c\nd e f g\n")
     (tmp_path / "ref.txt").write_text("a b c\nd e f g\n")
@@ -217,6 +225,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "did you mean training.warmup_steps?" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_average_cli(toy_run, tmp_path, capsys):
     out = tmp_path / "avg.pt"
     assert (
@@ -279,6 +288,7 @@ def test_fully_filtered_corpus_names_the_file_and_filter(tmp_path, capsys):
     assert "5 longer than data.max_length=20 pieces" in err
 
 
+@pytest.mark.slow
 def test_translate_file_keeps_one_line_per_input_line(toy_run, tmp_path):
     raw = (
         b"a b\xe2\x80\xa8c d\n"  # U+2028 LINE SEPARATOR inside a line
@@ -304,6 +314,7 @@ def test_translate_file_keeps_one_line_per_input_line(toy_run, tmp_path):
     assert out.split("\n")[4] == ""  # the empty line stays empty
 
 
+@pytest.mark.slow
 def test_eval_truncates_over_long_sources(toy_run, tmp_path, capsys, caplog):
     long = " ".join(["a b c d e f g h"] * 30)  # 240 words; the model has 64 positions
     (tmp_path / "src.txt").write_text(f"a b c\n{long}\n")

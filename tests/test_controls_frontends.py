@@ -35,6 +35,7 @@ def check_links(alignment: str, src: str, text: str) -> None:
     assert links and all(i < words(src) and j < words(text) for i, j in links)
 
 
+@pytest.mark.slow
 def test_jsonl_lines_in_give_one_json_object_out_each(translator):
     lines = [
         {"src": DE[0], "constraints": ["white", "fast"]},
@@ -94,6 +95,7 @@ def test_unmet_constraints_are_a_warning_of_the_sentence(translator):
     assert missed and all(repr(w) in outcome.warnings[0] for w in missed)
 
 
+@pytest.mark.slow
 def test_plain_text_with_flags_and_without(translator, capsys):
     args = ["--checkpoint", str(MODEL), "-s", DE[0], "-s", DE[2]]
     plain = translate_cli(args)

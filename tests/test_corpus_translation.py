@@ -47,6 +47,7 @@ def translate(args, capsys) -> int:
     return code
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--greedy"], ["--beam", "3", "--nbest", "2"]])
 def test_an_interrupted_job_resumes_to_the_same_output(
     checkpoints, source, tmp_path, monkeypatch, capsys, extra

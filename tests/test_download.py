@@ -131,6 +131,7 @@ def test_a_cut_off_download_resumes(tmp_path, server, caplog):
     assert "try 1 of 3 failed" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_stalled_download_fails_each_try_then_names_the_remedy(
     tmp_path, server, caplog, monkeypatch
 ):

@@ -109,6 +109,7 @@ def test_resume_restores_the_ema_bit_exactly(tmp_path, toy_tokenizer):
     assert not torch.equal(saved["tgt_embed.weight"], mid["ema"]["tgt_embed.weight"])
 
 
+@pytest.mark.slow
 def test_an_ema_begun_mid_run_resumes_with_its_own_count(tmp_path, toy_tokenizer):
     def run(name, steps, *extra):
         return Trainer(

@@ -167,6 +167,7 @@ def two_runs(tmp_path_factory, toy_tokenizer):
     return paths
 
 
+@pytest.mark.slow
 def test_translate_and_eval_with_two_checkpoints(two_runs, tmp_path, capsys):
     a, b = map(str, two_runs)
     ensemble, config, tokenizer, infos = load_ensemble([a, b])
@@ -197,12 +198,14 @@ def test_translate_and_eval_with_two_checkpoints(two_runs, tmp_path, capsys):
     assert len(lines) == data["sentences"]
 
 
+@pytest.mark.slow
 def test_one_checkpoint_is_the_bare_model(two_runs):
     model, _, _, infos = load_ensemble([two_runs[0]])
     assert not isinstance(model, Ensemble)
     assert infos == [{"checkpoint": str(two_runs[0]), "step": 40}]
 
 
+@pytest.mark.slow
 def test_different_tokenizers_are_refused(two_runs, tmp_path, capsys):
     from transformer.config import DataConfig
     from transformer.data import read_pairs
@@ -220,6 +223,7 @@ def test_different_tokenizers_are_refused(two_runs, tmp_path, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_attention_plot_needs_one_checkpoint(two_runs, tmp_path, capsys):
     a, b = map(str, two_runs)
     png = str(tmp_path / "att.png")

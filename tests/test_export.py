@@ -67,6 +67,10 @@ VARIANTS = {
 GREEDY = DecodingConfig(strategy="greedy", max_len_a=1.5, max_len_b=6)
 
 
+# out of the fast lane (-m 'not slow'): CTranslate2 exports of toy models (~25 s)
+pytestmark = pytest.mark.slow
+
+
 @dataclass
 class Exported:
     model: Transformer
@@ -152,6 +156,7 @@ def tokens(results) -> list[list[list[int]]]:
     return [[h.tokens for h in hyps] for hyps in results]
 
 
+@pytest.mark.slow
 def test_export_holds_our_weights_and_positions(exported):
     """CTranslate2's teacher-forced log-probabilities equal ours."""
     tokenizer = exported.tokenizer
@@ -506,6 +511,7 @@ def test_cli_user_errors_print_one_line(checkpoint, tmp_path, capsys, monkeypatc
     assert not Path(out).exists()
 
 
+@pytest.mark.slow
 def test_script_wrapper_runs_the_cli(tmp_path):
     script = ROOT / "scripts" / "export.py"
     args = ["--checkpoint", str(tmp_path / "none.pt"), "--output", str(tmp_path / "o")]

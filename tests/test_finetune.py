@@ -44,6 +44,7 @@ def accuracy(trainer: Trainer) -> float:
     return evaluate_loss(trainer.model, valid.corpus, 256, cpu, "fp32")["accuracy"]
 
 
+@pytest.mark.slow
 def test_fine_tuning_beats_training_from_scratch(parent, tmp_path, toy_tokenizer):
     scratch = Trainer(reverse_run(tmp_path / "scratch", toy_tokenizer))
     tuned = Trainer(

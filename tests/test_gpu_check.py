@@ -43,6 +43,7 @@ def test_the_gpu_check_runs_dry_on_a_cpu(tmp_path):
     assert "beam5_cached" in runs
 
 
+@pytest.mark.slow
 def test_without_a_gpu_it_refuses_in_one_line(tmp_path):
     import torch
 

@@ -38,6 +38,10 @@ ARCHITECTURE = [
 ]  # fmt: skip
 
 
+# out of the fast lane (-m 'not slow'): MarianMT models built and converted (about 8 s)
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     threads = torch.get_num_threads()
@@ -153,6 +157,7 @@ SENTENCES = [head(SRC[i], n) for i, n in ROWS.items()]
 SENTENCES += ["das ist neu", "wörtern satz"]
 
 
+@pytest.mark.slow
 def test_the_import_holds_the_marian_model(pair):
     hf, hf_tokenizer, model, cfg, tokenizer = pair
     m = cfg.model

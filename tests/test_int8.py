@@ -26,6 +26,7 @@ def quantized_linears(model) -> int:
     return sum(isinstance(m, dynamic.Linear) for m in model.modules())
 
 
+@pytest.mark.slow
 def test_int8_quantizes_every_linear_layer_and_the_tied_output(copier):
     import copy
 

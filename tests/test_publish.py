@@ -37,6 +37,7 @@ def publish(last, output, *options) -> dict:
     return load_checkpoint(output)
 
 
+@pytest.mark.slow
 def test_half_weights_only_decodes_like_the_checkpoint(last, tmp_path, capsys):
     full32 = publish(last, tmp_path / "w32.pt")
     half = publish(last, tmp_path / "w16.pt", "--half")
@@ -74,6 +75,7 @@ def test_half_weights_only_decodes_like_the_checkpoint(last, tmp_path, capsys):
     assert json.loads(report.read_text())["step"] == 150
 
 
+@pytest.mark.slow
 def test_ema_weights_only(last, tmp_path, capsys):
     ema = publish(last, tmp_path / "ema.pt", "--weights", "ema", "--half")
     saved = load_checkpoint(last)
@@ -89,6 +91,7 @@ def test_ema_weights_only(last, tmp_path, capsys):
     assert "already are the EMA" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tied_weights_are_stored_once(last, tmp_path):
     """The tied source, target and output embeddings are one tensor in a published
     file, whichever weights it holds and in either dtype, and in an average."""
@@ -128,6 +131,7 @@ def test_tied_weights_are_stored_once(last, tmp_path):
     assert torch.allclose(avg["tgt_embed.weight"].double(), expected, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_average_keeps_the_ema_unless_weights_only(last, tmp_path):
     out = tmp_path / "avg.pt"
     assert average_main(["--inputs", str(last), "--output", str(out)]) == 0
@@ -139,6 +143,7 @@ def test_average_keeps_the_ema_unless_weights_only(last, tmp_path):
     assert not [k for k in TRAINING_ONLY if k in avg]
 
 
+@pytest.mark.slow
 def test_export_reads_published_and_ema_weights(last, tmp_path):
     pytest.importorskip("ctranslate2", reason="ctranslate2 not installed")
     from transformer.export import EXPORT_INFO, export_checkpoint

@@ -54,6 +54,7 @@ def test_validation_uses_the_best_segmentation(trainer):
     assert valid.corpus.src == trainer.tokenizer.encode_src(texts)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_is_bit_identical(tmp_path, toy_tokenizer):
     def run(folder, steps, resume=None):
         cfg = tiny(

@@ -18,6 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import results  # noqa: E402
 
+# out of the fast lane (-m 'not slow'): toy runs swept by scripts/results.py (about 7 s)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, toy_tokenizer):
@@ -43,6 +46,7 @@ def test_the_setting_with_the_best_validation_bleu_is_chosen():
     assert results.choose(tie) == (3, 3.0)  # the smaller beam, then alpha
 
 
+@pytest.mark.slow
 def test_rows_record_the_sweep_and_a_command_that_reproduces_test(
     runs, tmp_path, capsys
 ):

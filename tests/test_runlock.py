@@ -75,6 +75,7 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow
 def test_a_locked_folder_is_refused_in_one_line_by_train_overwrite_and_preprocess(
     tmp_path, toy_tokenizer, capsys
 ):
@@ -150,6 +151,7 @@ def _sleep_child(started, seconds: float) -> None:
     time.sleep(seconds)
 
 
+@pytest.mark.slow
 def test_the_lock_is_per_process_and_not_kept_by_forked_children(tmp_path):
     from transformer.locks import LockHeld, acquire
 

@@ -36,6 +36,7 @@ def model(request):
     return train_copy_model(10, **request.param)  # outputs that vary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_the_score_of_an_output_is_the_score_the_search_gave_it(model, strategy):
     other = train_copy_model(40, seed=1)
@@ -49,6 +50,7 @@ def test_the_score_of_an_output_is_the_score_the_search_gave_it(model, strategy)
             assert s.total == pytest.approx(hyps[0].score, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_the_score_is_minus_the_training_loss_and_ensembles_of_one_agree(model):
     targets = [[5, 6, 7], [9, 10, 11, 12], [4], [8, 8, 8, 8, 8]]
     scored = score_pairs(model, SRCS, targets, CPU, 4096, per_token=True)
@@ -111,6 +113,7 @@ def pairs(tmp_path):
     return tmp_path / "s.de", tmp_path / "s.en"
 
 
+@pytest.mark.slow
 def test_transformer_score_equals_the_search_and_its_formats_agree(pairs, tmp_path):
     src, tgt = pairs
     translator = Translator.load([MODEL], "cpu")
@@ -147,6 +150,7 @@ def test_transformer_score_equals_the_search_and_its_formats_agree(pairs, tmp_pa
         )
 
 
+@pytest.mark.slow
 def test_a_long_file_is_written_in_chunks_and_a_rerun_continues(pairs, tmp_path):
     src, tgt = pairs
     out = tmp_path / "scores.tsv"
@@ -171,6 +175,7 @@ def test_a_long_file_is_written_in_chunks_and_a_rerun_continues(pairs, tmp_path)
     assert out.read_bytes() == full
 
 
+@pytest.mark.slow
 def test_bad_score_options_are_one_line_errors(pairs):
     src, tgt = pairs
     for args, message in [
@@ -184,6 +189,7 @@ def test_bad_score_options_are_one_line_errors(pairs):
         assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_score_a_split_of_the_checkpoints_corpus(multi30k_dir, tmp_path):
     out = tmp_path / "val.jsonl"
     score_cli(

@@ -34,6 +34,7 @@ def tokens(results):
     return [[h.tokens for h in hyps] for hyps in results]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_beam_one_equals_greedy(seed, half_trained):
     model = half_trained if seed == 0 else sharp_model(seed)

@@ -217,6 +217,7 @@ def test_batcher_decodes_off_the_event_loop_and_survives_failures():
 # --- the JSON API ---
 
 
+@pytest.mark.slow
 def test_translate_string_and_list_match_the_library(client, models):
     de_en = models["de", "en"]
     rng = random.Random(3)
@@ -500,6 +501,7 @@ def test_page_and_api_docs(client):
 # --- the command line and a real server ---
 
 
+@pytest.mark.slow
 def test_import_needs_neither_fastapi_nor_uvicorn():
     code = (
         "import sys, transformer, transformer.serve; "

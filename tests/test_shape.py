@@ -8,6 +8,8 @@ import copy
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, tiny
 from transformer.training import Trainer
 
@@ -40,6 +42,7 @@ def test_the_rules_find_what_they_forbid(tmp_path, monkeypatch, capsys):
     assert "private import: transformer.a imports transformer.b._hidden" in out
 
 
+@pytest.mark.slow
 def test_translating_does_not_import_the_training_loop():
     code = (
         "import sys, transformer.cli.translate, transformer.cli.evaluate, "

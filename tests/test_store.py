@@ -361,6 +361,7 @@ def test_two_ranks_map_a_preprocessed_store_without_tokenizing(tmp_path, toy_tok
     assert ranks[0]["step"] == ranks[1]["step"] == 3
 
 
+@pytest.mark.slow
 def test_multi30k_store_and_batches(multi30k_dir, tmp_path):
     cfg = DataConfig(
         src_lang="de", tgt_lang="en", dir=str(multi30k_dir), cache_dir=str(tmp_path)
