@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import train_copy_model
+from tests.conftest import ROOT, train_copy_model
 from transformer.checkpoint import atomic_save
 from transformer.config import (
     BOS_ID,
@@ -51,6 +51,10 @@ VARIANTS = {
     ),
 }
 LIMIT = 20  # one length limit for every sentence, as transformers has
+
+
+# out of the fast lane (-m 'not slow'): MarianMT exports of toy models (~8 s)
+pytestmark = pytest.mark.slow
 
 
 @dataclass
@@ -147,6 +151,7 @@ def generate(exported: Exported, srcs: list[list[int]], **options) -> list[list[
     return hyps
 
 
+@pytest.mark.slow
 def test_the_round_trip_gives_back_the_same_model(exported):
     """ours -> MarianMT -> ours (``load_checkpoint`` of the folder): the same
     weights bit for bit, the same architecture, data and decoding settings, a
@@ -356,3 +361,34 @@ def test_cli_writes_the_card_with_the_results_of_its_checkpoint(
     assert "--quantization: for CTranslate2 exports only" in error_line(capsys)
     assert main([*args, "--force", "--results"]) == 0
     assert "No scores are recorded" in (out / "README.md").read_text()
+
+
+PUBLISHED = ROOT / "models" / "multi30k_de_en_marian.safetensors"
+GERMAN = [
+    "Ein Mann in einem blauen Hemd fährt Fahrrad.",
+    "Zwei Hunde spielen im Schnee.",
+    "Eine Frau sitzt auf einer Bank und liest ein Buch.",
+    "Drei Kinder laufen an einem sonnigen Tag über eine Wiese.",
+    "Ein kleines Mädchen mit einem roten Hut lächelt.",
+    "Arbeiter reparieren eine Straße in der Stadt.",
+]
+
+
+def test_the_published_exportable_model_translates_in_transformers_as_ours(tmp_path):
+    """The Multi30k model published in the MarianMT configuration: its export
+    translates German text through transformers' tokenizer, generation and
+    detokenization as our greedy search does, and its card quotes its results row
+    (results/multi30k_de_en_marian.json)."""
+    out = tmp_path / "hf"
+    assert (
+        main(["--checkpoint", str(PUBLISHED), "--format", "hf", "--output", str(out)])
+        == 0
+    )
+    model, _, tokenizer, _ = load_model(PUBLISHED)
+    cfg = DecodingConfig(strategy="greedy", max_len_a=0, max_len_b=100)
+    ours = [t[0].text.strip() for t in translate(model, tokenizer, GERMAN, cfg, CPU)]
+    assert transformers_translate(out, GERMAN) == ours
+    assert sum("dog" in t for t in ours) >= 1 and len(set(ours)) == len(GERMAN)
+    results = json.loads((ROOT / "results" / "multi30k_de_en_marian.json").read_text())
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert f"{results['rows'][0]['test']['bleu']:.2f}" in card
