@@ -286,3 +286,25 @@ def fill(mounted: Path) -> None:
                 f.write(b"\0" * 4096)
         except OSError:
             pass
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytest.mark.usefixtures("one_thread")``):
+    results that compare engines bit for bit do not move with the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy_text(fmt: str, split: str, letters: int = 20) -> list[str]:
+    """The target texts of a toy split (copy or reverse) of up to 6 letters."""
+    from transformer.config import DataConfig
+    from transformer.data import read_pairs
+
+    cfg = DataConfig(
+        format=fmt, toy_vocab=letters, toy_max_len=6, toy_train_size=300,
+        toy_valid_size=10,
+    )  # fmt: skip
+    return [t for _, t in read_pairs(cfg, split)]

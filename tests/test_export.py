@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import transformer.search
-from tests.conftest import tiny_model, train_copy_model
+from tests.conftest import tiny_model, toy_text, train_copy_model
 from transformer.checkpoint import atomic_save
 from transformer.config import (
     BOS_ID,
@@ -23,11 +23,9 @@ from transformer.config import (
     PAD_ID,
     Config,
     ConfigError,
-    DataConfig,
     DecodingConfig,
     TokenizerConfig,
 )
-from transformer.data import read_pairs
 from transformer.embeddings import TokenEmbedding
 from transformer.export import (
     ExportedModel,
@@ -68,7 +66,7 @@ GREEDY = DecodingConfig(strategy="greedy", max_len_a=1.5, max_len_b=6)
 
 
 # out of the fast lane (-m 'not slow'): CTranslate2 exports of toy models (~25 s)
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @dataclass
@@ -77,25 +75,6 @@ class Exported:
     tokenizer: Tokenizer
     ct2: ExportedModel  # as used: never emits <pad>/<bos>
     exact: ExportedModel  # without that mask: our log-probabilities exactly
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def toy_text(fmt: str, split: str, letters: int = 20) -> list[str]:
-    cfg = DataConfig(
-        format=fmt,
-        toy_vocab=letters,
-        toy_max_len=6,
-        toy_train_size=300,
-        toy_valid_size=10,
-    )
-    return [t for _, t in read_pairs(cfg, split)]
 
 
 @pytest.fixture(scope="module")

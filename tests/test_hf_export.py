@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, train_copy_model
+from tests.conftest import ROOT, toy_text, train_copy_model
 from transformer.checkpoint import atomic_save
 from transformer.config import (
     BOS_ID,
@@ -23,7 +23,7 @@ from transformer.config import (
     TokenizerConfig,
     model_config,
 )
-from transformer.data import pad_sources, read_pairs
+from transformer.data import pad_sources
 from transformer.export import ExportError, main
 from transformer.hf.exporting import export_hf, transformers_major
 from transformer.inference import load_model, translate
@@ -54,7 +54,7 @@ LIMIT = 20  # one length limit for every sentence, as transformers has
 
 
 # out of the fast lane (-m 'not slow'): MarianMT exports of toy models (~8 s)
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @dataclass
@@ -65,22 +65,6 @@ class Exported:
     dir: Path
     hf: object  # MarianMTModel
     hf_tokenizer: object  # MarianTokenizer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def toy_text(fmt: str, split: str, letters: int = 20) -> list[str]:
-    cfg = DataConfig(
-        format=fmt, toy_vocab=letters, toy_max_len=6, toy_train_size=300,
-        toy_valid_size=10,
-    )  # fmt: skip
-    return [t for _, t in read_pairs(cfg, split)]
 
 
 @pytest.fixture(scope="module")

@@ -39,15 +39,7 @@ ARCHITECTURE = [
 
 
 # out of the fast lane (-m 'not slow'): MarianMT models built and converted (about 8 s)
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def _train_spm(lines: list[str], size: int) -> bytes:
