@@ -24,7 +24,6 @@ job with its error (the finished chunks stay).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -39,7 +38,7 @@ import torch
 
 from transformer.config import ConfigError, DecodingConfig
 from transformer.data import read_lines
-from transformer.files import atomic_write, atomic_write_bytes
+from transformer.files import atomic_write, atomic_write_bytes, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +61,12 @@ class CorpusJob:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _record(job: CorpusJob, source: Path) -> dict[str, Any]:
     """What the parts are made with (``job.json``)."""
     return {
-        "input": {"file": str(source), "sha256": _digest(source)},
+        "input": {"file": str(source), "sha256": sha256_of(source)},
         "checkpoints": [
-            {"file": c, "bytes": Path(c).stat().st_size, "sha256": _digest(Path(c))}
+            {"file": c, "bytes": Path(c).stat().st_size, "sha256": sha256_of(c)}
             for c in job.checkpoints
         ],
         "weights": job.weights,

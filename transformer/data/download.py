@@ -24,6 +24,7 @@ from pathlib import Path
 
 from transformer.config import DataConfig
 from transformer.data.readers import DataError
+from transformer.files import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,6 @@ def default_download_dir(url: str) -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     digest = hashlib.sha256(url.encode()).hexdigest()[:12]
     return Path(base) / "transformer_nmt" / "corpora" / digest
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fetch_once(url: str, part: Path) -> None:

@@ -5,7 +5,6 @@ corpus's name, or a toy task's settings."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from typing import Any
 
 from transformer.config import DataConfig
 from transformer.data.readers import hub_local_files, split_files
-from transformer.files import atomic_write_bytes
+from transformer.files import atomic_write_bytes, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +28,6 @@ def _stamp(info: os.stat_result) -> list[int]:
     and change times, inode. The change time cannot be set back by ``cp -p``,
     ``rsync -t`` or ``tar``, so rewritten content is never taken for the old."""
     return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_digests(files: list[Path], cache_dir: str | Path | None = None) -> list[str]:
@@ -69,7 +60,7 @@ def file_digests(files: list[Path], cache_dir: str | Path | None = None) -> list
             digests.append(entry[-1])
             continue
         start = time.perf_counter()
-        digest = _sha256(path)
+        digest = sha256_of(path)
         seconds = time.perf_counter() - start
         if seconds > 2:
             log.info("hashed %s (%.0f MB) in %.1f s", path, info.st_size / 1e6, seconds)

@@ -23,7 +23,6 @@ and beam search give the same hypotheses here and in transformers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -44,6 +43,7 @@ from transformer.export.common import (
     check_output_folder,
     write_folder,
 )
+from transformer.files import sha256_of
 from transformer.hf.marian import export_refusals, marian_config, to_marian
 from transformer.tokenizer import Tokenizer
 
@@ -126,18 +126,12 @@ def generation_settings(decoding: DecodingConfig, max_positions: int) -> dict:
     return settings
 
 
-def _sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def result_rows(checkpoint: str | Path, results: list[Path]) -> list[dict]:
     """The single-model rows of the results files that name ``checkpoint`` (by
     its sha256)."""
-    digest = _sha256(Path(checkpoint))
-    if digest is None:
+    if not Path(checkpoint).is_file():
         return []
+    digest = sha256_of(checkpoint)
     rows = []
     for path in results:
         try:
