@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -32,6 +31,7 @@ import sys
 from pathlib import Path
 
 from transformer.config import ConfigError
+from transformer.files import sha256_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,12 +43,8 @@ def choose(sweep: dict[tuple[int, float], float]) -> tuple[int, float]:
 
 
 def describe(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
     size = path.stat().st_size / 2**20
-    return {"file": str(path), "mib": size, "sha256": digest.hexdigest()}
+    return {"file": str(path), "mib": size, "sha256": sha256_of(path)}
 
 
 def parse_row(text: str) -> tuple[str, list[Path], str | None]:
