@@ -9,15 +9,16 @@ import sys
 import pytest
 import torch
 
-import transformer.layers as layers
+import transformer.dropout as dropout_module
 from transformer.allocator import reuse_freed_memory
-from transformer.layers import Dropout
+from transformer.attention import SelfAttention
+from transformer.dropout import Dropout
 
 
 @pytest.fixture(params=[True, False], ids=["bits", "torch"])
 def dropout_path(request, monkeypatch):
-    """Both CPU paths, whichever this machine's vendor picks by default."""
-    monkeypatch.setattr(layers, "_torch_bernoulli_is_serial", lambda: request.param)
+    """Both CPU paths: the random-bits mask and torch's own."""
+    monkeypatch.setattr(dropout_module, "BITS", request.param)
     return request.param
 
 
@@ -65,6 +66,38 @@ def test_dropout_keeps_dtype_and_odd_sizes(dropout_path):
         y = Dropout(0.5).train()(x)
         assert y.shape == x.shape and y.dtype == x.dtype
         assert set(y.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_attention_dropout_drops_weights_at_rate_p_and_is_unbiased(dropout_path):
+    """Training attention with dropout (our mask on the bits path, SDPA's
+    otherwise): averaged over draws it is the eval output, masked keys never
+    contribute, and the draw is seeded."""
+    torch.manual_seed(2)
+    attn = SelfAttention(16, 2, dropout=0.25)
+    x = torch.randn(3, 6, 16)
+
+    def run(x):
+        return attn.attend(*attn.project(x), mask, False)
+
+    mask = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    mask[0, ..., 4:] = False  # sentence 0 has 4 real tokens
+    attn.eval()
+    with torch.no_grad():
+        expected = run(x)
+    attn.train()
+    torch.manual_seed(3)
+    first = run(x)
+    torch.manual_seed(3)
+    assert torch.equal(run(x), first)
+    with torch.no_grad():
+        draws = torch.stack([run(x) for _ in range(3000)])
+    assert not torch.allclose(draws[0], expected, atol=1e-3)
+    torch.testing.assert_close(draws.mean(0), expected, atol=0.03, rtol=0)
+    # a padded key's value never reaches the output, with or without dropout
+    xp = x.clone()
+    xp[0, 4:] += 100.0
+    torch.manual_seed(3)
+    torch.testing.assert_close(run(xp)[0, :4], first[0, :4])
 
 
 def minor_faults() -> int:

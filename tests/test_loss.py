@@ -55,6 +55,27 @@ def test_chunked_loss_and_gradient_match_float64_reference(chunk_rows, dtype, to
     assert (grad[target == PAD_ID] == 0).all()
 
 
+def test_bf16_logits_are_reduced_in_cache_sized_chunks(monkeypatch):
+    """bf16 logits go through a reused float32 chunk of ``CHUNK_BYTES`` (at least
+    16 rows): 40 rows of 50 classes in three chunks, the last one short."""
+    import transformer.training.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 16 * 4 * 50)
+    g = torch.Generator().manual_seed(4)
+    logits64 = torch.randn(1, 40, 50, generator=g, dtype=torch.float64) * 3
+    target = torch.randint(1, 50, (1, 40), generator=g)
+    target[0, 37:] = PAD_ID
+    rounded = logits64.bfloat16().double().requires_grad_()
+    expected = reference(rounded, target, EPS)
+    (expected_grad,) = torch.autograd.grad(expected, rounded)
+    logits = logits64.bfloat16().requires_grad_()
+    got = label_smoothed_loss(logits, target, EPS, chunk_rows=4096)
+    (grad,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=8e-3, atol=8e-3)
+    assert (grad[target == PAD_ID] == 0).all()
+
+
 def test_chunked_loss_equals_torch_cross_entropy():
     logits, target = batch(v=11, seed=3)
     expected = F.cross_entropy(

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer.dropout import dropout, uses_bits
+
 
 def padding_mask(tokens: Tensor, pad_id: int) -> Tensor:
     """(B, S) ids -> (B, S) bool, True at real tokens."""
@@ -49,7 +51,15 @@ def reference_attention(
     Returns:
         output (B, H, Tq, Dh) and weights (B, H, Tq, Tk).
     """
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+    weights = attention_weights(q, k, mask, is_causal)
+    return weights @ v, weights
+
+
+def attention_weights(
+    q: Tensor, k: Tensor, mask: Tensor | None = None, is_causal: bool = False
+) -> Tensor:
+    """softmax(q k^T / sqrt(d)) with ``reference_attention``'s masks: (B, H, Tq, Tk)."""
+    scores = q @ (k.transpose(-2, -1) / math.sqrt(q.size(-1)))  # (B, H, Tq, Tk)
     if is_causal:
         tq, tk = scores.shape[-2:]
         scores = scores.masked_fill(
@@ -57,8 +67,7 @@ def reference_attention(
         )
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf)
-    weights = scores.softmax(dim=-1)
-    return weights @ v, weights
+    return scores.softmax(dim=-1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -100,6 +109,11 @@ class MultiHeadAttention(nn.Module):
                 weights = weights.view(-1, h, group, t, weights.size(-1))
                 weights = weights.transpose(1, 2).reshape(b, h, t, -1)
             self.weights = weights
+        elif self.training and self.dropout > 0 and uses_bits(q):
+            # SDPA's CPU kernel with dropout is its math path anyway, drawing
+            # the mask with torch's slow generator: the same math, our mask
+            weights = attention_weights(q, k, mask, is_causal)
+            out = dropout(weights, self.dropout, True) @ v
         else:
             out = F.scaled_dot_product_attention(
                 q,

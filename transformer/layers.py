@@ -1,10 +1,7 @@
-"""Dropout, position-wise feed-forward, encoder and decoder layers (post-norm or
+"""Position-wise feed-forward, encoder and decoder layers (post-norm or
 pre-norm)."""
 
 from __future__ import annotations
-
-import functools
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,47 +10,9 @@ from torch import Tensor, nn
 from transformer.attention import CrossAttention, SelfAttention, causal_mask
 from transformer.cache import LayerCache
 from transformer.config import ModelConfig
+from transformer.dropout import Dropout
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
-
-
-@functools.cache
-def _torch_bernoulli_is_serial() -> bool:
-    """On CPU, torch draws dropout masks with MKL's parallel generator on Intel
-    processors only; elsewhere with one thread and one Mersenne-Twister draw per
-    element, a visible share of a training step (the README's profile of one)."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "GenuineIntel" not in cpuinfo
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout``; on a CPU where torch's mask generator is serial, the mask
-    comes from 16 random bits per element drawn as 64-bit words (one draw for four
-    elements instead of one each). An element is kept when its bits reach
-    ``round(p * 2^16)``, so the drop rate is p to within 2^-17; kept values are
-    scaled by 1 / (1 - p) as in ``nn.Dropout``. Under ``torch.compile`` it is
-    ``nn.Dropout`` (inductor fuses its own generator)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        p = self.p
-        if (
-            not self.training
-            or p == 0.0
-            or p == 1.0
-            or x.device.type != "cpu"
-            or torch.compiler.is_compiling()
-            or not _torch_bernoulli_is_serial()
-        ):
-            return super().forward(x)
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64)
-        words.random_(-(2**63), None)  # every bit uniform
-        bits = words.view(torch.int16)[:n].view(x.shape)  # signed: -2^15 .. 2^15 - 1
-        keep = bits >= round(p * 2**16) - 2**15
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
 
 class FeedForward(nn.Module):

@@ -25,7 +25,8 @@ from transformer.attention import causal_mask, padding_mask
 from transformer.cache import LayerCache
 from transformer.config import ModelConfig
 from transformer.embeddings import PositionalEncoding
-from transformer.layers import Dropout, EncoderLayer
+from transformer.dropout import Dropout
+from transformer.layers import EncoderLayer
 from transformer.models.common import check_ids, output_projection, token_embeddings
 
 

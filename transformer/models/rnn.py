@@ -39,7 +39,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from transformer.attention import padding_mask
 from transformer.config import ModelConfig
-from transformer.layers import Dropout
+from transformer.dropout import Dropout
 from transformer.models.common import check_ids, output_projection, token_embeddings
 
 
