@@ -3,6 +3,7 @@ from random bits, and the allocator setting that keeps freed memory mapped."""
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import transformer.dropout as dropout_module
+from transformer.allocator import KERNEL_CACHES as CACHE_VARIABLES
 from transformer.allocator import reuse_freed_memory
 from transformer.attention import SelfAttention
 from transformer.dropout import Dropout
@@ -120,3 +122,62 @@ def test_a_freed_block_is_reused_without_page_faults():
         faults.append(minor_faults() - before)
     # mapped afresh each time, every page would fault once when touched
     assert min(faults[2:]) < pages // 10, faults
+
+
+def test_kernel_caches_are_bounded_unless_the_environment_says(monkeypatch):
+    from transformer.allocator import KERNEL_CACHES, bound_kernel_caches
+
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")  # the user's
+    assert bound_kernel_caches(64) == {
+        "LRU_CACHE_CAPACITY": "64",
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024",
+    }
+    assert set(KERNEL_CACHES) == {
+        "LRU_CACHE_CAPACITY",
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY",
+    }
+
+
+GROWTH = """
+import sys, torch
+torch.set_num_threads(1)
+if sys.argv[1] == "bound":
+    from transformer.allocator import bound_kernel_caches
+    bound_kernel_caches(16)
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+w = torch.randn(256, 512, dtype=torch.bfloat16)
+x = torch.randn(700, 256, dtype=torch.bfloat16)
+x[:10] @ w
+base = rss()
+for m in range(500, 700):
+    x[:m] @ w
+print(rss() - base)
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc/self/statm"
+)
+def test_bounded_kernel_caches_keep_bf16_products_of_new_shapes_from_growing_memory():
+    """200 bf16 products of 200 row counts: where the CPU's bf16 products keep a
+    kernel per shape (oneDNN), the bounded caches keep well under half the growth
+    of the default ones; elsewhere neither grows."""
+    import subprocess
+
+    def growth(mode: str) -> float:
+        out = subprocess.run(
+            [sys.executable, "-c", GROWTH, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={k: v for k, v in os.environ.items() if k not in CACHE_VARIABLES},
+        )
+        return float(out.stdout.split()[-1])
+
+    plain, bound = growth("plain"), growth("bound")
+    if plain > 40:  # MiB: per-shape kernels (this CPU's bf16 runs in oneDNN)
+        assert bound < plain / 2
+    else:
+        assert bound <= plain + 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformer import precision
 from transformer.inference import set_precision
 
 CPU = torch.device("cpu")
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy_copy.yaml"
 NONE = dict.fromkeys(precision.FLAGS, False)
 
 
@@ -65,6 +67,32 @@ def test_bf16_with_native_support_autocasts_to_bf16(flags, caplog):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with precision.autocast(CPU, "fp32"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_is_bf16_with_native_bf16_and_fp32_elsewhere_logged_once(
+    flags, caplog, native
+):
+    flags(avx2=True, amx_bf16=native)
+    with caplog.at_level(logging.INFO, logger="transformer.precision"):
+        got = precision.effective_precision(CPU, "auto", "training.precision")
+        again = precision.effective_precision(CPU, "auto", "training.precision")
+    assert got == again == ("bf16" if native else "fp32")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"training.precision: auto -> {got} (this CPU has "
+        f"{'' if native else 'no '}native bf16)"
+    ]
+    assert all(r.levelno == logging.INFO for r in caplog.records)  # not a warning
+
+
+def test_a_config_accepts_precision_auto_and_refuses_others():
+    from transformer.config import ConfigError, load_config
+
+    cfg = load_config(CONFIG, ["training.precision=auto"])
+    assert cfg.training.precision == "auto"
+    with pytest.raises(ConfigError, match="training.precision"):
+        load_config(CONFIG, ["training.precision=bf17"])
 
 
 @pytest.mark.parametrize("native", [False, True])

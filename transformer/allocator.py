@@ -1,4 +1,5 @@
-"""Keeping freed memory for reuse on CPU (glibc's ``malloc``).
+"""A CPU training process's memory: freed blocks kept for reuse (glibc's
+``malloc``) and bf16 kernel caches of bounded size (``bound_kernel_caches``).
 
 A training step allocates the same large tensors every time (the logits and their
 gradient alone are B * T * V floats, over 100 MB for a 4,096-token batch and an
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -54,3 +56,29 @@ def reuse_freed_memory() -> bool:
         log.debug("malloc: large blocks from the heap, freed memory kept for reuse")
     _done = ok
     return ok
+
+
+# oneDNN's kernels for one matrix-product shape, kept per shape by two LRU caches:
+# ideep's (LRU_CACHE_CAPACITY) and oneDNN's own (ONEDNN_PRIMITIVE_CACHE_CAPACITY),
+# 1,024 entries each by default
+KERNEL_CACHES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+KERNEL_CACHE_ENTRIES = 64
+
+
+def bound_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> dict[str, str]:
+    """Cap the kernel caches of CPU bf16 matrix products (oneDNN, through ideep)
+    at ``entries`` shapes each, unless the environment already sets them.
+
+    A bf16 product on CPU runs a oneDNN kernel generated and cached for its exact
+    shape. Training batches differ in rows (batch x length) at every step, so each
+    step adds some 30-40 new shapes, about 0.6 MB each, until the 1,024-entry
+    caches fill: a bf16 run's memory grew by 1.3 GiB over its first 150 updates
+    (2.8 GiB against float32's 1.5; float32 products use MKL, which keeps no
+    kernels). 64 entries hold one step's shapes (each layer reuses its sizes), so
+    only kernels that would not have been reused are dropped. Both libraries read
+    these variables when they first build a kernel: call this before the first
+    bf16 product. Returns the settings in force.
+    """
+    for name in KERNEL_CACHES:
+        os.environ.setdefault(name, str(entries))
+    return {name: os.environ[name] for name in KERNEL_CACHES}

@@ -48,11 +48,25 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def effective_precision(device: torch.device, precision: str, key: str) -> str:
-    """``precision``, or fp32 (with a warning, once) for bf16 without native bf16.
+    """``precision``, or fp32 (with a warning, once) for bf16 without native bf16;
+    ``auto`` is bf16 where ``device`` has native bf16 and fp32 elsewhere (logged
+    once).
 
     Args:
         key: the config key that asked for it, for the warning.
     """
+    if precision == "auto":
+        chosen = "bf16" if native_bf16(device) else "fp32"
+        if (key, device.type, "auto") not in _warned:
+            _warned.add((key, device.type, "auto"))
+            log.info(
+                "%s: auto -> %s (this %s has %snative bf16)",
+                key,
+                chosen,
+                "GPU" if device.type == "cuda" else device.type.upper(),
+                "" if chosen == "bf16" else "no ",
+            )
+        return chosen
     if precision != "bf16" or native_bf16(device):
         return precision
     if (key, device.type) not in _warned:

@@ -21,7 +21,8 @@ class TrainingConfig:
     run_dir: str = "checkpoints/run"  # checkpoints, logs, the resolved config
     seed: int = 1234  # weights, data order, dropout, toy data, tokenizer sample
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype
+    # autocast dtype; auto: bf16 on CUDA and on CPUs with native bf16, else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the forward pass and the loss
     threads: int = 0  # CPU threads; 0 = all cores
     optimizer: Literal["adam", "adamw"] = "adam"  # adamw: decoupled weight decay

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from transformer.attention import causal_mask, padding_mask
 from transformer.cache import LayerCache
 from transformer.config import ModelConfig
-from transformer.embeddings import PositionalEncoding
 from transformer.dropout import Dropout
+from transformer.embeddings import PositionalEncoding
 from transformer.layers import EncoderLayer
 from transformer.models.common import check_ids, output_projection, token_embeddings
 

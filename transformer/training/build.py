@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transformer.allocator import reuse_freed_memory
+from transformer.allocator import bound_kernel_caches, reuse_freed_memory
 from transformer.config import Config, ConfigError, TrainingConfig
 from transformer.data import (
     CorpusStore,
@@ -45,6 +45,7 @@ def build_device(t: TrainingConfig, ranks: Distributed) -> torch.device:
         torch.backends.cudnn.allow_tf32 = True
     else:
         reuse_freed_memory()  # no page faults on each step's large tensors
+        bound_kernel_caches()  # bf16 kernels of past batch shapes: not kept
     if t.threads:
         torch.set_num_threads(t.threads)
     return device
