@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 # the CPU flags that decide bf16, and the one that decides fast float32
 FLAGS = ("avx2", "avx512_bf16", "amx_bf16", "bf16")
-_warned: set[tuple[str, str]] = set()
+_warned: set[tuple[str, ...]] = set()
 
 
 def cpu_flags() -> dict[str, bool]:
