@@ -59,7 +59,7 @@ def attention_weights(
     q: Tensor, k: Tensor, mask: Tensor | None = None, is_causal: bool = False
 ) -> Tensor:
     """softmax(q k^T / sqrt(d)) with ``reference_attention``'s masks: (B, H, Tq, Tk)."""
-    scores = q @ (k.transpose(-2, -1) / math.sqrt(q.size(-1)))  # (B, H, Tq, Tk)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
     if is_causal:
         tq, tk = scores.shape[-2:]
         scores = scores.masked_fill(
