@@ -11,8 +11,11 @@ import pytest
 import torch
 
 import transformer.dropout as dropout_module
-from transformer.allocator import KERNEL_CACHES as CACHE_VARIABLES
-from transformer.allocator import reuse_freed_memory
+from transformer.allocator import (
+    KERNEL_CACHES,
+    bound_kernel_caches,
+    reuse_freed_memory,
+)
 from transformer.attention import SelfAttention
 from transformer.dropout import Dropout
 
@@ -125,8 +128,6 @@ def test_a_freed_block_is_reused_without_page_faults():
 
 
 def test_kernel_caches_are_bounded_unless_the_environment_says(monkeypatch):
-    from transformer.allocator import KERNEL_CACHES, bound_kernel_caches
-
     monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")  # the user's
     assert bound_kernel_caches(64) == {
@@ -172,7 +173,7 @@ def test_bounded_kernel_caches_keep_bf16_products_of_new_shapes_from_growing_mem
             capture_output=True,
             text=True,
             check=True,
-            env={k: v for k, v in os.environ.items() if k not in CACHE_VARIABLES},
+            env={k: v for k, v in os.environ.items() if k not in KERNEL_CACHES},
         )
         return float(out.stdout.split()[-1])
 
