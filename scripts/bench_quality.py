@@ -79,6 +79,19 @@ def bench_quality(args) -> dict:
     }
 
 
+def with_other_targets(path: Path, result: dict) -> dict:
+    """The file's rows for other target BLEUs kept beside ``result``: a recipe for
+    BLEU 40 does not erase the one for 27. A row is a whole run's record (its
+    command, recipe, curve and machine); a file from before rows is one row."""
+    rows = []
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        rows = old.get("rows", [old])
+    rows = [r for r in rows if r["target_bleu"] != result["target_bleu"]]
+    rows = sorted([*rows, result], key=lambda r: r["target_bleu"])
+    return {"benchmark": "quality", "rows": rows}
+
+
 def add_parser(sub) -> None:
     quality = sub.add_parser("quality", help="minutes to a validation BLEU")
     quality.add_argument("--config", default="multi30k_de_en.yaml")

@@ -203,7 +203,10 @@ def _main(argv: list[str] | None = None) -> int:
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
     output = Path(args.output or ROOT / "benchmarks" / f"{args.what}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    saved = result
+    if args.what == "quality":  # one row per target BLEU, each with its command
+        saved = bench_quality.with_other_targets(output, result)
+    output.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
     print(
         json.dumps(
             {k: v for k, v in result.items() if not isinstance(v, list)}, indent=2

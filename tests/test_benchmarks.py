@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from bench_quality import crossing  # noqa: E402
+from bench_quality import crossing, with_other_targets  # noqa: E402
 
 
 def test_time_to_quality_is_the_first_crossing_in_update_and_wall_minutes():
@@ -31,6 +31,21 @@ def test_time_to_quality_is_the_first_crossing_in_update_and_wall_minutes():
         "wall_minutes": 4.5,  # from the first update, validations included
     }
     assert crossing(rows, 30.0) is None
+
+
+def test_a_quality_row_replaces_its_targets_row_and_keeps_the_others(tmp_path):
+    import json
+
+    path = tmp_path / "quality.json"
+    old = {"benchmark": "quality", "target_bleu": 27.0, "command": "a"}
+    path.write_text(json.dumps(old))  # the layout before rows: one run
+    first = with_other_targets(path, {"target_bleu": 40.0, "command": "b"})
+    assert [r["command"] for r in first["rows"]] == ["a", "b"]
+    path.write_text(json.dumps(first))
+    second = with_other_targets(path, {"target_bleu": 40.0, "command": "c"})
+    assert [r["command"] for r in second["rows"]] == ["a", "c"]
+    fresh = with_other_targets(tmp_path / "none.json", {"target_bleu": 27.0})
+    assert fresh == {"benchmark": "quality", "rows": [{"target_bleu": 27.0}]}
 
 
 @pytest.mark.parametrize(
