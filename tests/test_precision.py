@@ -20,7 +20,7 @@ NONE = dict.fromkeys(precision.FLAGS, False)
 @pytest.fixture
 def flags(monkeypatch):
     """Set this 'CPU's flags; forget earlier warnings."""
-    monkeypatch.setattr(precision, "_warned", set())
+    monkeypatch.setattr(precision, "_logged", set())
 
     def set_flags(**on):
         monkeypatch.setattr(precision, "cpu_flags", lambda: {**NONE, **on})

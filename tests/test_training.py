@@ -100,7 +100,9 @@ def test_cooldown_decays_linearly_to_the_last_update():
 
 
 def test_accumulation_equals_one_large_batch(tmp_path, toy_tokenizer):
-    trainer = Trainer(tiny(tmp_path / "run", toy_tokenizer, "model.dropout=0.0"))
+    # float32: the sums are compared to 1e-6, below bf16's rounding
+    overrides = ["model.dropout=0.0", "training.precision=fp32"]
+    trainer = Trainer(tiny(tmp_path / "run", toy_tokenizer, *overrides))
     first, second = list(range(0, 12)), list(range(40, 47))
 
     def batch(ids):
@@ -294,6 +296,7 @@ def test_two_process_gloo_matches_single_process(tmp_path, toy_tokenizer):
         "model.dropout=0.0",
         "training.max_steps=3",
         "training.device=cpu",
+        "training.precision=fp32",  # compared to 1e-5, below bf16's rounding
     ]
     out = tmp_path / "out"
     torchrun(tmp_path, out, tmp_path / "ddp", *common)

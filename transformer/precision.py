@@ -3,7 +3,9 @@
 bf16 on a CPU without bf16 instructions (AVX-512-bf16 or AMX on x86, the bf16
 extension on Arm) is emulated in float32 arithmetic plus conversions, several times
 slower than float32 itself; ``precision: bf16`` then falls back to fp32 with a
-warning instead.
+warning instead. ``precision: auto``, the training default, picks bf16 only where it
+is native: on the reference de->en config it kept float32's validation BLEU over
+3,000 updates (+0.22 at 3,000, never more than 0.08 below; the benchmarks page).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # the CPU flags that decide bf16, and the one that decides fast float32
 FLAGS = ("avx2", "avx512_bf16", "amx_bf16", "bf16")
-_warned: set[tuple[str, ...]] = set()
+_logged: set[tuple[str, ...]] = set()
 
 
 def cpu_flags() -> dict[str, bool]:
@@ -57,8 +59,8 @@ def effective_precision(device: torch.device, precision: str, key: str) -> str:
     """
     if precision == "auto":
         chosen = "bf16" if native_bf16(device) else "fp32"
-        if (key, device.type, "auto") not in _warned:
-            _warned.add((key, device.type, "auto"))
+        if (key, device.type, "auto") not in _logged:
+            _logged.add((key, device.type, "auto"))
             log.info(
                 "%s: auto -> %s (this %s has %snative bf16)",
                 key,
@@ -69,8 +71,8 @@ def effective_precision(device: torch.device, precision: str, key: str) -> str:
         return chosen
     if precision != "bf16" or native_bf16(device):
         return precision
-    if (key, device.type) not in _warned:
-        _warned.add((key, device.type))
+    if (key, device.type) not in _logged:
+        _logged.add((key, device.type))
         what = "CPU (no AVX-512-bf16, AMX or Arm bf16)"
         if device.type == "cuda":
             what = "GPU (compute capability below 8.0)"

@@ -22,7 +22,8 @@ class TrainingConfig:
     seed: int = 1234  # weights, data order, dropout, toy data, tokenizer sample
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # autocast dtype; auto: bf16 on CUDA and on CPUs with native bf16, else fp32
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    # (bf16 kept float32's validation BLEU over 3,000 updates: benchmarks page)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the forward pass and the loss
     threads: int = 0  # CPU threads; 0 = all cores
     optimizer: Literal["adam", "adamw"] = "adam"  # adamw: decoupled weight decay
