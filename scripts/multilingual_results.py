@@ -93,6 +93,7 @@ def pivot_row(model: Path, legs: tuple[dict, dict], args, identify, name: str) -
     print(f"{name}: {first['test_split']}: BLEU {scores['bleu']:.2f}")
     return {
         "row": name,
+        "published": False,  # two decodes of the model, not one file's row
         "direction": f"{src}-{tgt}",
         "via": pivot,
         "legs": [
@@ -156,6 +157,7 @@ def _main(argv: list[str] | None) -> int:
         row = score_row(f"bilingual {way}", [[Path(path)]], args, None)
         if row["direction"] != way:
             raise ConfigError(f"--bilingual {item}: it translates {row['direction']}")
+        row["published"] = False  # a baseline trained for the comparison only
         target = way.partition("-")[2]
         row["off_target"] = off_target(row.pop("_hypotheses"), target, identify)
         rows.append(row)

@@ -90,3 +90,31 @@ def test_the_step_products_are_recorded_and_timed_with_their_own_shapes():
     assert any(stride[0] == 1 for _, ops in calls for _, stride, _ in ops)  # transposed
     flops, seconds = products_alone(calls, torch.device("cpu"), seconds_each=0.001)
     assert flops == 3 * 2 * 32 * 16 * 8 and seconds > 0
+
+
+def test_the_off_target_rate_counts_non_empty_outputs_in_another_language():
+    from multilingual_results import off_target
+
+    def identify(text: str) -> str:
+        return "de" if "der" in text.split() else "en"
+
+    outputs = ["the dog runs", "der Hund rennt", "", "a cat", "  "]
+    assert off_target(outputs, "en", identify) == pytest.approx(1 / 3)
+    assert off_target(outputs, "de", identify) == pytest.approx(2 / 3)
+    assert off_target(["", " "], "en", identify) == 0.0  # nothing to judge
+
+
+def test_the_language_identifier_tells_multi30ks_languages_apart():
+    pytest.importorskip("py3langid", reason="the multilingual extra")
+    from multilingual_results import language_identifier
+
+    identify = language_identifier(["en", "de", "fr", "cs"])
+    sentences = {
+        "en": "A man in a blue shirt is riding a bike down the street.",
+        "de": "Ein Mann in einem blauen Hemd fährt mit dem Fahrrad die Straße.",
+        "fr": "Un homme en chemise bleue descend la rue à vélo.",
+        "cs": "Muž v modré košili jede na kole po ulici.",
+    }
+    assert {lang: identify(text) for lang, text in sentences.items()} == {
+        lang: lang for lang in sentences
+    }

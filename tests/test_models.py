@@ -16,6 +16,7 @@ import sacrebleu
 import torch
 
 from transformer.checkpoint import load_checkpoint
+from transformer.data.languages import direction
 from transformer.inference import load_ensemble, translate
 from transformer.safe_checkpoint import is_safetensors
 
@@ -39,8 +40,8 @@ def sha256(path: Path) -> str:
 
 def result_rows() -> list[dict]:
     """The reported rows of published files: a results file without rows (a
-    measurement, such as the tag position's) and rows of models trained only for
-    comparison (``"published": false``) are not."""
+    measurement, such as the tag position's) and rows marked ``"published": false``
+    (models trained only for comparison; a pivot, two decodes) are not."""
     rows = [row for f in RESULTS for row in json.loads(f.read_text()).get("rows", [])]
     return [row for row in rows if row.get("published", True)]
 
@@ -84,12 +85,18 @@ def test_the_results_tables_quote_each_result_as_the_json_holds_it(page):
 
 
 def decode(paths: list[Path]) -> tuple[list[str], list[str]]:
-    """Greedy translations of SENTENCES by a model or an ensemble, and references."""
+    """Greedy translations of SENTENCES by a model or an ensemble, and references
+    (a multilingual model: de->en)."""
     model, cfg, tokenizer, _ = load_ensemble(paths)
     cfg.decoding.strategy = "greedy"
-    sources = SENTENCES[cfg.data.src_lang]
-    out = translate(model, tokenizer, sources, cfg.decoding, torch.device("cpu"))
-    return [hyps[0].text for hyps in out], SENTENCES[cfg.data.tgt_lang]
+    way, src, tgt = None, cfg.data.src_lang, cfg.data.tgt_lang
+    if cfg.data.multilingual:
+        src, tgt = "de", "en"
+        way = direction(cfg.data, tokenizer, src, tgt, str(paths[0]))
+    out = translate(
+        model, tokenizer, SENTENCES[src], cfg.decoding, torch.device("cpu"), way=way
+    )
+    return [hyps[0].text for hyps in out], SENTENCES[tgt]
 
 
 @pytest.mark.parametrize(
