@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -34,8 +35,6 @@ def test_time_to_quality_is_the_first_crossing_in_update_and_wall_minutes():
 
 
 def test_a_quality_row_replaces_its_targets_row_and_keeps_the_others(tmp_path):
-    import json
-
     path = tmp_path / "quality.json"
     old = {"benchmark": "quality", "target_bleu": 27.0, "command": "a"}
     path.write_text(json.dumps(old))  # the layout before rows: one run
