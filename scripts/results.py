@@ -66,6 +66,20 @@ def parse_row(text: str) -> tuple[str, list[Path], str | None]:
     return name, paths, way or None
 
 
+def parse_row_beams(text: str) -> tuple[str, list[int]]:
+    """``NAME=BEAM[,BEAM...]`` -> name, beam sizes (each >= 1)."""
+    name, _, beams = text.partition("=")
+    try:
+        sizes = [int(b) for b in beams.split(",")]
+    except ValueError:
+        sizes = []
+    if not name or not sizes or min(sizes) < 1:
+        raise ConfigError(
+            f"--row-beams {text!r}: expected NAME=BEAM[,BEAM...], each beam >= 1"
+        )
+    return name, sizes
+
+
 def score_row(
     name: str, candidates: list[list[Path]], args, way: str | None = None
 ) -> dict:
@@ -173,7 +187,7 @@ def sweep_candidate(name: str, paths: list[Path], args, way: str | None = None) 
 
     label = name if len(paths) == 1 else f"{name} [{', '.join(p.name for p in paths)}]"
     sweep = {}
-    for beam in args.beams:
+    for beam in args.row_beams.get(name, args.beams):
         for alpha in args.alphas if beam > 1 else args.alphas[:1]:  # greedy: once
             sweep[beam, alpha] = bleu = decode(valid, beam, alpha)["bleu"]
             print(f"{label}: {valid} beam {beam} alpha {alpha}: BLEU {bleu:.2f}")
@@ -214,6 +228,20 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--out", required=True, help="the JSON file to write")
     parser.add_argument("--beams", type=int, nargs="+", default=[5])
     parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 2.0, 3.0])
+    parser.add_argument(
+        "--row-beams",
+        action="append",
+        default=[],
+        metavar="NAME=BEAM[,BEAM...]",
+        help="the beam sizes swept for row NAME instead of --beams (1: greedy)",
+    )
+    parser.add_argument(
+        "--not-published",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="row NAME compares, its checkpoints stay out of models/",
+    )
     parser.add_argument("--weights", choices=["raw", "ema"], default="raw")
     parser.add_argument("--data-dir", help="override data.dir of the checkpoints")
     parser.add_argument("--test-split", help="default: data.test_split")
@@ -228,6 +256,10 @@ def _main(argv: list[str] | None) -> int:
         rows.setdefault(name, []).append(paths)
     if min(args.beams) < 1:
         raise ConfigError(f"--beams: must be >= 1 (got {args.beams})")
+    args.row_beams = dict(map(parse_row_beams, args.row_beams))
+    for name in [*args.row_beams, *args.not_published]:
+        if name not in rows:
+            raise ConfigError(f"--row-beams / --not-published {name}: no such --row")
     if not all(math.isfinite(a) for a in args.alphas):
         raise ConfigError(f"--alphas: must be finite numbers (got {args.alphas})")
     from bench_common import machine
@@ -242,6 +274,8 @@ def _main(argv: list[str] | None) -> int:
     }
     for row in result["rows"]:
         row.pop("_hypotheses")
+        if row["row"] in args.not_published:
+            row["published"] = False
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

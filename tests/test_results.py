@@ -104,3 +104,20 @@ def test_a_name_given_twice_names_candidates_chosen_on_validation(
     assert printed.count(": val beam") == 6  # 3 candidates x (greedy, beam 2)
     assert results.main([*argv, "--row", f"p={a}", "--row", f"p={a}"]) == 2
     assert "the same checkpoints twice" in capsys.readouterr().err
+
+
+def test_a_row_sweeps_its_own_beams_and_may_be_marked_unpublished(
+    runs, tmp_path, capsys
+):
+    out = tmp_path / "res.json"
+    a, b = map(str, runs)
+    argv = ["--out", str(out), "--beams", "1", "2", "--alphas", "1.0", "2.0"]
+    argv += ["--row", f"greedy={a}", "--row", f"beam={b}", "--row-beams", "greedy=1"]
+    assert results.main([*argv, "--not-published", "beam"]) == 0
+    greedy, beam = json.loads(out.read_text())["rows"]
+    assert [(v["beam"], v["alpha"]) for v in greedy["valid_bleu"]] == [(1, 1.0)]
+    assert (greedy["beam"], greedy.get("published", True)) == (1, True)
+    assert len(beam["valid_bleu"]) == 3 and beam["published"] is False
+    for bad in ("greedy=0", "greedy=x", "=1", "nobody=1"):
+        assert results.main([*argv, "--row-beams", bad]) == 2
+        assert "--row-beams" in capsys.readouterr().err
