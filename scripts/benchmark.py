@@ -59,6 +59,13 @@ test_2016_flickr (scripts/bench_control.py):
 
     python scripts/benchmark.py control --sentences 300
 
+A distilled student against its teacher ensemble: the ensemble's beam search and
+the student's greedy and beam search (float32, bf16, int8, CTranslate2 int8) on
+the same sentences and threads, with BLEU and sizes (scripts/bench_student.py):
+
+    python scripts/benchmark.py student --teachers A.safetensors B.safetensors \
+        --student models/multi30k_de_en_student.safetensors
+
 Serving throughput and latency under concurrent clients (scripts/bench_serve.py):
 
     python scripts/benchmark.py serve --clients 32 --seconds 30 --max-wait-ms 5 20
@@ -84,6 +91,7 @@ import bench_control  # noqa: E402  (scripts/bench_control.py)
 import bench_data  # noqa: E402  (scripts/bench_data.py)
 import bench_quality  # noqa: E402  (scripts/bench_quality.py)
 import bench_serve  # noqa: E402  (scripts/bench_serve.py)
+import bench_student  # noqa: E402  (scripts/bench_student.py)
 from bench_decode import bench_decode  # noqa: E402  (scripts/bench_decode.py)
 from bench_train import bench_train, bench_train_all  # noqa: E402
 
@@ -93,7 +101,7 @@ from transformer.config import ConfigError  # noqa: E402
 _POSITIVE = {
     "updates", "max_tokens", "matmul_seconds", "minutes", "lanes", "clients",
     "rounds", "max_requests", "output_pieces", "validate_every", "format_batches",
-    "sizes", "seconds", "beam", "chunk",
+    "sizes", "seconds", "beam", "chunk", "teacher_beam", "student_beam",
 }  # fmt: skip
 
 
@@ -141,6 +149,14 @@ def _main(argv: list[str] | None = None) -> int:
         help="training.compile settings to run (off on: both, as separate rows)",
     )
     train.add_argument(
+        "--sampling-alpha",
+        nargs="+",
+        type=float,
+        default=[0.0],
+        help="data.tokenizer.sampling_alpha values to run, each a row (0: off; "
+        "0 0.1: subword sampling off and on, in one sitting)",
+    )
+    train.add_argument(
         "--matmul-seconds",
         type=float,
         default=2.0,
@@ -177,6 +193,7 @@ def _main(argv: list[str] | None = None) -> int:
     bench_compare.add_parser(sub)
     bench_quality.add_parser(sub)
     bench_control.add_parser(sub)
+    bench_student.add_parser(sub)
     for p in sub.choices.values():
         p.add_argument("--output", help="JSON file (default: benchmarks/<what>.json)")
     args = parser.parse_args(argv)
@@ -194,6 +211,8 @@ def _main(argv: list[str] | None = None) -> int:
         result = bench_quality.bench_quality(args)
     elif args.what == "control":
         result = bench_control.bench_control(args)
+    elif args.what == "student":
+        result = bench_student.bench_student(args)
     elif args.single:
         args.precision, args.compile = args.precision[0], args.compile[0]
         result = bench_train(args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -117,3 +118,33 @@ def test_the_language_identifier_tells_multi30ks_languages_apart():
     assert {lang: identify(text) for lang, text in sentences.items()} == {
         lang: lang for lang in sentences
     }
+
+
+@pytest.mark.slow
+def test_the_student_benchmark_times_every_row_on_the_same_sentences(
+    tmp_path, multi30k_dir
+):
+    import benchmark
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    teachers = [str(models / f"multi30k_de_en_tiny_{m}.safetensors") for m in "ab"]
+    out = tmp_path / "student.json"
+    argv = ["student", "--teachers", *teachers, "--student", teachers[0]]
+    argv += ["--limit", "12", "--data-dir", str(multi30k_dir), "--output", str(out)]
+    assert benchmark.main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["sentences"] == 12 and result["threads"] == 2
+    assert {"teachers_beam5", "student_fp32_greedy", "student_int8_beam5"} <= set(rows)
+    assert rows["teachers_beam5"]["speedup_over_teachers"] == 1.0
+    for row in rows.values():
+        assert row["sentences_per_s"] == pytest.approx(12 / row["seconds"])
+        assert 0 < row["bleu"] <= 100 and row["mib"] > 0
+    # the teachers are two files of the student's size
+    assert rows["teachers_beam5"]["mib"] == pytest.approx(
+        2 * rows["student_fp32_greedy"]["mib"], rel=0.01
+    )
+    if importlib.util.find_spec("ctranslate2"):  # int8 export: a smaller file
+        assert (
+            rows["student_ct2_int8_greedy"]["mib"] < rows["student_fp32_greedy"]["mib"]
+        )
