@@ -156,6 +156,9 @@ def bench_train(args) -> dict:
         "precision": args.precision,
         "precision_effective": trainer.precision,  # bf16 without native bf16: fp32
         "compile": cfg.training.compile,
+        "sampling_alpha": cfg.data.tokenizer.sampling_alpha,  # 0: one segmentation
+        "sampling_nbest": cfg.data.tokenizer.sampling_nbest,
+        "data_workers": cfg.data.workers,
         "device": str(trainer.device),
         "max_tokens": args.max_tokens,
         "updates": args.updates,
@@ -205,28 +208,36 @@ def run_peer(updates: int) -> dict:
 
 
 def bench_train_all(args) -> dict:
-    """The peer (when asked) then each precision in a fresh process."""
+    """The peer (when asked) then each precision (and compile setting, and
+    subword sampling alpha) in a fresh process."""
     result = {
         "benchmark": "train",
         "peer": run_peer(args.updates) if args.peer else None,
     }
     runs = {}
-    for precision in args.precision:
-        for compile in args.compile:
-            name = precision if compile == "off" else f"{precision}_compile"
-            with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-                cmd = [sys.executable, str(BENCHMARK), "train", "--single"]
-                cmd += ["--output", tmp.name, "--compile", compile]
-                cmd += ["--precision", precision, "--updates", str(args.updates)]
-                cmd += ["--data-dir", args.data_dir]
-                cmd += ["--max-tokens", str(args.max_tokens)]
-                cmd += ["--device", args.device, "--threads", str(args.threads)]
-                cmd += ["--matmul-seconds", str(args.matmul_seconds)]
-                cmd += ["--peak-tflops", str(args.peak_tflops)]
-                if args.run_dir:
-                    cmd += ["--run-dir", args.run_dir]
-                subprocess.run([*cmd, *args.overrides], check=True)
-                runs[name] = json.loads(Path(tmp.name).read_text())
+    settings = [
+        (precision, compile, alpha)
+        for precision in args.precision
+        for compile in args.compile
+        for alpha in args.sampling_alpha
+    ]
+    for precision, compile, alpha in settings:
+        name = precision if compile == "off" else f"{precision}_compile"
+        name += f"_sampling{alpha:g}" if alpha else ""
+        sampling = [f"data.tokenizer.sampling_alpha={alpha:g}"] if alpha else []
+        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            cmd = [sys.executable, str(BENCHMARK), "train", "--single"]
+            cmd += ["--output", tmp.name, "--compile", compile]
+            cmd += ["--precision", precision, "--updates", str(args.updates)]
+            cmd += ["--data-dir", args.data_dir]
+            cmd += ["--max-tokens", str(args.max_tokens)]
+            cmd += ["--device", args.device, "--threads", str(args.threads)]
+            cmd += ["--matmul-seconds", str(args.matmul_seconds)]
+            cmd += ["--peak-tflops", str(args.peak_tflops)]
+            if args.run_dir:
+                cmd += ["--run-dir", args.run_dir]
+            subprocess.run([*cmd, *args.overrides, *sampling], check=True)
+            runs[name] = json.loads(Path(tmp.name).read_text())
     result["runs"] = runs
     if result["peer"]:
         peer = result["peer"]["target_tokens_per_s_median"]
