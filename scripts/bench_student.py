@@ -149,6 +149,6 @@ def bench_student(args) -> dict:
         "teachers": list(args.teachers),
         "teacher_search": {"beam": args.teacher_beam, "alpha": args.teacher_alpha},
         "student": args.student,
-        "rows": rows,
+        "runs": rows,
         "machine": machine(),
     }

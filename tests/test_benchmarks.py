@@ -133,7 +133,7 @@ def test_the_student_benchmark_times_every_row_on_the_same_sentences(
     argv += ["--limit", "12", "--data-dir", str(multi30k_dir), "--output", str(out)]
     assert benchmark.main(argv) == 0
     result = json.loads(out.read_text())
-    rows = result["rows"]
+    rows = result["runs"]
     assert result["sentences"] == 12 and result["threads"] == 2
     assert {"teachers_beam5", "student_fp32_greedy", "student_int8_beam5"} <= set(rows)
     assert rows["teachers_beam5"]["speedup_over_teachers"] == 1.0
