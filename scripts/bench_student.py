@@ -135,7 +135,7 @@ def bench_student(args) -> dict:
         set_precision(model, precision)
         for name, dcfg in (("greedy", greedy), (f"beam{args.student_beam}", beam)):
             key = f"student_{precision}_{name}"
-            rows[key] = {**timed(model, tokenizer, sources, refs, dcfg, device)}
+            rows[key] = timed(model, tokenizer, sources, refs, dcfg, device)
             rows[key]["mib"] = student_mib
             logging.info("%s: %.1f sentences/s", key, rows[key]["sentences_per_s"])
     ensemble = rows[f"teachers_beam{args.teacher_beam}"]["seconds"]
