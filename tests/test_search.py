@@ -10,13 +10,17 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
+from transformer import search
 from transformer.config import BOS_ID, EOS_ID, DecodingConfig
+from transformer.controls import PieceControls
+from transformer.models import Ensemble
 from transformer.search import (
     decode_corpus,
     filter_logits,
     generate,
     length_penalty,
     max_lengths,
+    topk_rows,
 )
 
 SRC = torch.tensor([[5, 6, 7, 8, 9, 3], [10, 11, 3, 0, 0, 0], [12, 13, 4, 3, 0, 0]])
@@ -293,3 +297,98 @@ def test_cuda_decoding_step_and_training_forward_do_not_sync(half_trained):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
+
+
+@pytest.mark.parametrize("width", [640, 8000, 8003, 100])
+def test_topk_rows_is_topk(width):
+    torch.manual_seed(width)
+    x = torch.randn(37, width).log_softmax(-1)
+    x[3] = -math.inf  # a row at its length limit: only <eos> left
+    x[3, EOS_ID] = -0.5
+    x[5, ::2] = -math.inf  # half the vocabulary banned
+    for k in (1, 5, 10):
+        values, columns = topk_rows(x, k)
+        expected = x.topk(k, dim=-1)
+        assert torch.equal(values, expected.values)
+        # the columns hold those values (columns of -inf may differ)
+        assert torch.equal(x.gather(1, columns), values)
+        finite = values.isfinite()
+        assert torch.equal(columns[finite], expected.indices[finite])
+        assert all(len(set(r)) == k for r in columns.tolist())  # no repeats
+
+
+def test_topk_rows_with_ties_returns_tied_columns():
+    x = torch.zeros(4, 2048)
+    x[:, 100] = 1.0
+    values, columns = topk_rows(x, 3)
+    assert values.tolist() == [[1.0, 0.0, 0.0]] * 4
+    assert columns[:, 0].tolist() == [100] * 4
+    assert all(len(set(r)) == 3 for r in columns.tolist())
+
+
+BUCKET_MODELS = {
+    "transformer": lambda: sharp_model(3),
+    "rnn": lambda: sharp_model(3, arch="rnn", rnn_hidden=32),
+    "decoder_only": lambda: sharp_model(3, arch="decoder_only"),
+    "ensemble": lambda: Ensemble([sharp_model(3), sharp_model(4)]).eval(),
+}
+
+
+def bucket_sources(count=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.zeros(count, 9, dtype=torch.long)
+    for i in range(count):
+        n = int(torch.randint(2, 9, (1,), generator=g))
+        src[i, :n] = torch.randint(4, 23, (n,), generator=g)
+        src[i, n] = EOS_ID
+    return src
+
+
+@pytest.mark.parametrize("name", sorted(BUCKET_MODELS))
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_bf16_row_buckets_change_nothing_but_row_counts(name, strategy, monkeypatch):
+    """A bf16 CPU search pads its decoder rows to whole buckets (copies of a
+    live sentence's rows) and drops their output: the same results as unpadded,
+    while the decoder sees only multiples of the bucket after the first step."""
+    model = BUCKET_MODELS[name]().to(torch.bfloat16)
+    src = bucket_sources()
+    nbest = 2 if strategy == "beam" else 1
+    cfg = DecodingConfig(strategy=strategy, beam_size=3, nbest=nbest)
+    # a prefix, and in beam search a required phrase (dynamic beam allocation)
+    wanted = ((9, 10),) if strategy == "beam" else ()
+    controls = [
+        PieceControls(prefix=(7,), constraints=wanted) if i % 4 == 0 else None
+        for i in range(8)
+    ]
+    rows: list[int] = []
+    members = getattr(model, "models", [model])
+    decode = type(members[0]).decode
+
+    def counting(self, tgt, *args, **kwargs):
+        if self is members[0]:
+            rows.append(tgt.size(0))
+        return decode(self, tgt, *args, **kwargs)
+
+    monkeypatch.setattr(type(members[0]), "decode", counting)
+    runs = {}
+    for bucket in (0, search.ROW_BUCKET):
+        monkeypatch.setattr(search, "ROW_BUCKET", bucket)
+        rows.clear()
+        plain = generate(model, src, cfg)
+        prefixed = generate(model, src[:8], cfg, controls=controls)
+        runs[bucket] = (plain, prefixed, list(rows))
+    (plain, prefixed, _), (padded, padded_prefixed, seen) = runs.values()
+    for a, b in ((plain, padded), (prefixed, padded_prefixed)):
+        assert tokens(a) == tokens(b)
+        for x, y in zip(a, b, strict=True):
+            assert [h.score for h in x] == pytest.approx([h.score for h in y], abs=1e-4)
+    per = cfg.beam_size if strategy == "beam" else 1
+    unit = per * -(-search.ROW_BUCKET // per)
+    later = [n for n in seen if n not in (src.size(0), 8)]
+    assert later and all(n % unit == 0 for n in later)
+    assert len(set(seen)) < len(set(runs[0][2]))  # fewer shapes than unpadded
+
+
+def test_float32_search_does_not_pad_rows(half_trained):
+    stepper = search._Stepper(half_trained, half_trained.encode(SRC), True, False)
+    assert stepper.bucket == 0
