@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -15,6 +16,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(
+    model, tokenizer, sources, refs, dcfg, device, repeats=1, use_cache=True
+) -> dict:
+    """One warm-up on 16 sentences, then all of them ``repeats`` times: the
+    median seconds (each run's in ``seconds_runs``); BLEU of the output."""
+    from transformer.evaluation import score_corpus
+    from transformer.inference import translate
+
+    translate(model, tokenizer, sources[:16], dcfg, device, use_cache)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = translate(model, tokenizer, sources, dcfg, device, use_cache)
+        runs.append(time.perf_counter() - start)
+    seconds = statistics.median(runs)
+    return {
+        "seconds": seconds,
+        **({"seconds_runs": runs} if repeats > 1 else {}),
+        "sentences_per_s": len(sources) / seconds,
+        "bleu": score_corpus([h[0].text for h in out], refs)["bleu"],
+        "peak_rss_mib": peak_rss_mib(),
+    }
 
 
 def machine() -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from bench_common import machine, peak_rss_mib, sdpa_flop_mapping
+from bench_common import machine, peak_rss_mib, sdpa_flop_mapping, timed
 
 from transformer.config import DecodingConfig
 
@@ -43,9 +44,10 @@ def ctranslate2_available(args) -> bool:
 
 
 def bench_ctranslate2(
-    model, tokenizer, sources, refs, runs, device, export_dir: Path
+    model, tokenizer, sources, refs, runs, device, export_dir: Path, repeats=1
 ) -> dict:
-    """Export with float32 and int8 weights; time greedy and beam 5 of each."""
+    """Export with float32 and int8 weights; time greedy and beam 5 of each (the
+    median of ``repeats`` runs)."""
     from transformer.evaluation import score_corpus
     from transformer.export import ExportedModel, export_model
 
@@ -59,13 +61,17 @@ def bench_ctranslate2(
         for name in ("greedy_cached", "beam5_cached"):
             dcfg = runs[name][0]
             exported.translate(sources[:16], dcfg)
-            start = time.perf_counter()
-            out = exported.translate(sources, dcfg)
-            seconds = time.perf_counter() - start
+            runs_s = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                out = exported.translate(sources, dcfg)
+                runs_s.append(time.perf_counter() - start)
+            seconds = statistics.median(runs_s)
             hyps = [h[0].text for h in out]
             key = f"ct2_{name.removesuffix('_cached')}{suffix}"
             results[key] = {
                 "seconds": seconds,
+                **({"seconds_runs": runs_s} if repeats > 1 else {}),
                 "sentences_per_s": len(sources) / seconds,
                 "bleu": score_corpus(hyps, refs)["bleu"],
                 "compute_type": exported.translator.compute_type,
@@ -73,7 +79,7 @@ def bench_ctranslate2(
             }
             logging.info("%s: %.1f sentences/s", key, len(sources) / seconds)
             # the same export as a user runs it: its own process, one call
-            standalone = ctranslate2_process(path, sources, dcfg, export_dir)
+            standalone = ctranslate2_process(path, sources, dcfg, export_dir, repeats)
             hyps = standalone.pop("hypotheses")
             key = f"ct2_process_{name.removesuffix('_cached')}{suffix}"
             results[key] = {
@@ -85,8 +91,9 @@ def bench_ctranslate2(
     return results
 
 
-def ctranslate2_process(export: Path, sources, dcfg, tmp: Path) -> dict:
-    """scripts/bench_ct2.py on ``export``: seconds, texts, compute type, peak RSS."""
+def ctranslate2_process(export: Path, sources, dcfg, tmp: Path, repeats=1) -> dict:
+    """scripts/bench_ct2.py on ``export``: seconds (the median of ``repeats``
+    runs), texts, compute type, peak RSS."""
 
     inputs, outputs = tmp / "sources.json", tmp / "ct2_out.json"
     inputs.write_text(json.dumps(sources), encoding="utf-8")
@@ -101,6 +108,7 @@ def ctranslate2_process(export: Path, sources, dcfg, tmp: Path) -> dict:
             f"--beam={k}",
             f"--threads={torch.get_num_threads()}",
             f"--max-batch-tokens={dcfg.max_tokens}",
+            f"--repeat={repeats}",
         ],
         check=True,
     )
@@ -130,10 +138,10 @@ def bench_compiled_decoding(model, tokenizer, sources, refs, dcfg, device) -> di
 
 def bench_decode(args) -> dict:
     from transformer.data import read_pairs
-    from transformer.evaluation import score_corpus
     from transformer.inference import load_model, set_precision, translate
 
     device = torch.device(args.device if args.device != "auto" else "cpu")
+    repeats = args.repeats
     if args.threads:
         torch.set_num_threads(args.threads)
     model, cfg, tokenizer, _ = load_model(args.checkpoint, device)
@@ -157,7 +165,7 @@ def bench_decode(args) -> dict:
         with tempfile.TemporaryDirectory(prefix="bench-ct2-") as tmp:
             results.update(
                 bench_ctranslate2(
-                    model, tokenizer, sources, refs, runs, device, Path(tmp)
+                    model, tokenizer, sources, refs, runs, device, Path(tmp), repeats
                 )
             )
     loaded = model
@@ -169,18 +177,18 @@ def bench_decode(args) -> dict:
         suffix = "" if precision == "fp32" else f"_{precision}"
         for name, (dcfg, use_cache) in runs.items():
             if suffix and not use_cache:
-                continue  # the uncached reference is timed once, in float32
-            translate(model, tokenizer, sources[:16], dcfg, device, use_cache)
-            start = time.perf_counter()
-            out = translate(model, tokenizer, sources, dcfg, device, use_cache)
-            seconds = time.perf_counter() - start
-            hyps = [h[0].text for h in out]
-            results[name + suffix] = {
-                "seconds": seconds,
-                "sentences_per_s": len(sources) / seconds,
-                "bleu": score_corpus(hyps, refs)["bleu"],
-                "peak_rss_mib": peak_rss_mib(),
-            }
+                continue  # the uncached reference: float32 only, timed once
+            results[name + suffix] = timed(
+                model,
+                tokenizer,
+                sources,
+                refs,
+                dcfg,
+                device,
+                repeats if use_cache else 1,
+                use_cache,
+            )
+            seconds = results[name + suffix]["seconds"]
             if not suffix:  # counted once, outside the timing (the count is slow)
                 results[name]["model_gflop"] = decode_gflop(
                     lambda c=dcfg, u=use_cache, m=model: translate(
@@ -241,6 +249,23 @@ def bench_decode(args) -> dict:
                 / results[f"{name}_cached_int8"]["seconds"]
                 for name in ("greedy", "beam5")
             }
+    # our fastest precision against CTranslate2's int8 in its own process
+    best = {}
+    for name in ("greedy", "beam5"):
+        ct2 = results.get(f"ct2_process_{name}_int8")
+        ours = {
+            p: results[f"{name}_cached{s}"]
+            for p, s in (("fp32", ""), ("int8", "_int8"), ("bf16", "_bf16"))
+            if f"{name}_cached{s}" in results
+        }
+        if ct2 and ours:
+            fastest = min(ours, key=lambda p: ours[p]["seconds"])
+            best[name] = {
+                "precision": fastest,
+                "speedup": ct2["seconds"] / ours[fastest]["seconds"],
+            }
+    if best:
+        result["best_speedup_over_ct2_process_int8"] = best
     if "greedy_cached_bf16" in results:
         greedy = results["greedy_cached_bf16"]["seconds"]
         result["bf16_beam5_time_over_greedy"] = (

@@ -19,11 +19,10 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from bench_common import machine, peak_rss_mib
+from bench_common import machine, timed
 
 from transformer.config import DecodingConfig
 
@@ -46,23 +45,6 @@ def add_parser(sub) -> None:
 def size_mib(path: Path) -> float:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return sum(p.stat().st_size for p in files) / 2**20
-
-
-def timed(model, tokenizer, sources, refs, dcfg, device) -> dict:
-    """One warm-up on 16 sentences, then all of them, timed; BLEU of the output."""
-    from transformer.evaluation import score_corpus
-    from transformer.inference import translate
-
-    translate(model, tokenizer, sources[:16], dcfg, device)
-    start = time.perf_counter()
-    out = translate(model, tokenizer, sources, dcfg, device)
-    seconds = time.perf_counter() - start
-    return {
-        "seconds": seconds,
-        "sentences_per_s": len(sources) / seconds,
-        "bleu": score_corpus([h[0].text for h in out], refs)["bleu"],
-        "peak_rss_mib": peak_rss_mib(),
-    }
 
 
 def bench_student(args) -> dict:

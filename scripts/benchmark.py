@@ -101,7 +101,7 @@ from transformer.config import ConfigError  # noqa: E402
 _POSITIVE = {
     "updates", "max_tokens", "matmul_seconds", "minutes", "lanes", "clients",
     "rounds", "max_requests", "output_pieces", "validate_every", "format_batches",
-    "sizes", "seconds", "beam", "chunk", "teacher_beam", "student_beam",
+    "sizes", "seconds", "beam", "chunk", "teacher_beam", "student_beam", "repeats",
 }  # fmt: skip
 
 
@@ -184,6 +184,13 @@ def _main(argv: list[str] | None = None) -> int:
     )
     decode.add_argument(
         "--compile", action="store_true", help="also time decoding.compile (fp32)"
+    )
+    decode.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs of each cached row (ours and CTranslate2's); the median "
+        "counts",
     )
     for p in (train, decode):
         p.add_argument("--device", default="auto")

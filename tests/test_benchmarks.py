@@ -148,3 +148,33 @@ def test_the_student_benchmark_times_every_row_on_the_same_sentences(
         assert (
             rows["student_ct2_int8_greedy"]["mib"] < rows["student_fp32_greedy"]["mib"]
         )
+
+
+@pytest.mark.slow
+def test_the_decode_benchmark_reports_the_median_of_its_repeats(tmp_path, multi30k_dir):
+    import benchmark
+
+    model = (
+        Path(__file__).resolve().parents[1] / "models/multi30k_de_en_tiny_a.safetensors"
+    )
+    out = tmp_path / "decode.json"
+    argv = ["decode", "--checkpoint", str(model), "--precision", "fp32", "int8"]
+    argv += ["--limit", "8", "--repeats", "3", "--data-dir", str(multi30k_dir)]
+    assert benchmark.main([*argv, "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["runs"]
+    for name in ("greedy_cached", "beam5_cached_int8"):
+        runs = rows[name]["seconds_runs"]
+        assert len(runs) == 3 and rows[name]["seconds"] == sorted(runs)[1]
+    assert "seconds_runs" not in rows["greedy_uncached"]  # the slow one: once
+    if importlib.util.find_spec("ctranslate2"):
+        ct2 = rows["ct2_process_beam5_int8"]
+        assert (
+            len(ct2["seconds_runs"]) == 3
+            and ct2["seconds"] == sorted(ct2["seconds_runs"])[1]
+        )
+        for name, best in result["best_speedup_over_ct2_process_int8"].items():
+            suffix = {"fp32": "", "int8": "_int8"}[best["precision"]]
+            theirs = rows[f"ct2_process_{name}_int8"]["seconds"]
+            ours = rows[f"{name}_cached{suffix}"]["seconds"]
+            assert best["speedup"] == pytest.approx(theirs / ours)
