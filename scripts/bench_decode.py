@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from bench_common import machine, peak_rss_mib, sdpa_flop_mapping, timed
 
+from transformer.allocator import reuse_freed_memory
 from transformer.config import DecodingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +143,7 @@ def bench_decode(args) -> dict:
 
     device = torch.device(args.device if args.device != "auto" else "cpu")
     repeats = args.repeats
+    reuse_freed_memory(single_arena=False)  # as Translator.load, for the CLIs
     if args.threads:
         torch.set_num_threads(args.threads)
     model, cfg, tokenizer, _ = load_model(args.checkpoint, device)

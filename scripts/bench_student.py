@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from bench_common import machine, timed
 
+from transformer.allocator import reuse_freed_memory
 from transformer.config import DecodingConfig
 
 
@@ -55,6 +56,7 @@ def bench_student(args) -> dict:
     from transformer.inference import load_ensemble, load_model, set_precision
     from transformer.precision import native_bf16
 
+    reuse_freed_memory(single_arena=False)  # as Translator.load, for the CLIs
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")

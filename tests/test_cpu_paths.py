@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ from transformer.allocator import (
 )
 from transformer.attention import SelfAttention
 from transformer.dropout import Dropout
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=[True, False], ids=["bits", "torch"])
@@ -125,6 +129,39 @@ def test_a_freed_block_is_reused_without_page_faults():
         faults.append(minor_faults() - before)
     # mapped afresh each time, every page would fault once when touched
     assert min(faults[2:]) < pages // 10, faults
+
+
+FAULTS_AFTER_LOAD = """
+import resource, sys, torch
+from transformer.inference import Translator
+if sys.argv[1] == "load":
+    Translator.load([sys.argv[2]], "cpu")
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(32 * 2**20)  # 128 MiB, touched and freed, as a decoding step's
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="glibc malloc setting: Linux only"
+)
+def test_a_process_that_loads_a_translator_reuses_freed_memory():
+    model = ROOT / "models" / "multi30k_de_en_tiny_a.safetensors"
+    faults = {}
+    for mode in ("load", "plain"):
+        out = subprocess.run(
+            [sys.executable, "-c", FAULTS_AFTER_LOAD, mode, str(model)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        faults[mode] = int(out.stdout.split()[-1])
+    pages = 128 * 2**20 // 4096
+    assert faults["plain"] > pages // 2  # mapped afresh: every page faults
+    assert faults["load"] < pages // 10, faults
 
 
 def test_kernel_caches_are_bounded_unless_the_environment_says(monkeypatch):

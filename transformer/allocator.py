@@ -1,5 +1,6 @@
-"""A CPU training process's memory: freed blocks kept for reuse (glibc's
-``malloc``) and bf16 kernel caches of bounded size (``bound_kernel_caches``).
+"""A CPU training or decoding process's memory: freed blocks kept for reuse
+(glibc's ``malloc``) and bf16 kernel caches of bounded size
+(``bound_kernel_caches``, training).
 
 A training step allocates the same large tensors every time (the logits and their
 gradient alone are B * T * V floats, over 100 MB for a 4,096-token batch and an
@@ -29,9 +30,21 @@ M_ARENA_MAX = -8
 _done = False
 
 
-def reuse_freed_memory() -> bool:
+def reuse_freed_memory(single_arena: bool = True) -> bool:
     """Make freed heap memory stay mapped for reuse (glibc only; a no-op
-    elsewhere). Returns whether the setting took effect. Idempotent."""
+    elsewhere). Returns whether the setting took effect. Idempotent: the first
+    call's setting holds.
+
+    ``single_arena`` (training): one malloc arena, since a thread's own arena
+    is made of 64 MiB mmapped heaps whose larger blocks would still be mapped
+    afresh. A decoding process (``Translator.load``) passes False: there the
+    step's large blocks (the cache's keys and values, the logits) come from the
+    main thread, and one arena for every thread made a bf16 beam search slower
+    (2.9 -> 3.4 s on 1,000 sentences), while the two other settings alone made
+    it faster: bf16 greedy 0.93 -> 0.82 s, beam 5 2.9 -> 2.75 s, int8 greedy
+    1.07 -> 0.94 s (``benchmarks/decode_amx.json``'s model, 2 threads), from
+    some 170,000 page faults per run to none.
+    """
     global _done
     if _done:
         return True
@@ -44,11 +57,9 @@ def reuse_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    # mallopt returns 1 on success; the trim threshold is an int, so 2 GiB - 1.
-    # One arena: a thread's own arena is made of 64 MiB mmapped heaps, so its
-    # larger blocks would still be mapped afresh.
+    # mallopt returns 1 on success; the trim threshold is an int, so 2 GiB - 1
     ok = (
-        mallopt(M_ARENA_MAX, 1) == 1
+        (not single_arena or mallopt(M_ARENA_MAX, 1) == 1)
         and mallopt(M_MMAP_MAX, 0) == 1
         and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     )

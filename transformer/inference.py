@@ -31,6 +31,7 @@ from transformer.alignment import (
     source_words,
     target_words,
 )
+from transformer.allocator import reuse_freed_memory
 from transformer.checkpoint import (
     CheckpointError,
     checkpoint_config,
@@ -317,9 +318,15 @@ class Translator:
         device_option: str = "--device",
     ) -> Translator:
         """Load one checkpoint, or several as an ensemble, onto ``device``
-        (``auto``, ``cpu``, ``cuda[:N]``); ``weights``: ``raw`` or ``ema``."""
+        (``auto``, ``cpu``, ``cuda[:N]``); ``weights``: ``raw`` or ``ema``.
+
+        On a CPU the process then keeps freed memory for reuse
+        (``allocator.reuse_freed_memory``): each decoding step's large tensors
+        take the blocks the previous step freed instead of new pages."""
         if isinstance(device, str):
             device = resolve_device(device, device_option)
+        if device.type == "cpu":
+            reuse_freed_memory(single_arena=False)
         model, cfg, tokenizer, infos = load_ensemble(checkpoints, device, weights)
         return cls(model, cfg, tokenizer, device, checkpoints, infos)
 
