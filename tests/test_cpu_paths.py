@@ -219,3 +219,41 @@ def test_bounded_kernel_caches_keep_bf16_products_of_new_shapes_from_growing_mem
         assert bound < plain / 2
     else:
         assert bound <= plain + 20
+
+
+def test_a_bf16_cache_on_cpu_holds_float32_keys_and_values():
+    from tests.conftest import tiny_model
+    from transformer.cache import held
+
+    x = torch.randn(2, 4, 3, 8)
+    assert held(x) is x  # float32 as it is
+    assert held(x.bfloat16()).dtype == torch.float32
+    model = tiny_model(seed=5).to(torch.bfloat16)
+    src = torch.tensor([[5, 6, 7, 3], [8, 9, 3, 0]])
+    memory = model.encode(src)
+    cache = model.new_cache()
+    with torch.inference_mode():
+        for token in (1, 6, 7):  # <bos> then two pieces, one step at a time
+            logits = model.decode(torch.full((2, 1), token), memory, cache)
+    assert logits.dtype == torch.bfloat16
+    for layer in cache.layers:
+        assert layer.self_k.dtype == layer.cross_v.dtype == torch.float32
+        assert layer.self_k.size(2) == 3
+
+
+def test_attention_of_bf16_queries_over_float32_keys_runs_in_float32():
+    """What a bf16 decoding step does with its float32 cache: the product in
+    float32, the output in the queries' bf16."""
+    torch.manual_seed(0)
+    attn = SelfAttention(32, 4, dropout=0.0).eval().to(torch.bfloat16)
+    q = torch.randn(3, 4, 1, 8).bfloat16()
+    k, v = torch.randn(3, 4, 6, 8), torch.randn(3, 4, 6, 8)
+    mask = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    mask[1, ..., 4:] = False
+    out = attn.attend(q, k, v, mask, is_causal=False)
+    assert out.dtype == torch.bfloat16
+    inner = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask
+    )
+    expected = attn.out_proj(inner.transpose(1, 2).reshape(3, 1, 32).bfloat16())
+    torch.testing.assert_close(out, expected, atol=0.02, rtol=0.02)
