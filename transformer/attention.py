@@ -93,16 +93,13 @@ class MultiHeadAttention(nn.Module):
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
     ) -> Tensor:
-        """q: (B, H, Tq, Dh), k/v: (B, H, Tk, Dh) -> (B, Tq, D), in q's dtype
-        (k/v may be float32 for bf16 q: the product then runs in float32).
+        """q: (B, H, Tq, Dh), k/v: (B, H, Tk, Dh) -> (B, Tq, D).
 
         k/v (and mask) may hold B / g rows, each shared by g consecutive query rows
         (the beams of one sentence): the g queries then attend together, and the
         keys/values are read once instead of g times.
         """
         b, h, t, d = q.shape
-        dtype = q.dtype  # a cache may hold k, v in float32 (``cache.held``)
-        q = q.to(k.dtype)
         group = b // k.size(0)
         if group > 1:  # (B, H, T, Dh) -> (B / g, H, g * T, Dh)
             q = q.view(-1, group, h, t, d).transpose(1, 2).reshape(-1, h, group * t, d)
@@ -129,7 +126,7 @@ class MultiHeadAttention(nn.Module):
         if group > 1:
             out = out.view(-1, h, group, t, d).transpose(1, 2).reshape(b, h, t, d)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_head)  # (B, T, D)
-        return self.out_proj(out.to(dtype))
+        return self.out_proj(out)
 
 
 class SelfAttention(MultiHeadAttention):

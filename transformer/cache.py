@@ -8,22 +8,6 @@ import torch
 from torch import Tensor
 
 
-def held(x: Tensor) -> Tensor:
-    """``x`` (keys or values) as a cache holds it: bf16 on a CPU becomes float32.
-
-    A decoding step's attention is a few queries per row against a few dozen
-    cached keys, where SDPA's CPU kernels run faster in float32 than in bf16,
-    whose path is tiled for long sequences. Held in float32, the keys and values
-    are cast once, when they enter the cache, and ``MultiHeadAttention.attend``
-    casts the queries to them and its output back: a bf16 beam-5 run 6-7% faster
-    and greedy 2% (``benchmarks/decode_amx.json``'s model, 2 threads), for twice
-    the cache's memory.
-    """
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return x.float()
-    return x
-
-
 @dataclass
 class LayerCache:
     """One decoder layer's state: self-attention K/V grow, cross K/V are fixed.
@@ -42,7 +26,6 @@ class LayerCache:
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append the new positions' k, v (B, H, T, Dh); return the whole K, V."""
-        k, v = held(k), held(v)
         if self.self_k is None:
             self.self_k, self.self_v = k, v
         else:
@@ -50,12 +33,6 @@ class LayerCache:
             self.self_v = _gather_cat(self.self_v, v, self.rows)
         self.rows = None
         return self.self_k, self.self_v
-
-    def keep_cross(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Hold the cross-attention k, v (B, H, S, Dh), projected once per
-        source, contiguous (the layout every reorder leaves); return them."""
-        self.cross_k, self.cross_v = held(k).contiguous(), held(v).contiguous()
-        return self.cross_k, self.cross_v
 
     def select(self, index: Tensor) -> None:
         """Keep self-attention rows ``index`` (applied lazily, see ``extend``)."""

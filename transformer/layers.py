@@ -129,7 +129,7 @@ class DecoderLayer(nn.Module):
         else:
             k, v = self.cross_attn.project_memory(memory)  # (B, H, S, Dh)
             if cache is not None:  # contiguous, as after any reorder: one layout
-                k, v = cache.keep_cross(k, v)
+                cache.cross_k, cache.cross_v = k.contiguous(), v.contiguous()
         x = self.cross_res.post(
             x, self.cross_attn.attend(q, k, v, memory_mask, is_causal=False)
         )
