@@ -5,7 +5,7 @@ length penalty), detokenizes, and writes the texts, the seconds and its peak RSS
 
     python scripts/bench_ct2.py EXPORT_DIR SOURCES.json OUT.json --beam 5 --threads 2
 
-``--repeat N`` times N runs after the warm-up and reports the median.
+``--repeats N`` times N runs after the warm-up and reports the median.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--compute-type", default="default")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="timed runs; the median counts"
+        "--repeats", type=int, default=1, help="timed runs; the median counts"
     )
     args = parser.parse_args()
 
@@ -74,7 +74,7 @@ def main() -> None:
 
     translate(sources[:16])  # warm-up, as the torch rows
     runs = []
-    for _ in range(max(args.repeat, 1)):
+    for _ in range(max(args.repeats, 1)):
         start = time.perf_counter()
         hyps = translate(sources)
         runs.append(time.perf_counter() - start)

@@ -109,32 +109,26 @@ def ctranslate2_process(export: Path, sources, dcfg, tmp: Path, repeats=1) -> di
             f"--beam={k}",
             f"--threads={torch.get_num_threads()}",
             f"--max-batch-tokens={dcfg.max_tokens}",
-            f"--repeat={repeats}",
+            f"--repeats={repeats}",
         ],
         check=True,
     )
     return json.loads(outputs.read_text(encoding="utf-8"))
 
 
-def bench_compiled_decoding(model, tokenizer, sources, refs, dcfg, device) -> dict:
-    """decoding.compile: the first run (which compiles) and a second, timed."""
-    from transformer.evaluation import score_corpus
+def bench_compiled_decoding(
+    model, tokenizer, sources, refs, dcfg, device, repeats=1
+) -> dict:
+    """decoding.compile: the first run (which compiles), then the median of
+    ``repeats`` timed runs."""
     from transformer.inference import translate
 
     dcfg = replace(dcfg, compile=True)
     start = time.perf_counter()
     translate(model, tokenizer, sources, dcfg, device)
     first = time.perf_counter() - start
-    start = time.perf_counter()
-    out = translate(model, tokenizer, sources, dcfg, device)
-    seconds = time.perf_counter() - start
-    return {
-        "first_run_seconds": first,
-        "seconds": seconds,
-        "sentences_per_s": len(sources) / seconds,
-        "bleu": score_corpus([h[0].text for h in out], refs)["bleu"],
-        "peak_rss_mib": peak_rss_mib(),
-    }
+    row = timed(model, tokenizer, sources, refs, dcfg, device, repeats)
+    return {"first_run_seconds": first, **row}
 
 
 def bench_decode(args) -> dict:
@@ -204,7 +198,7 @@ def bench_decode(args) -> dict:
             logging.info("%s: %.1f sentences/s", name + suffix, len(sources) / seconds)
             if args.compile and use_cache and not suffix:
                 results[f"{name}_compile"] = bench_compiled_decoding(
-                    model, tokenizer, sources, refs, dcfg, device
+                    model, tokenizer, sources, refs, dcfg, device, repeats
                 )
     result = {
         "benchmark": "decode",

@@ -322,7 +322,9 @@ class Translator:
 
         On a CPU the process then keeps freed memory for reuse
         (``allocator.reuse_freed_memory``): each decoding step's large tensors
-        take the blocks the previous step freed instead of new pages."""
+        take the blocks the previous step freed instead of new pages. The
+        process (a server too) keeps its peak heap for its lifetime, as a
+        caching allocator does, instead of returning it to the system."""
         if isinstance(device, str):
             device = resolve_device(device, device_option)
         if device.type == "cpu":

@@ -56,8 +56,8 @@ class Hypothesis:
     unmet: tuple[int, ...] = ()  # indices of the constraints it does not meet
 
 
-#: a bf16 CPU search keeps its decoder rows at a multiple of this many
-#: (``_Stepper.reorder``)
+#: a bf16 CPU search keeps its decoder rows at a multiple of this many, or for
+#: beam search of whole sentences' rows: k * ceil(16 / k) (``_Stepper.reorder``)
 ROW_BUCKET = 16
 
 
@@ -126,7 +126,8 @@ class _Stepper:
         """Keep rows ``index``; the source side as in ``KVCache.reorder``.
 
         With ``bucket`` set, the rows kept are padded (copies of the last
-        sentence's) to a multiple of ``bucket``: then each decoder product
+        sentence's) to a multiple of ``bucket``, or of the fewest whole
+        sentences that hold that many rows (20 for beam 5): then each decoder product
         sees one of a few row counts, not a new one whenever a sentence ends,
         and oneDNN, which builds a bf16 kernel for every new shape (about
         1 ms each, ``benchmarks/decode_amx.json``), builds few. ``step``
