@@ -18,6 +18,20 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def median_run(run, repeats: int) -> tuple[dict, object]:
+    """``run()`` timed ``repeats`` times: {"seconds": the median, "seconds_runs":
+    each (when more than one)}, and the last run's output."""
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        runs.append(time.perf_counter() - start)
+    return {
+        "seconds": statistics.median(runs),
+        **({"seconds_runs": runs} if repeats > 1 else {}),
+    }, out
+
+
 def timed(
     model, tokenizer, sources, refs, dcfg, device, repeats=1, use_cache=True
 ) -> dict:
@@ -27,16 +41,12 @@ def timed(
     from transformer.inference import translate
 
     translate(model, tokenizer, sources[:16], dcfg, device, use_cache)
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = translate(model, tokenizer, sources, dcfg, device, use_cache)
-        runs.append(time.perf_counter() - start)
-    seconds = statistics.median(runs)
+    row, out = median_run(
+        lambda: translate(model, tokenizer, sources, dcfg, device, use_cache), repeats
+    )
     return {
-        "seconds": seconds,
-        **({"seconds_runs": runs} if repeats > 1 else {}),
-        "sentences_per_s": len(sources) / seconds,
+        **row,
+        "sentences_per_s": len(sources) / row["seconds"],
         "bleu": score_corpus([h[0].text for h in out], refs)["bleu"],
         "peak_rss_mib": peak_rss_mib(),
     }

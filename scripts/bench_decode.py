@@ -5,9 +5,9 @@ same weights (in this process, and as a user runs them: scripts/bench_ct2.py).""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from bench_common import machine, peak_rss_mib, sdpa_flop_mapping, timed
+from bench_common import machine, median_run, peak_rss_mib, sdpa_flop_mapping, timed
 
 from transformer.allocator import reuse_freed_memory
 from transformer.config import DecodingConfig
@@ -62,39 +62,32 @@ def bench_ctranslate2(
         for name in ("greedy_cached", "beam5_cached"):
             dcfg = runs[name][0]
             exported.translate(sources[:16], dcfg)
-            runs_s = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                out = exported.translate(sources, dcfg)
-                runs_s.append(time.perf_counter() - start)
-            seconds = statistics.median(runs_s)
-            hyps = [h[0].text for h in out]
+            run = functools.partial(exported.translate, sources, dcfg)
+            row, out = median_run(run, repeats)
             key = f"ct2_{name.removesuffix('_cached')}{suffix}"
             results[key] = {
-                "seconds": seconds,
-                **({"seconds_runs": runs_s} if repeats > 1 else {}),
-                "sentences_per_s": len(sources) / seconds,
-                "bleu": score_corpus(hyps, refs)["bleu"],
+                **row,
+                "sentences_per_s": len(sources) / row["seconds"],
+                "bleu": score_corpus([h[0].text for h in out], refs)["bleu"],
                 "compute_type": exported.translator.compute_type,
                 "peak_rss_mib": peak_rss_mib(),  # the process peak so far
             }
-            logging.info("%s: %.1f sentences/s", key, len(sources) / seconds)
+            logging.info("%s: %.1f sentences/s", key, results[key]["sentences_per_s"])
             # the same export as a user runs it: its own process, one call
-            standalone = ctranslate2_process(path, sources, dcfg, export_dir, repeats)
-            hyps = standalone.pop("hypotheses")
             key = f"ct2_process_{name.removesuffix('_cached')}{suffix}"
-            results[key] = {
-                **standalone,
-                "sentences_per_s": len(sources) / standalone["seconds"],
-                "bleu": score_corpus(hyps, refs)["bleu"],
-            }
+            results[key] = ctranslate2_process(
+                path, sources, refs, dcfg, export_dir, repeats
+            )
             logging.info("%s: %.1f sentences/s", key, results[key]["sentences_per_s"])
     return results
 
 
-def ctranslate2_process(export: Path, sources, dcfg, tmp: Path, repeats=1) -> dict:
-    """scripts/bench_ct2.py on ``export``: seconds (the median of ``repeats``
-    runs), texts, compute type, peak RSS."""
+def ctranslate2_process(
+    export: Path, sources, refs, dcfg, tmp: Path, repeats=1
+) -> dict:
+    """scripts/bench_ct2.py on ``export``: a row of seconds (the median of
+    ``repeats`` runs), sentences/s, BLEU against ``refs``, compute type, peak RSS."""
+    from transformer.evaluation import score_corpus
 
     inputs, outputs = tmp / "sources.json", tmp / "ct2_out.json"
     inputs.write_text(json.dumps(sources), encoding="utf-8")
@@ -113,7 +106,11 @@ def ctranslate2_process(export: Path, sources, dcfg, tmp: Path, repeats=1) -> di
         ],
         check=True,
     )
-    return json.loads(outputs.read_text(encoding="utf-8"))
+    row = json.loads(outputs.read_text(encoding="utf-8"))
+    hyps = row.pop("hypotheses")
+    row["sentences_per_s"] = len(sources) / row["seconds"]
+    row["bleu"] = score_corpus(hyps, refs)["bleu"]
+    return row
 
 
 def bench_compiled_decoding(

@@ -52,7 +52,6 @@ def bench_student(args) -> dict:
     from bench_decode import ctranslate2_available, ctranslate2_process
 
     from transformer.data import read_pairs
-    from transformer.evaluation import score_corpus
     from transformer.inference import load_ensemble, load_model, set_precision
     from transformer.precision import native_bf16
 
@@ -101,14 +100,8 @@ def bench_student(args) -> dict:
         with tempfile.TemporaryDirectory(prefix="bench-student-") as tmp:
             export = Path(tmp) / "int8"
             export_model(student, tokenizer, export, "int8")
-            out = ctranslate2_process(export, sources, greedy, Path(tmp))
-            hyps = out.pop("hypotheses")
-            rows["student_ct2_int8_greedy"] = {
-                **out,
-                "sentences_per_s": len(sources) / out["seconds"],
-                "bleu": score_corpus(hyps, refs)["bleu"],
-                "mib": size_mib(export),
-            }
+            row = ctranslate2_process(export, sources, refs, greedy, Path(tmp))
+            rows["student_ct2_int8_greedy"] = {**row, "mib": size_mib(export)}
             logging.info(
                 "student_ct2_int8_greedy: %.1f sentences/s",
                 rows["student_ct2_int8_greedy"]["sentences_per_s"],
