@@ -16,6 +16,7 @@ import torch
 
 import transformer.inference
 import transformer.search
+import transformer.stepper
 from tests.conftest import ROOT, TOY, tiny, translate_cli
 from transformer.checkpoint import atomic_save, load_checkpoint
 from transformer.cli.evaluate import eval_main
@@ -115,7 +116,7 @@ def test_translate_options_that_do_not_fit(run, capsys, options, message):
 def test_a_min_len_beyond_a_sentences_limit_is_warned_about(
     run, caplog, monkeypatch, strategy
 ):
-    monkeypatch.setattr(transformer.search, "_warned_min_len", False)
+    monkeypatch.setattr(transformer.stepper, "_warned_min_len", False)
     model = load_model(run / "last.pt")[0]
     src = torch.tensor([[5, 6, EOS_ID]])  # a limit of floor(1.5 * 3 + 10) = 14
     cfg = DecodingConfig(strategy=strategy, beam_size=2, min_len=20, max_len_b=10)

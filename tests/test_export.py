@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import transformer.search
+import transformer.stepper
 from tests.conftest import tiny_model, toy_text, train_copy_model
 from transformer.checkpoint import atomic_save
 from transformer.config import (
@@ -189,7 +190,7 @@ def test_a_minimum_length_as_ours_up_to_the_length_limit(exported, caplog, monke
     lim = limits(srcs, cfg)
     assert sorted(lim)[:3] == [13, 14, 16]
     ours = decode_corpus(exported.model, srcs, cfg, CPU)
-    monkeypatch.setattr(transformer.search, "_warned_min_len", False)
+    monkeypatch.setattr(transformer.stepper, "_warned_min_len", False)
     theirs = exported.ct2.decode(srcs, cfg)
     assert tokens(theirs) == tokens(ours)
     lengths = [len(h[0].tokens) for h in ours]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
-from transformer import search
+from transformer import stepper
+from transformer.beam import length_penalty, topk_rows
 from transformer.config import BOS_ID, EOS_ID, DecodingConfig
 from transformer.controls import PieceControls
 from transformer.models import Ensemble
@@ -18,9 +19,7 @@ from transformer.search import (
     decode_corpus,
     filter_logits,
     generate,
-    length_penalty,
     max_lengths,
-    topk_rows,
 )
 
 SRC = torch.tensor([[5, 6, 7, 8, 9, 3], [10, 11, 3, 0, 0, 0], [12, 13, 4, 3, 0, 0]])
@@ -223,7 +222,7 @@ READS = ("item", "tolist", "nonzero", "__int__", "__index__", "__float__", "__bo
 
 def count_reads(monkeypatch, model, src, cfg):
     """Host reads of tensor values (``READS``) and steps of one ``generate``."""
-    from transformer.search import _Stepper
+    from transformer.stepper import Stepper
 
     counts = {"reads": 0, "steps": 0}
 
@@ -239,7 +238,7 @@ def count_reads(monkeypatch, model, src, cfg):
             patch.setattr(
                 torch.Tensor, name, counting(getattr(torch.Tensor, name), "reads")
             )
-        patch.setattr(_Stepper, "step", counting(_Stepper.step, "steps"))
+        patch.setattr(Stepper, "step", counting(Stepper.step, "steps"))
         results = generate(model, src, cfg)
     return counts["reads"], counts["steps"], results
 
@@ -371,8 +370,8 @@ def test_bf16_row_buckets_change_nothing_but_row_counts(name, strategy, monkeypa
 
     monkeypatch.setattr(type(members[0]), "decode", counting)
     runs = {}
-    for bucket in (0, search.ROW_BUCKET):
-        monkeypatch.setattr(search, "ROW_BUCKET", bucket)
+    for bucket in (0, stepper.ROW_BUCKET):
+        monkeypatch.setattr(stepper, "ROW_BUCKET", bucket)
         rows.clear()
         plain = generate(model, src, cfg)
         prefixed = generate(model, src[:8], cfg, controls=controls)
@@ -383,12 +382,12 @@ def test_bf16_row_buckets_change_nothing_but_row_counts(name, strategy, monkeypa
         for x, y in zip(a, b, strict=True):
             assert [h.score for h in x] == pytest.approx([h.score for h in y], abs=1e-4)
     per = cfg.beam_size if strategy == "beam" else 1
-    unit = per * -(-search.ROW_BUCKET // per)
+    unit = per * -(-stepper.ROW_BUCKET // per)
     later = [n for n in seen if n not in (src.size(0), 8)]
     assert later and all(n % unit == 0 for n in later)
     assert len(set(seen)) < len(set(runs[0][2]))  # fewer shapes than unpadded
 
 
 def test_float32_search_does_not_pad_rows(half_trained):
-    stepper = search._Stepper(half_trained, half_trained.encode(SRC), True, False)
-    assert stepper.bucket == 0
+    step = stepper.Stepper(half_trained, half_trained.encode(SRC), True, False)
+    assert step.bucket == 0

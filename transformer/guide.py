@@ -3,8 +3,9 @@
 forbidden phrases, and required phrases met by dynamic beam allocation (Post &
 Vilar 2018, vectorized as Hu et al. 2019).
 
-``search.py`` drives the loops and asks the ``Guide`` of a batch what each step
-may take; ``allocate`` is beam search's candidate order under constraints.
+``search.py`` and ``beam.py`` drive the loops and ask the ``Guide`` of a batch
+what each step may take; ``allocate`` is beam search's candidate order under
+constraints.
 """
 
 from __future__ import annotations

@@ -35,18 +35,14 @@ from typing import Any
 import torch
 
 from transformer.alignment import pharaoh, source_words, target_words, word_links
+from transformer.beam import length_penalty
 from transformer.config import BOS_ID, EOS_ID, ConfigError, DataConfig, DecodingConfig
 from transformer.controls import ControlError, Controls, PieceControls, encode_controls
 from transformer.data.languages import Direction, direction, warn_zero_shot
 from transformer.export.common import EXPORT_INFO, ExportError, import_ctranslate2
 from transformer.inference import Translation
 from transformer.scoring import PairScore
-from transformer.search import (
-    Hypothesis,
-    check_min_len,
-    length_penalty,
-    warn_min_len_cut,
-)
+from transformer.search import Hypothesis, check_min_len, warn_min_len_cut
 from transformer.tokenizer import Tokenizer, read_vocabulary
 
 log = logging.getLogger(__name__)
