@@ -70,6 +70,24 @@ def attention_weights(
     return scores.softmax(dim=-1)
 
 
+#: at most this many queries per row and head (a decoding step's one, or the
+#: beams of a sentence in cross-attention) make a few-query call
+FEW_QUERIES = 16
+
+
+def few_query_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
+) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v as two float32 products, for bf16 tensors on a
+    CPU with a few queries: there SDPA's bf16 kernel spends most of its time
+    setting up the blocks of its matrix units rather than computing, while
+    these products take the inputs as exact float32 values (the output is
+    rounded back to ``q``'s dtype). Shapes as ``reference_attention``'s."""
+    with torch.autocast(q.device.type, enabled=False):
+        weights = attention_weights(q.float(), k.float(), mask)
+        return (weights @ v.float()).to(q.dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Shared parts of self- and cross-attention: head split/merge and the kernel.
 
@@ -109,6 +127,14 @@ class MultiHeadAttention(nn.Module):
                 weights = weights.view(-1, h, group, t, weights.size(-1))
                 weights = weights.transpose(1, 2).reshape(b, h, t, -1)
             self.weights = weights
+        elif (
+            q.size(2) <= FEW_QUERIES
+            and q.dtype == torch.bfloat16
+            and q.device.type == "cpu"
+            and not is_causal
+            and not (self.training and self.dropout > 0)
+        ):
+            out = few_query_attention(q, k, v, mask)
         elif self.training and self.dropout > 0 and uses_bits(q):
             # SDPA's CPU kernel with dropout is its math path anyway, drawing
             # the mask with torch's slow generator: the same math, our mask

@@ -44,6 +44,7 @@ from transformer.config import Config, ConfigError, DecodingConfig
 from transformer.controls import ControlError, Controls, PieceControls, encode_controls
 from transformer.data.languages import Direction, direction, warn_zero_shot
 from transformer.models import Ensemble, create_model
+from transformer.packed import pack_linear_layers
 from transformer.precision import effective_precision, quantize_int8
 from transformer.scoring import PairScore, score_pairs
 from transformer.search import Hypothesis, check_min_len, decode_corpus, length_limits
@@ -167,7 +168,8 @@ def set_precision(model: nn.Module, precision: str) -> nn.Module:
     activations use the bf16 matmuls of AVX-512 CPUs and GPUs; int8 quantizes the
     linear layers (CPU only, ``precision.quantize_int8``); the search still ranks
     float32 log-probabilities. Without native bf16 (``precision.native_bf16``)
-    bf16 stays float32, with a warning."""
+    bf16 stays float32, with a warning. On a CPU, bf16 linear layers keep their
+    weights packed for oneDNN (``packed.pack_linear_layers``)."""
     device = next(model.parameters()).device
     if precision == "int8":
         if device.type != "cpu":
@@ -178,6 +180,8 @@ def set_precision(model: nn.Module, precision: str) -> nn.Module:
         return quantize_int8(model)
     if effective_precision(device, precision, "decoding.precision") == "bf16":
         model.to(torch.bfloat16)
+        if device.type == "cpu":
+            pack_linear_layers(model)
     return model
 
 
