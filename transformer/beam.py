@@ -219,8 +219,10 @@ def beam_search(
             )
             unmet = guide.unmet(cand_met[:, :k])
         else:
-            # a sentence's best 2K candidates are among the best 2K of each row
-            width = min(2 * k, logp.size(-1))
+            # what the step uses, the best K candidates and the best K that do
+            # not end (among the best 2K: a row ends with one token only), are
+            # among each row's best K + 1
+            width = min(k + 1, logp.size(-1))
             row_scores, row_tokens = topk_rows(logp, width)  # (n * rows, W)
             cand = beam_scores[:, :rows, None] + row_scores.view(n, rows, width)
             cand, row_tokens = cand.view(n, -1), row_tokens.view(n, -1)
