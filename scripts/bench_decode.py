@@ -45,10 +45,19 @@ def ctranslate2_available(args) -> bool:
 
 
 def bench_ctranslate2(
-    model, tokenizer, sources, refs, runs, device, export_dir: Path, repeats=1
+    model,
+    tokenizer,
+    sources,
+    refs,
+    runs,
+    device,
+    export_dir: Path,
+    repeats=1,
+    budgets: tuple[int, ...] = (),
 ) -> dict:
     """Export with float32 and int8 weights; time greedy and beam 5 of each (the
-    median of ``repeats`` runs)."""
+    median of ``repeats`` runs); the int8 export in its own process also with
+    each batch budget of ``budgets`` (rows ``...@<budget>``)."""
     from transformer.evaluation import score_corpus
     from transformer.export import ExportedModel, export_model
 
@@ -79,6 +88,11 @@ def bench_ctranslate2(
                 path, sources, refs, dcfg, export_dir, repeats
             )
             logging.info("%s: %.1f sentences/s", key, results[key]["sentences_per_s"])
+            for budget in budgets if quantization else ():
+                other = replace(dcfg, max_tokens=budget)
+                results[f"{key}@{budget}"] = ctranslate2_process(
+                    path, sources, refs, other, export_dir, repeats
+                )
     return results
 
 
@@ -143,7 +157,12 @@ def bench_decode(args) -> dict:
     pairs = list(read_pairs(cfg.data, args.split))[: args.limit or None]
     sources = [s for s, _ in pairs]
     refs = [t for _, t in pairs]
-    lengths = {"max_len_a": cfg.decoding.max_len_a, "max_len_b": cfg.decoding.max_len_b}
+    main_budget, *budgets = dict.fromkeys(args.max_tokens)  # in order, once each
+    lengths = {
+        "max_len_a": cfg.decoding.max_len_a,
+        "max_len_b": cfg.decoding.max_len_b,
+        "max_tokens": main_budget,
+    }
     greedy_cfg = DecodingConfig(strategy="greedy", **lengths)
     runs = {
         "greedy_cached": (greedy_cfg, True),
@@ -158,7 +177,15 @@ def bench_decode(args) -> dict:
         with tempfile.TemporaryDirectory(prefix="bench-ct2-") as tmp:
             results.update(
                 bench_ctranslate2(
-                    model, tokenizer, sources, refs, runs, device, Path(tmp), repeats
+                    model,
+                    tokenizer,
+                    sources,
+                    refs,
+                    runs,
+                    device,
+                    Path(tmp),
+                    repeats,
+                    tuple(budgets),
                 )
             )
     loaded = model
@@ -193,6 +220,20 @@ def bench_decode(args) -> dict:
                 "int8 linear layers" if precision == "int8" else weights
             )
             logging.info("%s: %.1f sentences/s", name + suffix, len(sources) / seconds)
+            for budget in budgets if use_cache else ():
+                key = f"{name}{suffix}@{budget}"
+                results[key] = timed(
+                    model,
+                    tokenizer,
+                    sources,
+                    refs,
+                    replace(dcfg, max_tokens=budget),
+                    device,
+                    repeats,
+                )
+                row = results[key]
+                row["weights"] = results[name + suffix]["weights"]
+                logging.info("%s: %.1f sentences/s", key, row["sentences_per_s"])
             if args.compile and use_cache and not suffix:
                 results[f"{name}_compile"] = bench_compiled_decoding(
                     model, tokenizer, sources, refs, dcfg, device, repeats
@@ -242,23 +283,45 @@ def bench_decode(args) -> dict:
                 / results[f"{name}_cached_int8"]["seconds"]
                 for name in ("greedy", "beam5")
             }
-    # our fastest precision against CTranslate2's int8 in its own process
-    best = {}
+    # our fastest precision against CTranslate2's int8 in its own process: at
+    # the main batch budget, and each engine at its fastest budget
+    best, same = {}, {}
     for name in ("greedy", "beam5"):
-        ct2 = results.get(f"ct2_process_{name}_int8")
         ours = {
-            p: results[f"{name}_cached{s}"]
+            (p, b): results[key]
             for p, s in (("fp32", ""), ("int8", "_int8"), ("bf16", "_bf16"))
-            if f"{name}_cached{s}" in results
+            for b in args.max_tokens
+            for key in [f"{name}_cached{s}" + ("" if b == main_budget else f"@{b}")]
+            if key in results
         }
-        if ct2 and ours:
-            fastest = min(ours, key=lambda p: ours[p]["seconds"])
-            best[name] = {
-                "precision": fastest,
-                "speedup": ct2["seconds"] / ours[fastest]["seconds"],
-            }
+        theirs = {
+            b: results[key]
+            for b in args.max_tokens
+            for key in [
+                f"ct2_process_{name}_int8" + ("" if b == main_budget else f"@{b}")
+            ]
+            if key in results
+        }
+        if not (ours and theirs):
+            continue
+        at_main = [k for k in ours if k[1] == main_budget]
+        fastest = min(at_main, key=lambda k: ours[k]["seconds"])
+        same[name] = {
+            "precision": fastest[0],
+            "max_tokens": main_budget,
+            "speedup": theirs[main_budget]["seconds"] / ours[fastest]["seconds"],
+        }
+        fastest = min(ours, key=lambda k: ours[k]["seconds"])
+        their_best = min(theirs, key=lambda b: theirs[b]["seconds"])
+        best[name] = {
+            "precision": fastest[0],
+            "max_tokens": fastest[1],
+            "ct2_max_tokens": their_best,
+            "speedup": theirs[their_best]["seconds"] / ours[fastest]["seconds"],
+        }
     if best:
         result["best_speedup_over_ct2_process_int8"] = best
+        result["speedup_over_ct2_process_int8_same_budget"] = same
     if "greedy_cached_bf16" in results:
         greedy = results["greedy_cached_bf16"]["seconds"]
         result["bf16_beam5_time_over_greedy"] = (

@@ -186,6 +186,16 @@ def _main(argv: list[str] | None = None) -> int:
         "--compile", action="store_true", help="also time decoding.compile (fp32)"
     )
     decode.add_argument(
+        "--max-tokens",
+        type=int,
+        nargs="+",
+        default=[8192],
+        help="source tokens per batch (divided by the beam size for beam search); "
+        "the first is the main rows', each other times the cached rows and "
+        "CTranslate2's int8 process rows again (keys ...@N), and the best "
+        "speed-up over CTranslate2 takes each engine's fastest",
+    )
+    decode.add_argument(
         "--repeats",
         type=int,
         default=3,

@@ -160,21 +160,41 @@ def test_the_decode_benchmark_reports_the_median_of_its_repeats(tmp_path, multi3
     out = tmp_path / "decode.json"
     argv = ["decode", "--checkpoint", str(model), "--precision", "fp32", "int8"]
     argv += ["--limit", "8", "--repeats", "3", "--data-dir", str(multi30k_dir)]
+    argv += ["--max-tokens", "8192", "64"]  # a second budget: rows "...@64"
     assert benchmark.main([*argv, "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = result["runs"]
-    for name in ("greedy_cached", "beam5_cached_int8"):
+    for name in ("greedy_cached", "beam5_cached_int8", "beam5_cached_int8@64"):
         runs = rows[name]["seconds_runs"]
         assert len(runs) == 3 and rows[name]["seconds"] == sorted(runs)[1]
     assert "seconds_runs" not in rows["greedy_uncached"]  # the slow one: once
+    assert "greedy_uncached@64" not in rows
     if importlib.util.find_spec("ctranslate2"):
         ct2 = rows["ct2_process_beam5_int8"]
         assert (
             len(ct2["seconds_runs"]) == 3
             and ct2["seconds"] == sorted(ct2["seconds_runs"])[1]
         )
+        assert "ct2_process_beam5@64" not in rows  # float32 export: one budget
+        same = result["speedup_over_ct2_process_int8_same_budget"]
         for name, best in result["best_speedup_over_ct2_process_int8"].items():
             suffix = {"fp32": "", "int8": "_int8"}[best["precision"]]
-            theirs = rows[f"ct2_process_{name}_int8"]["seconds"]
-            ours = rows[f"{name}_cached{suffix}"]["seconds"]
-            assert best["speedup"] == pytest.approx(theirs / ours)
+            at = {8192: "", 64: "@64"}
+            theirs = rows[f"ct2_process_{name}_int8{at[best['ct2_max_tokens']]}"]
+            ours = rows[f"{name}_cached{suffix}{at[best['max_tokens']]}"]
+            assert best["speedup"] == pytest.approx(theirs["seconds"] / ours["seconds"])
+            # each engine's fastest budget: no row of the same engine is faster
+            assert ours["seconds"] == min(
+                rows[f"{name}_cached{s}{b}"]["seconds"]
+                for s in ("", "_int8")
+                for b in at.values()
+            )
+            assert theirs["seconds"] == min(
+                rows[f"ct2_process_{name}_int8{b}"]["seconds"] for b in at.values()
+            )
+            assert same[name]["max_tokens"] == 8192
+            # ours at its fastest is no slower than our fastest at 8192
+            main_theirs = rows[f"ct2_process_{name}_int8"]["seconds"]
+            assert theirs["seconds"] / best["speedup"] <= (
+                main_theirs / same[name]["speedup"] + 1e-9
+            )
