@@ -127,6 +127,36 @@ def ctranslate2_process(
     return row
 
 
+def our_process(args, precision: str) -> dict:
+    """``benchmark.py decode`` for ``precision`` alone in a fresh process,
+    without CTranslate2: its rows."""
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        out = Path(tmp) / "rows.json"
+        command = [
+            sys.executable,
+            str(ROOT / "scripts" / "benchmark.py"),
+            "decode",
+            "--single",
+            "--no-ctranslate2",
+            f"--checkpoint={args.checkpoint}",
+            f"--split={args.split}",
+            f"--limit={args.limit}",
+            f"--precision={precision}",
+            "--max-tokens",
+            *map(str, args.max_tokens),
+            f"--repeats={args.repeats}",
+            f"--device={args.device}",
+            f"--threads={args.threads}",
+            f"--output={out}",
+        ]
+        if args.data_dir:
+            command.append(f"--data-dir={args.data_dir}")
+        if args.compile:
+            command.append("--compile")
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text(encoding="utf-8"))["runs"]
+
+
 def bench_compiled_decoding(
     model, tokenizer, sources, refs, dcfg, device, repeats=1
 ) -> dict:
@@ -188,8 +218,16 @@ def bench_decode(args) -> dict:
                     tuple(budgets),
                 )
             )
+    precisions = sorted(set(args.precision), key=["fp32", "int8", "bf16"].index)
+    if len(precisions) > 1 and not args.single:
+        # each precision in a process of its own, as a user decodes in one (and
+        # as CTranslate2's process rows run): none inherits another's heap and
+        # kernel caches
+        for precision in precisions:
+            results.update(our_process(args, precision))
+        precisions = []
     loaded = model
-    for precision in sorted(set(args.precision), key=["fp32", "int8", "bf16"].index):
+    for precision in precisions:
         # fp32 runs first, on the loaded weights; int8 quantizes a copy of them;
         # bf16 casts them, last
         model = copy.deepcopy(loaded) if precision == "int8" else loaded
