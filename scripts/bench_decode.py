@@ -219,10 +219,10 @@ def bench_decode(args) -> dict:
                 )
             )
     precisions = sorted(set(args.precision), key=["fp32", "int8", "bf16"].index)
-    if len(precisions) > 1 and not args.single:
+    if not args.single:
         # each precision in a process of its own, as a user decodes in one (and
         # as CTranslate2's process rows run): none inherits another's heap and
-        # kernel caches
+        # kernel caches, nor those of CTranslate2's in-process rows
         for precision in precisions:
             results.update(our_process(args, precision))
         precisions = []

@@ -28,7 +28,7 @@ second for greedy with and without the KV cache and for beam 5, in one run:
 
 With --precision fp32 bf16 the same run also times the model cast to bf16
 (decoding.precision: bf16; float32 where the CPU has no native bf16, see each row's
-"weights") and reports its speed-up; each precision then runs in a process of its
+"weights") and reports its speed-up. Each precision runs in a process of its
 own, as a user decodes (peak RSS is that process's). --max-tokens 8192 16384 times
 the cached searches at each batch budget. With --compile it also
 times the cached searches with decoding.compile: a first run, which compiles, and

@@ -81,9 +81,17 @@ def test_packed_linear_trains_and_copies_like_a_linear_layer():
     assert copied.weight.data_ptr() != packed.weight.data_ptr()
 
 
+def biased(model):
+    """A tied output layer with a bias of its own (a Marian import's)."""
+    with torch.no_grad():
+        model.final_logits_bias.normal_(0, 0.5)
+    return model
+
+
 BUILDERS = {
     "transformer": lambda: tiny_model(3),
     "untied": lambda: tiny_model(3, tie_output_embeddings=False),
+    "logits_bias": lambda: biased(tiny_model(3, final_logits_bias=True)),
     "rnn": lambda: tiny_model(3, arch="rnn", rnn_hidden=32),
     "decoder_only": lambda: tiny_model(3, arch="decoder_only"),
     "ensemble": lambda: Ensemble([tiny_model(3), tiny_model(4)]).eval(),
@@ -100,6 +108,8 @@ def test_packing_changes_no_translation(name, strategy):
     plain = copy.deepcopy(model)
     pack_linear_layers(model)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if name == "logits_bias":  # its tied output layer keeps the fused bias
+        assert model.output_proj is None
     if packing_available():
         assert linears and all(type(m) is PackedLinear for m in linears)
     else:
@@ -149,8 +159,8 @@ def test_few_query_attention_is_float32_math_of_the_bf16_values(queries, masked)
 
 def test_a_bf16_decoding_step_takes_the_few_query_path(monkeypatch):
     """One query per row (and a sentence's beams, grouped, in cross-attention)
-    on bf16 CPU tensors: few-query attention; many queries, float32 or a causal
-    mask: SDPA."""
+    on bf16 CPU tensors without autograd: few-query attention; many queries,
+    float32, a causal mask or autograd (training): SDPA."""
     calls = []
     real = attention.few_query_attention
     monkeypatch.setattr(
@@ -181,3 +191,19 @@ def test_a_bf16_decoding_step_takes_the_few_query_path(monkeypatch):
     with torch.inference_mode():
         layer.attend(q, kv, kv, torch.ones(2, 1, 1, 5, dtype=torch.bool), False)
     assert calls == [3]
+    # with autograd, as in training: SDPA
+    calls.clear()
+    q = k = v = torch.randn(2, 4, 1, 8).to(torch.bfloat16)
+    layer.attend(q, k, v, None, False)
+    assert calls == []
+
+
+def test_few_query_attention_gives_a_query_with_no_key_zeros_as_sdpa():
+    q, k, v = (torch.randn(3, 2, n, 8).to(torch.bfloat16) for n in (1, 4, 4))
+    mask = torch.ones(3, 1, 1, 4, dtype=torch.bool)
+    mask[1] = False  # row 1 may attend nothing
+    out = few_query_attention(q, k, v, mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(sdpa[1], out[1])
+    assert torch.isfinite(out).all()

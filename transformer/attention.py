@@ -82,9 +82,12 @@ def few_query_attention(
     CPU with a few queries: there SDPA's bf16 kernel spends most of its time
     setting up the blocks of its matrix units rather than computing, while
     these products take the inputs as exact float32 values (the output is
-    rounded back to ``q``'s dtype). Shapes as ``reference_attention``'s."""
+    rounded back to ``q``'s dtype). A query that may attend no key gets zeros,
+    as from SDPA. Shapes as ``reference_attention``'s."""
     with torch.autocast(q.device.type, enabled=False):
         weights = attention_weights(q.float(), k.float(), mask)
+        if mask is not None:
+            weights = weights.nan_to_num(0.0)
         return (weights @ v.float()).to(q.dtype)
 
 
@@ -128,11 +131,13 @@ class MultiHeadAttention(nn.Module):
                 weights = weights.transpose(1, 2).reshape(b, h, t, -1)
             self.weights = weights
         elif (
-            q.size(2) <= FEW_QUERIES
+            # inference only (training keeps SDPA); the size test last, so that
+            # a compiled training step holds no guard on it
+            not torch.is_grad_enabled()
             and q.dtype == torch.bfloat16
             and q.device.type == "cpu"
             and not is_causal
-            and not (self.training and self.dropout > 0)
+            and q.size(2) <= FEW_QUERIES
         ):
             out = few_query_attention(q, k, v, mask)
         elif self.training and self.dropout > 0 and uses_bits(q):

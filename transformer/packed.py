@@ -12,8 +12,11 @@ the speed.
 
 The packed path runs only without autograd, on bf16 CPU inputs; anything else
 (training, a float32 input, a moved model) takes ``nn.Linear``'s own. A weight
-changed in place after packing (a ``load_state_dict``) is packed again at the
-next call, so the copy can never go stale.
+changed in place through autograd's view of it (``load_state_dict``, ``copy_``
+under ``no_grad``) is packed again at the next call; an edit through ``.data``
+bypasses the version counter that tells. A packed model is for decoding: a tied
+output layer becomes a module of its own (``output_proj``, as int8's does), so
+its state dict gains that key, and int8 quantization does not see packed layers.
 """
 
 from __future__ import annotations
@@ -107,7 +110,10 @@ def pack_linear_layers(model: nn.Module) -> nn.Module:
     if not packing_available():
         return model
     for member in getattr(model, "models", [model]):
-        if getattr(member, "output_proj", True) is None:
+        # (a tied layer with a bias of its own, a Marian import's, keeps its one
+        # fused product: as a module of its own the bias would round separately)
+        tied = getattr(member, "output_proj", True) is None
+        if tied and getattr(member, "final_logits_bias", None) is None:
             member.output_proj = PackedLinear(member.tgt_embed.weight, None)
     for module in list(model.modules()):
         fc1 = getattr(module, "fc1", None)
