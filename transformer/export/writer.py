@@ -35,7 +35,7 @@ from transformer.export.common import (
     import_ctranslate2,
     write_folder,
 )
-from transformer.inference import load_model
+from transformer.loading import load_model
 from transformer.models import Transformer
 from transformer.tokenizer import SPECIAL_IDS, Tokenizer
 

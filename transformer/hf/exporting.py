@@ -420,7 +420,7 @@ def export_hf_checkpoint(
     """Export a checkpoint (any ``load_checkpoint`` reads) as a MarianMT folder
     (``export_hf``); ``results``: the results files whose rows of this checkpoint
     the card quotes (default ``results/*.json``)."""
-    from transformer.inference import load_model
+    from transformer.loading import load_model
 
     import_transformers()  # fail before the (slower) checkpoint load
     check_output_folder(Path(output), force)

@@ -20,7 +20,7 @@ import torch
 
 from transformer.checkpoint import WEIGHTS, CheckpointError
 from transformer.config import ConfigError
-from transformer.inference import resolve_device
+from transformer.loading import resolve_device
 from transformer.serve.app import ApiError, create_app
 from transformer.serve.batching import Batcher, Job, QueueFull
 from transformer.serve.models import (

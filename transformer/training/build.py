@@ -19,7 +19,7 @@ from transformer.data import (
 )
 from transformer.data.languages import Direction, direction, temperature_factors
 from transformer.data.resegment import Resegmenter
-from transformer.inference import resolve_device
+from transformer.loading import resolve_device
 from transformer.models import create_model
 from transformer.tokenizer import Tokenizer
 from transformer.training.distributed import Distributed
