@@ -324,21 +324,21 @@ def bench_decode(args) -> dict:
     # our fastest precision against CTranslate2's int8 in its own process: at
     # the main batch budget, and each engine at its fastest budget
     best, same = {}, {}
+
+    def at(budget: int) -> str:  # the key suffix of a budget's rows
+        return "" if budget == main_budget else f"@{budget}"
+
     for name in ("greedy", "beam5"):
         ours = {
-            (p, b): results[key]
+            (p, b): results[f"{name}_cached{s}{at(b)}"]
             for p, s in (("fp32", ""), ("int8", "_int8"), ("bf16", "_bf16"))
             for b in args.max_tokens
-            for key in [f"{name}_cached{s}" + ("" if b == main_budget else f"@{b}")]
-            if key in results
+            if f"{name}_cached{s}{at(b)}" in results
         }
         theirs = {
-            b: results[key]
+            b: results[f"ct2_process_{name}_int8{at(b)}"]
             for b in args.max_tokens
-            for key in [
-                f"ct2_process_{name}_int8" + ("" if b == main_budget else f"@{b}")
-            ]
-            if key in results
+            if f"ct2_process_{name}_int8{at(b)}" in results
         }
         if not (ours and theirs):
             continue
