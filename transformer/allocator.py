@@ -39,11 +39,9 @@ def reuse_freed_memory(single_arena: bool = True) -> bool:
     is made of 64 MiB mmapped heaps whose larger blocks would still be mapped
     afresh. A decoding process (``Translator.load``) passes False: there the
     step's large blocks (the cache's keys and values, the logits) come from the
-    main thread, and one arena for every thread made a bf16 beam search slower
-    (2.9 -> 3.4 s on 1,000 sentences), while the two other settings alone made
-    it faster: bf16 greedy 0.93 -> 0.82 s, beam 5 2.9 -> 2.75 s, int8 greedy
-    1.07 -> 0.94 s (``benchmarks/decode_amx.json``'s model, 2 threads), from
-    some 170,000 page faults per run to none.
+    main thread, and one arena for every thread made a bf16 beam search slower,
+    while the two other settings alone made it faster (the benchmarks page,
+    decoding on the CPU with AMX).
     """
     global _done
     if _done:

@@ -110,8 +110,8 @@ class Stepper:
         sentence's) to a multiple of ``bucket``, or of the fewest whole
         sentences that hold that many rows (20 for beam 5): then each decoder product
         sees one of a few row counts, not a new one whenever a sentence ends,
-        and oneDNN, which builds a bf16 kernel for every new shape (about
-        1 ms each, ``benchmarks/decode_amx.json``), builds few. ``step``
+        and oneDNN, which builds a bf16 kernel for every new shape (the
+        benchmarks page has the cost), builds few. ``step``
         drops the padding rows' output.
         """
         if self.cache is not None:
