@@ -1,5 +1,6 @@
 """CPU-only speed paths must not change what is computed: the dropout mask drawn
-from random bits, and the allocator setting that keeps freed memory mapped."""
+from random bits, bf16 training's attention by the plain math, and the allocator
+setting that keeps freed memory mapped."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from transformer.allocator import (
     bound_kernel_caches,
     reuse_freed_memory,
 )
-from transformer.attention import SelfAttention
+from transformer import attention
+from transformer.attention import SelfAttention, reference_attention
 from transformer.dropout import Dropout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +109,68 @@ def test_attention_dropout_drops_weights_at_rate_p_and_is_unbiased(dropout_path)
     xp[0, 4:] += 100.0
     torch.manual_seed(3)
     torch.testing.assert_close(run(xp)[0, :4], first[0, :4])
+
+
+def attention_and_grads(q, k, v, mask, causal, path):
+    """Output and q/k/v gradients of ``SelfAttention.attend`` (without its output
+    projection) on copies of q, k, v, by ``path`` ("sdpa" or "math")."""
+    layer = SelfAttention(q.size(1) * q.size(3), q.size(1), dropout=0.0).train()
+    layer.out_proj = torch.nn.Identity()
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    keys = attention.MATH_KEYS
+    if path == "sdpa":  # too many keys for the math: SDPA
+        attention.MATH_KEYS = 0
+    try:
+        out = layer.attend(q, k, v, mask, causal)
+    finally:
+        attention.MATH_KEYS = keys
+    g = torch.Generator().manual_seed(0)
+    out.backward(torch.randn(out.shape, generator=g).to(out.dtype))
+    return [out.double(), *(x.grad.double() for x in (q, k, v))]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["padded", "causal"])
+def test_bf16_training_attention_by_the_math_is_close_to_float64(causal, monkeypatch):
+    """bf16 CPU attention under autograd, with no dropout, runs the plain math
+    (SDPA's bf16 kernel trains several times slower there), as with dropout:
+    its output and gradients are within a few bf16 roundings of float64.
+    Float32, inference, too many keys: SDPA."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = ((torch.randn(5, 4, 12, 16, generator=g) * 2) for _ in range(3))
+    mask = None
+    if not causal:
+        mask = torch.ones(5, 1, 1, 12, dtype=torch.bool)
+        mask[::2, ..., 8:] = False
+    calls = []
+    real = attention.attention_weights
+    monkeypatch.setattr(
+        attention, "attention_weights", lambda *a: calls.append(1) or real(*a)
+    )
+    bf16 = [x.to(torch.bfloat16) for x in (q, k, v)]
+    math = attention_and_grads(*bf16, mask, causal, "math")
+    assert len(calls) == 1
+    sdpa = attention_and_grads(*bf16, mask, causal, "sdpa")
+    assert len(calls) == 1  # SDPA beyond MATH_KEYS
+    exact = attention_and_grads(*(x.double() for x in bf16), mask, causal, "math")
+    assert len(calls) == 1  # float64: SDPA, the float64 reference
+    # the output and each gradient: within a few bf16 roundings (2^-9 relative
+    # each) of float64, as the bf16 scores and weights round; SDPA, which keeps
+    # its scores in float32, is up to twice as close
+    for ours, theirs, want in zip(math, sdpa, exact, strict=True):
+        error = (ours - want).abs().mean()
+        assert error <= 0.01 * want.abs().mean()
+        assert error <= 3 * (theirs - want).abs().mean()
+    # the reference itself is the formula
+    weights_out, _ = reference_attention(*(x.double() for x in bf16), mask, causal)
+    torch.testing.assert_close(exact[0], weights_out.transpose(1, 2).flatten(2))
+    # when: bf16 under autograd up to MATH_KEYS keys; not float32, not inference
+    q, k = (x.requires_grad_() for x in bf16[:2])
+    assert attention.trains_faster_by_math(q, k)
+    assert not attention.trains_faster_by_math(q.float(), k.float())
+    with torch.no_grad():
+        assert not attention.trains_faster_by_math(q, k)
+    long = torch.zeros(5, 4, attention.MATH_KEYS + 1, 16, dtype=torch.bfloat16)
+    assert not attention.trains_faster_by_math(q, long)
 
 
 def minor_faults() -> int:

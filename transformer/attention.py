@@ -70,6 +70,26 @@ def attention_weights(
     return scores.softmax(dim=-1)
 
 
+#: bf16 training on a CPU attends by the plain math (``attention_weights``, then
+#: the product with the values, autograd through both) up to this many keys:
+#: there SDPA's bf16 CPU kernel trains several times slower (its backward; the
+#: benchmarks page has the measurements), beyond it the two are about even
+MATH_KEYS = 256
+
+
+def trains_faster_by_math(q: Tensor, k: Tensor) -> bool:
+    """Would attention over ``q``, ``k`` (bf16 CPU tensors under autograd)
+    train faster as the plain math than in SDPA? Compiled too, so that a
+    compiled step computes what an eager one does."""
+    return (
+        q.requires_grad
+        and torch.is_grad_enabled()
+        and q.dtype == torch.bfloat16
+        and q.device.type == "cpu"
+        and k.size(-2) <= MATH_KEYS  # last: a compiled step's only size guard
+    )
+
+
 #: at most this many queries per row and head (a decoding step's one, or the
 #: beams of a sentence in cross-attention) make a few-query call
 FEW_QUERIES = 16
@@ -140,11 +160,13 @@ class MultiHeadAttention(nn.Module):
             and q.size(2) <= FEW_QUERIES
         ):
             out = few_query_attention(q, k, v, mask)
-        elif self.training and self.dropout > 0 and uses_bits(q):
+        elif (self.training and self.dropout > 0 and uses_bits(q)) or (
+            trains_faster_by_math(q, k)
+        ):
             # SDPA's CPU kernel with dropout is its math path anyway, drawing
             # the mask with torch's slow generator: the same math, our mask
             weights = attention_weights(q, k, mask, is_causal)
-            out = dropout(weights, self.dropout, True) @ v
+            out = dropout(weights, self.dropout, self.training) @ v
         else:
             out = F.scaled_dot_product_attention(
                 q,
