@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import transformer.dropout as dropout_module
+from transformer import attention
 from transformer.allocator import (
     KERNEL_CACHES,
     bound_kernel_caches,
     reuse_freed_memory,
 )
-from transformer import attention
 from transformer.attention import SelfAttention, reference_attention
 from transformer.dropout import Dropout
 
