@@ -68,19 +68,21 @@ def _smoothed_ce(
             real = y != ignore
             top = z.amax(dim=-1, keepdim=True).to(acc)  # (C, 1)
             out = grad[rows] if in_place else buffer[: z.size(0)]
-            e = torch.sub(z, top, out=out).exp_()  # the chunk's float32 pass
+            shifted = torch.sub(z, top, out=out)  # the chunk's float32 copy
+            # mean(z) from the float32 chunk: no second float32 copy of z
+            mean = shifted.mean(dim=-1) + top.squeeze(1)
+            e = shifted.exp_()
             mass = e.sum(dim=-1)  # (C,)
             lse = top.squeeze(1) + mass.log()
             picked = z.gather(1, torch.where(real, y, 0)[:, None]).squeeze(1)
-            mean = z.mean(dim=-1, dtype=acc)
             loss = lse - (1.0 - epsilon) * picked.to(acc) - epsilon * mean
             total += torch.where(real, loss, 0.0).sum()
             if with_grad:  # softmax - (1 - eps) onehot - eps / V on real rows
                 keep = real.to(acc)[:, None]  # (C, 1)
-                e.mul_(keep / mass[:, None])
+                e.mul_(keep / mass[:, None]).sub_(keep * (epsilon / v))
                 e.scatter_add_(1, y[:, None].clamp(0, v - 1), keep * (epsilon - 1.0))
-                # the last pass writes the gradient in its own dtype
-                torch.sub(e, keep * (epsilon / v), out=grad[rows])
+                if not in_place:  # one pass of conversion to the gradient's dtype
+                    grad[rows].copy_(e)
     return total, grad
 
 
