@@ -163,6 +163,15 @@ def test_bf16_training_attention_by_the_math_is_close_to_float64(causal, monkeyp
     # the reference itself is the formula
     weights_out, _ = reference_attention(*(x.double() for x in bf16), mask, causal)
     torch.testing.assert_close(exact[0], weights_out.transpose(1, 2).flatten(2))
+    # evaluation mode under autograd (a score's gradient): the math, no dropout
+    calls.clear()
+    layer = SelfAttention(64, 4, dropout=0.5).eval()
+    layer.out_proj = torch.nn.Identity()
+    q, k, v = (x.detach().clone().requires_grad_() for x in bf16)
+    torch.testing.assert_close(
+        layer.attend(q, k, v, mask, causal), math[0].to(torch.bfloat16).view(5, 12, 64)
+    )
+    assert len(calls) == 1
     # when: bf16 under autograd up to MATH_KEYS keys; not float32, not inference
     q, k = (x.requires_grad_() for x in bf16[:2])
     assert attention.trains_faster_by_math(q, k)

@@ -86,7 +86,9 @@ def trains_faster_by_math(q: Tensor, k: Tensor) -> bool:
         and torch.is_grad_enabled()
         and q.dtype == torch.bfloat16
         and q.device.type == "cpu"
-        and k.size(-2) <= MATH_KEYS  # last: a compiled step's only size guard
+        # last: a compiled step's only size guards (a batch whose sources or
+        # targets cross MATH_KEYS compiles once more)
+        and k.size(-2) <= MATH_KEYS
     )
 
 
@@ -151,8 +153,8 @@ class MultiHeadAttention(nn.Module):
                 weights = weights.transpose(1, 2).reshape(b, h, t, -1)
             self.weights = weights
         elif (
-            # inference only (training keeps SDPA); the size test last, so that
-            # a compiled training step holds no guard on it
+            # inference only (autograd goes on below); the size test last, so
+            # that a compiled training step holds no guard on it
             not torch.is_grad_enabled()
             and q.dtype == torch.bfloat16
             and q.device.type == "cpu"
@@ -164,7 +166,10 @@ class MultiHeadAttention(nn.Module):
             trains_faster_by_math(q, k)
         ):
             # SDPA's CPU kernel with dropout is its math path anyway, drawing
-            # the mask with torch's slow generator: the same math, our mask
+            # the mask with torch's slow generator: the same math, our mask;
+            # and bf16 under autograd, where SDPA's backward is the slow one.
+            # A query with no key to attend gets NaN here (SDPA: zeros); no
+            # batch has one, as every source ends in <eos>.
             weights = attention_weights(q, k, mask, is_causal)
             out = dropout(weights, self.dropout, self.training) @ v
         else:
