@@ -69,10 +69,13 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", params=["source", "target"])
 def trained(request, corpus) -> Path:
-    """A toy model trained on both directions, with the tag on either side."""
+    """A toy model trained on both directions, with the tag on either side; in
+    float32, so that its validation decodes as ``transformer-eval`` does (bf16
+    validation against float32 evaluation differed by a sentence)."""
     from transformer.training import train
 
-    return train(config(corpus, f"run_{request.param}", f"data.tag={request.param}"))
+    tag = f"data.tag={request.param}"
+    return train(config(corpus, f"run_{request.param}", tag, "training.precision=fp32"))
 
 
 # --- tags ---
