@@ -25,6 +25,7 @@ from transformer.config import (
     DecodingConfig,
 )
 from transformer.guide import Guide
+from transformer.inductor_cpu import vectorize_bool_masks
 from transformer.models import Memory
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Stepper:
         self.prefix: Tensor | None = None
         self.compiled = None
         if use_cache and compile:
+            vectorize_bool_masks()
             self.compiled = torch.compile(model.decode, dynamic=True)
         weights = next(model.parameters())
         self.bucket = (

@@ -24,6 +24,7 @@ from transformer.config import Config
 from transformer.data import Batch
 from transformer.data.readers import check_split
 from transformer.data.workers import worker_failure
+from transformer.inductor_cpu import vectorize_bool_masks
 from transformer.models import count_parameters
 from transformer.precision import effective_precision
 from transformer.training.build import (
@@ -83,7 +84,10 @@ class Trainer:
         self.precision = effective_precision(
             self.device, t.precision, "training.precision"
         )
-        self._objective = torch.compile(forward_loss) if t.compile else forward_loss
+        self._objective = forward_loss
+        if t.compile:
+            vectorize_bool_masks()
+            self._objective = torch.compile(forward_loss)
         self.optimizer, self.scheduler, self.scaler = build_optimizer(
             cfg, self.model, self.device
         )

@@ -1,0 +1,80 @@
+"""Inductor's CPU kernels with boolean masks (``transformer.inductor_cpu``): the
+vectorised loads and stores are the ones generated, and compute what eager does.
+
+Each case compiles C++ with inductor (seconds each, without its caches so that
+the code is generated here): slow lane."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._inductor import config
+from torch._inductor.utils import run_and_get_code
+
+from transformer.inductor_cpu import torch_is_patched, vectorize_bool_masks
+
+pytestmark = pytest.mark.slow
+
+STORE_MARK = "m_[j_].store("  # only in the line that vectorize_bool_masks writes
+LOAD_MARK = "reinterpret_cast<const float*>(b_)"
+
+
+@pytest.fixture
+def generated():
+    """Compile, run and return (outputs, generated C++ source) afresh."""
+
+    def run(fn, *args):
+        torch._dynamo.reset()
+        with config.patch(force_disable_caches=True):
+            out, code = run_and_get_code(torch.compile(fn, dynamic=False), *args)
+        return out, "\n".join(code)
+
+    applied = vectorize_bool_masks()
+    assert applied == torch_is_patched()
+    return run
+
+
+def relu_and_mask(x):
+    y = torch.relu(x)
+    return y, y <= 0
+
+
+def select_by_mask(x, m):
+    return torch.where(m, x * 3, x - 1)
+
+
+# sizes with a vector tail (not a multiple of 16 or 32 lanes) and without
+@pytest.mark.parametrize("shape", [(1001,), (7, 37), (64, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masks_stored_and_loaded_as_eager_does(generated, shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(dtype)
+    (y, mask), code = generated(relu_and_mask, x)
+    want_y, want_mask = relu_and_mask(x)
+    assert mask.dtype == torch.bool and torch.equal(mask, want_mask)
+    assert torch.equal(y, want_y)
+
+    m = torch.rand(shape, generator=g) < 0.4
+    out, code_load = generated(select_by_mask, x, m)
+    assert torch.equal(out, select_by_mask(x, m))
+    if torch_is_patched():
+        assert STORE_MARK in code
+        assert LOAD_MARK in code_load
+
+
+def test_relu_gradient_through_the_saved_mask(generated):
+    """ReLU's backward reads the bool mask the compiled forward stored."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 123, generator=g, requires_grad=True)
+    w = torch.randn(5, 123, generator=g)
+
+    def f(x):
+        return (torch.relu(x * 2) * w).sum()
+
+    loss, _ = generated(f, x)
+    loss.backward()
+    x2 = x.detach().clone().requires_grad_()
+    f(x2).backward()
+    assert torch.equal(x.grad, x2.grad)
+    assert torch.allclose(loss, f(x2.detach()))
