@@ -1,5 +1,6 @@
-"""Inductor's CPU kernels with boolean masks (``transformer.inductor_cpu``): the
-vectorised loads and stores are the ones generated, and compute what eager does.
+"""Inductor's CPU kernels: boolean masks (``transformer.inductor_cpu``), whose
+vectorised loads and stores are the ones generated and compute what eager does,
+and dropout's random bits drawn by a custom operator (``transformer.dropout``).
 
 Each case compiles C++ with inductor (seconds each, without its caches so that
 the code is generated here): slow lane."""
@@ -12,6 +13,7 @@ import torch._dynamo
 from torch._inductor import config
 from torch._inductor.utils import run_and_get_code
 
+from transformer.dropout import Dropout
 from transformer.inductor_cpu import torch_is_patched, vectorize_bool_masks
 
 pytestmark = pytest.mark.slow
@@ -78,3 +80,35 @@ def test_relu_gradient_through_the_saved_mask(generated):
     f(x2).backward()
     assert torch.equal(x.grad, x2.grad)
     assert torch.allclose(loss, f(x2.detach()))
+
+
+def test_compiled_dropout_draws_bits_once_per_call_and_its_backward_reuses_them():
+    """Under inductor, dropout's bits come from the ``random_bits`` operator:
+    two draws of one tensor are not merged into one, each drops at rate p, the
+    backward pass applies the forward's masks (not a fresh draw), and a seed
+    repeats the draw."""
+    p = 0.5
+    d = Dropout(p).train()
+
+    def two_draws(x):
+        return d(x), d(x) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(two_draws)
+    g = torch.Generator().manual_seed(2)
+    x = (torch.rand(64, 257, generator=g) + 0.5).requires_grad_()
+    g1, g2 = torch.randn(64, 257, generator=g), torch.randn(64, 257, generator=g)
+    torch.manual_seed(7)
+    y1, y2 = compiled(x)
+    (y1 * g1 + y2 * g2).sum().backward()
+    kept1, kept2 = y1 != 0, y2 != 0
+    assert not torch.equal(kept1, kept2)
+    sd = (p * (1 - p) / x.numel()) ** 0.5
+    for kept in (kept1, kept2):
+        assert abs(1 - kept.float().mean().item() - p) < 5 * sd
+    torch.testing.assert_close(y1[kept1], x[kept1] / (1 - p))
+    want = (g1 * kept1 + g2 * 2 * kept2) / (1 - p)
+    torch.testing.assert_close(x.grad, want)
+    torch.manual_seed(7)
+    again, _ = compiled(x)
+    assert torch.equal(again, y1)
