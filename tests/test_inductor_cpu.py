@@ -7,14 +7,19 @@ the code is generated here): slow lane."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch._dynamo
 from torch._inductor import config
 from torch._inductor.utils import run_and_get_code
 
+from tests.test_search import SRC
+from transformer.config import DecodingConfig
 from transformer.dropout import Dropout
 from transformer.inductor_cpu import torch_is_patched, vectorize_bool_masks
+from transformer.search import generate
 
 pytestmark = pytest.mark.slow
 
@@ -112,3 +117,19 @@ def test_compiled_dropout_draws_bits_once_per_call_and_its_backward_reuses_them(
     torch.manual_seed(7)
     again, _ = compiled(x)
     assert torch.equal(again, y1)
+
+
+def test_decoding_compiled_by_inductor_finds_what_eager_finds(half_trained):
+    """``decoding.compile`` with inductor itself (the bool-mask change applied):
+    greedy and beam search return the hypotheses eager decoding returns."""
+    torch._dynamo.reset()
+    for strategy in ("greedy", "beam"):
+        cfg = DecodingConfig(strategy=strategy, beam_size=3, nbest=2)
+        want = generate(half_trained, SRC, cfg)
+        got = generate(half_trained, SRC, replace(cfg, compile=True))
+        assert [[h.tokens for h in hyps] for hyps in got] == [
+            [h.tokens for h in hyps] for hyps in want
+        ]
+        for hyps, wants in zip(got, want, strict=True):
+            for h, w in zip(hyps, wants, strict=True):
+                assert h.score == pytest.approx(w.score, abs=1e-4)
