@@ -24,17 +24,24 @@ from transformer.search import generate
 pytestmark = pytest.mark.slow
 
 STORE_MARK = "m_[j_].store("  # only in the line that vectorize_bool_masks writes
-LOAD_MARK = "reinterpret_cast<const float*>(b_)"
+LOAD_MARK = "::loadu(b_))"
+
+
+def vectorised() -> bool:
+    """Does inductor vectorise here (and so write the changed lines)?"""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return torch_is_patched() and bool(pick_vec_isa())
 
 
 @pytest.fixture
 def generated():
     """Compile, run and return (outputs, generated C++ source) afresh."""
 
-    def run(fn, *args):
+    def run(fn, *args, dynamic=False):
         torch._dynamo.reset()
         with config.patch(force_disable_caches=True):
-            out, code = run_and_get_code(torch.compile(fn, dynamic=False), *args)
+            out, code = run_and_get_code(torch.compile(fn, dynamic=dynamic), *args)
         return out, "\n".join(code)
 
     applied = vectorize_bool_masks()
@@ -65,9 +72,39 @@ def test_masks_stored_and_loaded_as_eager_does(generated, shape, dtype):
     m = torch.rand(shape, generator=g) < 0.4
     out, code_load = generated(select_by_mask, x, m)
     assert torch.equal(out, select_by_mask(x, m))
-    if torch_is_patched():
+    if vectorised():
         assert STORE_MARK in code
         assert LOAD_MARK in code_load
+
+
+def compare_all(x, y, b, u):
+    """Masks from comparisons of int64, float64 and bool inputs, a mask read
+    back and reduced, and a bool view of bytes (a ``Vectorized<bool>``, not a
+    ``VecMask``, in inductor's code)."""
+    both = (x > 3) & (y < 0.5) | b
+    bytes_as_bool = u.view(torch.bool).clone()
+    return (
+        both,
+        x == y.to(torch.int64),
+        both.sum(-1),
+        torch.where(both, y, -y),
+        bytes_as_bool,
+    )
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_masks_of_other_dtypes_and_dynamic_shapes(generated, dynamic):
+    g = torch.Generator().manual_seed(3)
+    for rows, cols in [(3, 37), (5, 64)]:  # a second shape: dynamic reuses the code
+        x = torch.randint(0, 7, (rows, cols), generator=g)
+        y = torch.rand(rows, cols, generator=g, dtype=torch.float64) * 7
+        b = torch.rand(rows, cols, generator=g) < 0.2
+        u = (torch.rand(rows, cols, generator=g) < 0.5).to(torch.uint8)
+        got, code = generated(compare_all, x, y, b, u, dynamic=dynamic)
+        for a, want in zip(got, compare_all(x, y, b, u), strict=True):
+            assert a.dtype == want.dtype and torch.equal(a, want)
+        if vectorised():
+            assert "Vectorized<bool>" in code and STORE_MARK in code
 
 
 def test_relu_gradient_through_the_saved_mask(generated):
@@ -88,7 +125,7 @@ def test_relu_gradient_through_the_saved_mask(generated):
 
 
 def test_compiled_dropout_draws_bits_once_per_call_and_its_backward_reuses_them():
-    """Under inductor, dropout's bits come from the ``random_bits`` operator:
+    """Under inductor, dropout's bits come from the ``random_bits_`` operator:
     two draws of one tensor are not merged into one, each drops at rate p, the
     backward pass applies the forward's masks (not a fresh draw), and a seed
     repeats the draw."""
@@ -100,6 +137,11 @@ def test_compiled_dropout_draws_bits_once_per_call_and_its_backward_reuses_them(
 
     torch._dynamo.reset()
     compiled = torch.compile(two_draws)
+    with torch.random.fork_rng():
+        check_two_draws(compiled, p)
+
+
+def check_two_draws(compiled, p):
     g = torch.Generator().manual_seed(2)
     x = (torch.rand(64, 257, generator=g) + 0.5).requires_grad_()
     g1, g2 = torch.randn(64, 257, generator=g), torch.randn(64, 257, generator=g)

@@ -39,32 +39,39 @@ def torch_is_patched() -> bool:
 
 
 def _store_line(value: str, address: str, count: str) -> str:
-    """C++ that stores ``count`` elements of the ``VecMask`` ``value`` as bools."""
+    """C++ that stores ``count`` elements of the mask ``value`` as bools: a
+    ``VecMask`` through a register-sized buffer; a ``Vectorized<bool>`` (a bool
+    view of bytes) as inductor stores it."""
     return (
         "[](const auto& m_, bool* p_, int64_t n_) {"
+        " using M_ = std::decay_t<decltype(m_)>;"
+        " if constexpr (std::is_same_v<M_, at::vec::Vectorized<bool>>) {"
+        " m_.store(p_, n_);"
+        " } else {"
         " using V_ = std::decay_t<decltype(m_[0])>;"
         " using T_ = typename V_::value_type;"
-        " constexpr int S_ = std::decay_t<decltype(m_)>::size();"
+        " constexpr int S_ = M_::size();"
         " __at_align__ T_ b_[S_];"
         " for (int j_ = 0; j_ < S_ / V_::size(); j_++)"
         " m_[j_].store(b_ + j_ * V_::size());"
         " for (int64_t i_ = 0; i_ < n_; i_++)"
         " p_[i_] = c10::bit_cast<at::vec::int_same_size_t<T_>>(b_[i_]) != 0;"
-        f" }}({value}, {address}, {count});"
+        f" }} }}({value}, {address}, {count});"
     )
 
 
 def _load_expr(mask_type: str, n_vectors: int, address: str, count: str) -> str:
     """A C++ expression: ``count`` bools at ``address`` as a ``mask_type``
-    (``at::vec::VecMask<float, n_vectors>``), the lanes past ``count`` false."""
+    (``at::vec::VecMask<float, n_vectors>``), the lanes past ``count`` false:
+    an int mask (0 / -1) built in a buffer, then cast to float's."""
     return (
         "[&](const bool* p_, int64_t n_) {"
-        f" using M_ = {mask_type};"
-        " constexpr int S_ = M_::size();"
-        " __at_align__ int32_t b_[S_];"
+        f" constexpr int S_ = {mask_type}::size();"
+        " __at_align__ int b_[S_];"
         " for (int i_ = 0; i_ < S_; i_++) b_[i_] = (i_ < n_ && p_[i_]) ? -1 : 0;"
-        f" return M_(at::vec::VectorizedN<float,{n_vectors}>::loadu("
-        "reinterpret_cast<const float*>(b_)));"
+        f" return at::vec::VecMask<int,{n_vectors}>("
+        f"at::vec::VectorizedN<int,{n_vectors}>::loadu(b_))"
+        f".template cast<float,{n_vectors}>();"
         f" }}({address}, {count})"
     )
 
@@ -137,8 +144,12 @@ def vectorize_bool_masks() -> bool:
 
     kernel._get_store_line = store_line
     kernel._get_vec_load_line = load_line
-    if config.post_grad_custom_post_pass is None:
+    passes = config.post_grad_custom_post_pass
+    if passes is None:
         config.post_grad_custom_post_pass = CacheKey()
+    else:  # another pass already set: keep it, and key the cache on both
+        passes = list(passes) if isinstance(passes, (list, tuple)) else [passes]
+        config.post_grad_custom_post_pass = [*passes, CacheKey()]
     _applied = True
     log.debug("inductor bool masks: vectorised loads and stores")
     return True
