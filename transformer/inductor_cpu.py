@@ -2,13 +2,12 @@
 
 ``torch.compile`` keeps the masks of dropout and of ReLU's backward as ``bool``
 tensors, and inductor's C++ (torch 2.13) moves each vector of them between memory
-and its ``VecMask`` registers through ATen's generic element-by-element code: a
-(4,082 x 1,024) ReLU that also stores its mask took 15 ms compiled against 2 eager,
-and the training step of the benchmarks page's model spent more time in those
-kernels than eager spends on all of its elementwise work (a compiled bf16 step
-at 0.59x eager). ``vectorize_bool_masks`` makes inductor write those two lines
-as a small loop over a register-sized buffer that the C++ compiler vectorises
-(the same values: 1 byte per element, 0 or 1): the same ReLU compiles to 1 ms.
+and its ``VecMask`` registers through ATen's generic element-by-element code, so a
+compiled kernel that stores or reads a mask ran several times slower than eager's
+and a compiled training step slower than an eager one (the figures: the
+benchmarks page, training throughput). ``vectorize_bool_masks`` makes inductor
+write those two lines as a small loop over a register-sized buffer that the C++
+compiler vectorises (the same values: 1 byte per element, 0 or 1).
 
 It edits two methods of inductor's C++ vector kernel (private API), so it
 applies to the torch versions it was written and tested against
