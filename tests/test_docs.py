@@ -109,8 +109,12 @@ def test_every_config_key_and_server_limit_has_a_description():
 @pytest.mark.parametrize("page", ["config", "cli", "modules"])
 def test_the_committed_reference_pages_are_what_the_code_generates(page):
     docs = _load_script("docs")
-    pages = {"config": docs.CONFIG_PAGE, "cli": docs.CLI_PAGE}
-    path = {**pages, "modules": docs.MODULES_PAGE}[page]
+    pages = {
+        "config": docs.CONFIG_PAGE,
+        "cli": docs.CLI_PAGE,
+        "modules": docs.MODULES_PAGE,
+    }
+    path = pages[page]
     committed = path.read_text(encoding="utf-8") if path.is_file() else ""
     version = f"<!-- python {sys.version_info.major}.{sys.version_info.minor} -->"
     if page == "cli" and committed and version not in committed:

@@ -137,28 +137,24 @@ def test_compiled_dropout_draws_bits_once_per_call_and_its_backward_reuses_them(
 
     torch._dynamo.reset()
     compiled = torch.compile(two_draws)
-    with torch.random.fork_rng():
-        check_two_draws(compiled, p)
-
-
-def check_two_draws(compiled, p):
-    g = torch.Generator().manual_seed(2)
-    x = (torch.rand(64, 257, generator=g) + 0.5).requires_grad_()
-    g1, g2 = torch.randn(64, 257, generator=g), torch.randn(64, 257, generator=g)
-    torch.manual_seed(7)
-    y1, y2 = compiled(x)
-    (y1 * g1 + y2 * g2).sum().backward()
-    kept1, kept2 = y1 != 0, y2 != 0
-    assert not torch.equal(kept1, kept2)
-    sd = (p * (1 - p) / x.numel()) ** 0.5
-    for kept in (kept1, kept2):
-        assert abs(1 - kept.float().mean().item() - p) < 5 * sd
-    torch.testing.assert_close(y1[kept1], x[kept1] / (1 - p))
-    want = (g1 * kept1 + g2 * 2 * kept2) / (1 - p)
-    torch.testing.assert_close(x.grad, want)
-    torch.manual_seed(7)
-    again, _ = compiled(x)
-    assert torch.equal(again, y1)
+    with torch.random.fork_rng():  # the seeds below stay in this test
+        g = torch.Generator().manual_seed(2)
+        x = (torch.rand(64, 257, generator=g) + 0.5).requires_grad_()
+        g1, g2 = torch.randn(64, 257, generator=g), torch.randn(64, 257, generator=g)
+        torch.manual_seed(7)
+        y1, y2 = compiled(x)
+        (y1 * g1 + y2 * g2).sum().backward()
+        kept1, kept2 = y1 != 0, y2 != 0
+        assert not torch.equal(kept1, kept2)
+        sd = (p * (1 - p) / x.numel()) ** 0.5
+        for kept in (kept1, kept2):
+            assert abs(1 - kept.float().mean().item() - p) < 5 * sd
+        torch.testing.assert_close(y1[kept1], x[kept1] / (1 - p))
+        want = (g1 * kept1 + g2 * 2 * kept2) / (1 - p)
+        torch.testing.assert_close(x.grad, want)
+        torch.manual_seed(7)
+        again, _ = compiled(x)
+        assert torch.equal(again, y1)
 
 
 def test_decoding_compiled_by_inductor_finds_what_eager_finds(half_trained):
