@@ -84,7 +84,10 @@ def bound_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> dict[str, str]:
     caches fill: a bf16 run's memory grew by 1.3 GiB over its first 150 updates
     (2.8 GiB against float32's 1.5; float32 products use MKL, which keeps no
     kernels). 64 entries hold one step's shapes (each layer reuses its sizes), so
-    only kernels that would not have been reused are dropped. Both libraries read
+    only kernels that would not have been reused are dropped. The linear layers'
+    products now come in a few row counts (``transformer.linear``) and stay in
+    the cache from step to step; attention's batched products still change
+    shape with every batch and pass through. Both libraries read
     these variables when they first build a kernel: call this before the first
     bf16 product. Returns the settings in force.
     """

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer import linear
 from transformer.dropout import dropout, uses_bits
 
 
@@ -184,7 +185,7 @@ class MultiHeadAttention(nn.Module):
         if group > 1:
             out = out.view(-1, h, group, t, d).transpose(1, 2).reshape(b, h, t, d)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_head)  # (B, T, D)
-        return self.out_proj(out)
+        return linear.apply(self.out_proj, out)
 
 
 class SelfAttention(MultiHeadAttention):
@@ -196,7 +197,7 @@ class SelfAttention(MultiHeadAttention):
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, D) -> q, k, v each (B, H, T, Dh)."""
-        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        q, k, v = linear.apply(self.qkv_proj, x).chunk(3, dim=-1)
         return self.split_heads(q), self.split_heads(k), self.split_heads(v)
 
 
@@ -210,5 +211,5 @@ class CrossAttention(MultiHeadAttention):
 
     def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """(B, S, D) -> k, v each (B, H, S, Dh)."""
-        k, v = self.kv_proj(memory).chunk(2, dim=-1)
+        k, v = linear.apply(self.kv_proj, memory).chunk(2, dim=-1)
         return self.split_heads(k), self.split_heads(v)

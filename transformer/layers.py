@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer import linear
 from transformer.attention import CrossAttention, SelfAttention, causal_mask
 from transformer.cache import LayerCache
 from transformer.config import ModelConfig
@@ -24,7 +25,7 @@ class FeedForward(nn.Module):
         self.activation = _ACTIVATIONS[cfg.activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.activation(self.fc1(x)))
+        return linear.apply(self.fc2, self.activation(linear.apply(self.fc1, x)))
 
 
 class Residual(nn.Module):
@@ -123,7 +124,8 @@ class DecoderLayer(nn.Module):
         x = self.self_res.post(x, self.self_attn.attend(q, k, v, mask, is_causal))
 
         h = self.cross_res.pre(x)
-        q = self.cross_attn.split_heads(self.cross_attn.q_proj(h))  # (B, H, T, Dh)
+        q = linear.apply(self.cross_attn.q_proj, h)
+        q = self.cross_attn.split_heads(q)  # (B, H, T, Dh)
         if cache is not None and cache.cross_k is not None:
             k, v = cache.cross_k, cache.cross_v
         else:

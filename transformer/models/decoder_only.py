@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer import linear
 from transformer.attention import causal_mask, padding_mask
 from transformer.cache import LayerCache
 from transformer.config import ModelConfig
@@ -136,8 +136,8 @@ class DecoderOnly(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         if self.output_proj is None:
-            return F.linear(x, self.tgt_embed.weight)
-        return self.output_proj(x)
+            return linear.linear(x, self.tgt_embed.weight)
+        return linear.apply(self.output_proj, x)
 
     def encode(self, src: Tensor) -> PrefixMemory:
         """Run the source prefix once: (B, S) ids -> ``PrefixMemory``."""

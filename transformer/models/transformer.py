@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer import linear
 from transformer.attention import MultiHeadAttention, padding_mask
 from transformer.cache import KVCache
 from transformer.config import ModelConfig
@@ -118,9 +118,9 @@ class Transformer(nn.Module):
     def project(self, x: Tensor) -> Tensor:
         """Decoder states (B, T, D) -> logits (B, T, V)."""
         if self.output_proj is None:  # tied: the embedding is the output layer
-            return F.linear(x, self.tgt_embed.weight, self.final_logits_bias)
+            return linear.linear(x, self.tgt_embed.weight, self.final_logits_bias)
         # a module of its own (untied, or int8: a quantized layer has no .weight tensor)
-        logits = self.output_proj(x)
+        logits = linear.apply(self.output_proj, x)
         if self.final_logits_bias is not None:
             logits = logits + self.final_logits_bias
         return logits

@@ -1,0 +1,166 @@
+"""Linear layers whose bf16 CPU training products see few distinct row counts.
+
+A bf16 (or fp16) matrix product on a CPU runs in oneDNN, which builds a kernel
+for each exact shape it meets and keeps the last few in a cache. A training batch
+flattens to a row count (sentences x positions) that is new at almost every step,
+so every product of the step pays for a kernel build, several times the cost of
+the product itself (the benchmarks page has the figures); float32 products
+(MKL) build nothing. Only training steps take this path (``linear``'s docstring
+says why decoding does not).
+
+``linear`` splits the rows of such a product into a body, the largest multiple of
+``QUANTUM`` rows, and a tail computed as the last ``QUANTUM`` rows (overlapping
+the body, written first so the body's values stand). Batches of a given token
+budget then meet one or two body shapes and one tail shape: kernels are reused
+from step to step. Fewer than ``QUANTUM`` rows are padded with zeros to a power
+of two. The backward pass does the same for the input's gradient and splits the
+weight's gradient (a sum over rows) into the body and a zero-masked tail. Each
+row is computed by one product as before; only the tail's duplicated rows are
+extra work (at most ``QUANTUM`` rows).
+
+The products are custom operators: ``torch.compile`` keeps them whole (one node
+whatever the row count) and fuses what is around them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+QUANTUM = 128  # rows: the body is a multiple of it, the tail this many rows
+MIN_ROWS = 8  # fewer rows are padded up to this many
+BUCKETED = True  # tests switch it off to compare with ``F.linear``
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _padded_rows(m: int) -> int:
+    """Rows a product of ``m`` < ``QUANTUM`` rows runs with: a power of two."""
+    return max(MIN_ROWS, 1 << (m - 1).bit_length())
+
+
+def _product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (M, K) @ weight (N, K)^T (+ bias (N,)) -> (M, N), rows bucketed."""
+    m, n = x.size(0), weight.size(0)
+    w_t = weight.t()  # (K, N), a view
+    if m < QUANTUM:
+        rows = _padded_rows(m)
+        if rows > m:
+            x = torch.cat([x, x.new_zeros(rows - m, x.size(1))])  # (rows, K)
+        out = torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
+        return out[:m].clone() if rows > m else out
+    out = x.new_empty(m, n)
+    body = m - m % QUANTUM
+    if body < m:  # the tail first: the body then overwrites the rows they share
+        tail = slice(m - QUANTUM, m)
+        _mm_into(out[tail], x[tail], w_t, bias)
+    _mm_into(out[:body], x[:body], w_t, bias)
+    return out
+
+
+def _mm_into(out: Tensor, x: Tensor, w_t: Tensor, bias: Tensor | None) -> None:
+    if bias is None:
+        torch.mm(x, w_t, out=out)
+    else:
+        torch.addmm(bias, x, w_t, out=out)
+
+
+def _weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """grad (M, N)^T @ x (M, K) -> (N, K): the sum over rows, rows bucketed."""
+    m = grad.size(0)
+    if m < QUANTUM:
+        pad = _padded_rows(m) - m
+        grad = torch.cat([grad, grad.new_zeros(pad, grad.size(1))])
+        x = torch.cat([x, x.new_zeros(pad, x.size(1))])
+        return grad.t() @ x
+    body = m - m % QUANTUM
+    out = grad[:body].t() @ x[:body]
+    if body < m:  # the last QUANTUM rows, those of the body zeroed
+        tail = grad[m - QUANTUM :].clone()
+        tail[: body - (m - QUANTUM)] = 0
+        out.addmm_(tail.t(), x[m - QUANTUM :])
+    return out
+
+
+@torch.library.custom_op("transformer::bucketed_linear", mutates_args=())
+def _bucketed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return _product(x.contiguous(), weight, bias)
+
+
+@_bucketed_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.size(0), weight.size(0))
+
+
+@torch.library.custom_op("transformer::bucketed_weight_grad", mutates_args=())
+def _bucketed_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    return _weight_grad(grad.contiguous(), x.contiguous())
+
+
+@_bucketed_weight_grad.register_fake
+def _(grad, x):
+    return grad.new_empty(grad.size(1), x.size(1))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad: Tensor):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:  # grad (M, N) @ weight (N, K)
+        grad_x = _bucketed_linear(grad, weight.t(), None)
+    if ctx.needs_input_grad[1]:
+        grad_w = _bucketed_weight_grad(grad, x)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad.sum(0)
+    return grad_x, grad_w, grad_b
+
+
+_bucketed_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` would compute ``x``'s product in."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``, with bucketed rows where the product runs
+    in bf16 or fp16 on a CPU (under autocast too, with autocast's casts) with
+    autograd on: a training step. Without autograd (decoding) it is ``F.linear``:
+    there autocast's cache casts a float32 weight once for all the steps of a
+    search, where this function would cast it at every step.
+
+    Shape:
+        x: (..., K); weight: (N, K); bias: (N,) -> (..., N).
+    """
+    if not (
+        BUCKETED
+        and torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dim() > 0
+        and x.numel() > 0
+        and _compute_dtype(x) in _LOW_PRECISION
+    ):
+        return F.linear(x, weight, bias)
+    dtype = _compute_dtype(x)
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        out = _bucketed_linear(x.reshape(-1, x.size(-1)), weight, bias)  # (M, N)
+    return out.view(*x.shape[:-1], weight.size(0))
+
+
+def apply(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)``, through ``linear`` when ``layer`` is a plain ``nn.Linear``
+    (packed and quantized layers have their own products)."""
+    if type(layer) is nn.Linear:
+        return linear(x, layer.weight, layer.bias)
+    return layer(x)
