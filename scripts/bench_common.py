@@ -108,11 +108,23 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, seconds: float) -> f
 
 def recorded_products(step) -> list[tuple]:
     """The matrix products (``mm``, ``addmm``, ``bmm``) that ``step()`` runs, as
-    (op, [(shape, stride, dtype) of each tensor argument]), in order."""
+    (op, [(shape, stride, dtype) of each tensor argument]), in order. Products
+    written into a given tensor (``out=``, ``addmm_``) are recorded as the plain
+    op, and the bucketed linear layers' operators (``transformer.linear``) are
+    looked into: their products are recorded, not the operator."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from transformer.linear import IMPLEMENTATIONS
+
     aten = torch.ops.aten
-    products = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+    products = {
+        aten.mm.default: aten.mm.default,
+        aten.mm.out: aten.mm.default,
+        aten.addmm.default: aten.addmm.default,
+        aten.addmm.out: aten.addmm.default,
+        aten.addmm_.default: aten.addmm.default,
+        aten.bmm.default: aten.bmm.default,
+    }
 
     class Record(TorchDispatchMode):
         def __init__(self) -> None:
@@ -120,10 +132,13 @@ def recorded_products(step) -> list[tuple]:
             self.calls: list[tuple] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in IMPLEMENTATIONS:  # run its Python body under this mode
+                with self:
+                    return IMPLEMENTATIONS[func](*args, **(kwargs or {}))
             if func in products:
                 self.calls.append(
                     (
-                        func,
+                        products[func],
                         [
                             (tuple(a.shape), a.stride(), a.dtype)
                             for a in args

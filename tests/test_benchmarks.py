@@ -92,6 +92,28 @@ def test_the_step_products_are_recorded_and_timed_with_their_own_shapes():
     assert flops == 3 * 2 * 32 * 16 * 8 and seconds > 0
 
 
+def test_bucketed_linear_products_are_recorded_from_inside_the_operators():
+    import torch
+    from bench_common import products_alone, recorded_products
+
+    from transformer.linear import QUANTUM, linear
+
+    x = torch.randn(200, 16, dtype=torch.bfloat16, requires_grad=True)  # 200 rows
+    w = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        linear(x, w).float().square().sum().backward()
+
+    calls = recorded_products(step)
+    rows = sorted({operands[0][0][0] for _, operands in calls})
+    # forward and input gradient: a body of 128 rows and a 128-row tail each;
+    # the weight's gradient: (8 x 128) @ (128 x 16) twice
+    assert len(calls) == 6 and rows == [8, QUANTUM]
+    assert {func.namespace for func, _ in calls} == {"aten"}
+    flops, _ = products_alone(calls, torch.device("cpu"), seconds_each=0.001)
+    assert flops == 6 * 2 * QUANTUM * 16 * 8
+
+
 def test_the_off_target_rate_counts_non_empty_outputs_in_another_language():
     from multilingual_results import off_target
 

@@ -127,6 +127,19 @@ def test_float32_and_inference_take_f_linear_unchanged():
     assert 300 in dims  # not bucketed without autograd
 
 
+def test_flop_counter_counts_the_rows_asked_for():
+    """FlopCounterMode (the benchmarks' model FLOPs) counts the operators as
+    ``F.linear``'s products: 2 M K N forward and twice that backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for fn in (linear.linear, F.linear):
+        x = torch.randn(300, K, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(N, K, dtype=torch.bfloat16, requires_grad=True)
+        with FlopCounterMode(display=False) as count:
+            fn(x, w).sum().backward()
+        assert count.get_total_flops() == 3 * 2 * 300 * K * N, fn
+
+
 def test_custom_operators_pass_opcheck():
     x, w, b, _ = operands(200)
     x, w, b = (t.bfloat16().requires_grad_() for t in (x, w, b))

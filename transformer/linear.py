@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import flop_counter
 
 QUANTUM = 128  # rows: the body is a multiple of it, the tail this many rows
 MIN_ROWS = 8  # fewer rows are padded up to this many
@@ -40,8 +41,10 @@ def _padded_rows(m: int) -> int:
     return max(MIN_ROWS, 1 << (m - 1).bit_length())
 
 
-def _product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x (M, K) @ weight (N, K)^T (+ bias (N,)) -> (M, N), rows bucketed."""
+def bucketed_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (M, K) @ weight (N, K)^T (+ bias (N,)) -> (M, N), rows bucketed: what
+    the ``transformer::bucketed_linear`` operator runs."""
+    x = x.contiguous()
     m, n = x.size(0), weight.size(0)
     w_t = weight.t()  # (K, N), a view
     if m < QUANTUM:
@@ -66,16 +69,18 @@ def _mm_into(out: Tensor, x: Tensor, w_t: Tensor, bias: Tensor | None) -> None:
         torch.addmm(bias, x, w_t, out=out)
 
 
-def _weight_grad(grad: Tensor, x: Tensor) -> Tensor:
-    """grad (M, N)^T @ x (M, K) -> (N, K): the sum over rows, rows bucketed."""
+def bucketed_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """grad (M, N)^T @ x (M, K) -> (N, K): the sum over rows, rows bucketed: what
+    the ``transformer::bucketed_weight_grad`` operator runs."""
+    grad, x = grad.contiguous(), x.contiguous()
     m = grad.size(0)
     if m < QUANTUM:
         pad = _padded_rows(m) - m
         grad = torch.cat([grad, grad.new_zeros(pad, grad.size(1))])
         x = torch.cat([x, x.new_zeros(pad, x.size(1))])
-        return grad.t() @ x
+        return torch.mm(grad.t(), x)
     body = m - m % QUANTUM
-    out = grad[:body].t() @ x[:body]
+    out = torch.mm(grad[:body].t(), x[:body])
     if body < m:  # the last QUANTUM rows, those of the body zeroed
         tail = grad[m - QUANTUM :].clone()
         tail[: body - (m - QUANTUM)] = 0
@@ -85,7 +90,7 @@ def _weight_grad(grad: Tensor, x: Tensor) -> Tensor:
 
 @torch.library.custom_op("transformer::bucketed_linear", mutates_args=())
 def _bucketed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return _product(x.contiguous(), weight, bias)
+    return bucketed_product(x, weight, bias)
 
 
 @_bucketed_linear.register_fake
@@ -95,7 +100,7 @@ def _(x, weight, bias):
 
 @torch.library.custom_op("transformer::bucketed_weight_grad", mutates_args=())
 def _bucketed_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
-    return _weight_grad(grad.contiguous(), x.contiguous())
+    return bucketed_weight_grad(grad, x)
 
 
 @_bucketed_weight_grad.register_fake
@@ -122,6 +127,31 @@ def _backward(ctx, grad: Tensor):
 
 
 _bucketed_linear.register_autograd(_backward, setup_context=_setup_context)
+
+#: the operators and the Python functions they run (a dispatch mode that records
+#: the products of a step runs these to see inside them: ``scripts/bench_common.py``)
+IMPLEMENTATIONS = {
+    torch.ops.transformer.bucketed_linear.default: bucketed_product,
+    torch.ops.transformer.bucketed_weight_grad.default: bucketed_weight_grad,
+}
+
+
+def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * x_shape[0] * x_shape[1] * w_shape[0]  # the rows asked for, not run
+
+
+def _weight_grad_flops(grad_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * grad_shape[0] * grad_shape[1] * x_shape[1]
+
+
+# FLOP counts for ``FlopCounterMode`` (model FLOPs in the benchmarks), which does
+# not look inside a custom operator
+for _op, _formula in (
+    (torch.ops.transformer.bucketed_linear, _linear_flops),
+    (torch.ops.transformer.bucketed_weight_grad, _weight_grad_flops),
+):
+    if _op not in flop_counter.flop_registry:  # a module reload registers again
+        flop_counter.register_flop_formula(_op)(_formula)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
