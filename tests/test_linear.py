@@ -43,6 +43,7 @@ def reference(x, w, b, up, dtype):
 
 
 def rel_err(a, b):
+    a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm())
 
 
@@ -70,9 +71,58 @@ def test_three_dimensional_input_and_no_bias():
     out = linear.linear(x, w)
     assert out.shape == (3, 70, N)
     expected = F.linear(x.double(), w.double())
-    assert rel_err(out.double(), expected) < 1e-2
+    assert rel_err(out.detach().double(), expected.detach()) < 1e-2
     out.sum().backward()
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
+
+
+def test_odd_operands_match_f_linear():
+    """A transposed weight view, a non-contiguous input, a 1-D input, and only
+    some operands wanting a gradient: as ``F.linear``."""
+    g = torch.Generator().manual_seed(3)
+    base_x = torch.randn(K, 300, generator=g).bfloat16()
+    base_w = torch.randn(K, N, generator=g).bfloat16()
+    cases = [
+        (base_x.t(), base_w.t(), (True, True)),  # both transposed views
+        (base_x.t(), base_w.t().contiguous(), (False, True)),  # weight only
+        (base_x.t(), base_w.t().contiguous(), (True, False)),  # input only
+        (base_x[:, 0], base_w.t().contiguous(), (True, True)),  # 1-D input
+    ]
+    for x, w, wants in cases:
+        results = []
+        for fn in (linear.linear, F.linear):
+            xs = x.detach().clone().requires_grad_(wants[0])
+            ws = w.detach().clone().requires_grad_(wants[1])
+            out = fn(xs, ws)
+            out.float().square().sum().backward()
+            results.append([out] + [t.grad for t in (xs, ws) if t.requires_grad])
+        for ours, theirs in zip(*results, strict=True):
+            assert ours.shape == theirs.shape
+            assert rel_err(ours.double(), theirs.double()) < 1e-2
+
+
+def test_dtypes_as_f_linear_decides_them():
+    x, w, b, _ = operands(300)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64: autocast leaves it
+        out = linear.linear(x64, w64)
+    assert out.dtype == torch.float64 and torch.equal(out, F.linear(x64, w64))
+    xb = x.bfloat16().requires_grad_()
+    with pytest.raises(RuntimeError):  # mixed dtypes without autocast
+        F.linear(xb, w)
+    with pytest.raises(RuntimeError):
+        linear.linear(xb, w)
+
+
+def test_apply_keeps_the_layers_hooks():
+    layer = torch.nn.Linear(K, N).bfloat16()
+    seen = []
+    layer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(300, K, dtype=torch.bfloat16, requires_grad=True)
+    assert torch.equal(linear.apply(layer, x), layer(x))
+    assert seen == [(300, N), (300, N)]
+    hookless = torch.nn.Linear(K, N).bfloat16()
+    assert 300 not in product_row_counts(lambda: linear.apply(hookless, x))
 
 
 def product_row_counts(fn):
@@ -151,20 +201,26 @@ def test_custom_operators_pass_opcheck():
     torch.library.opcheck(weight_grad, (grad, x.detach()))
 
 
-def test_model_training_step_unchanged(monkeypatch):
-    """A bf16 training step of the Transformer: the same loss and gradients
-    with and without bucketed rows (the batch has 3 x 60 = 180 target rows)."""
-    from transformer.config import TransformerConfig
-    from transformer.models.transformer import Transformer
+@pytest.mark.parametrize("arch", ["transformer", "decoder_only"])
+def test_model_training_step_unchanged(arch, monkeypatch):
+    """A bf16 training step of the Transformer and of the decoder-only model:
+    the same loss and gradients with and without bucketed rows (the batch has
+    3 x 60 = 180 target rows, and 3 x 45 source rows)."""
+    from transformer.config import DecoderOnlyConfig, TransformerConfig
+    from transformer.models import create_model
     from transformer.training.loss import label_smoothed_loss
 
-    cfg = TransformerConfig(
+    sizes = dict(
         src_vocab_size=50, tgt_vocab_size=50, d_model=32, n_heads=4,
-        encoder_layers=2, decoder_layers=2, d_ff=64, dropout=0.0,
-        attention_dropout=0.0, max_positions=128,
+        decoder_layers=2, d_ff=64, dropout=0.0, attention_dropout=0.0,
+        max_positions=128,
     )  # fmt: skip
+    if arch == "transformer":
+        cfg = TransformerConfig(encoder_layers=2, **sizes)
+    else:
+        cfg = DecoderOnlyConfig(**sizes)
     torch.manual_seed(0)
-    model = Transformer(cfg)
+    model = create_model(cfg)
     src = torch.randint(4, 50, (3, 45))
     tgt = torch.randint(4, 50, (3, 61))
 
