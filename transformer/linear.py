@@ -15,8 +15,8 @@ budget then meet one or two body shapes and one tail shape: kernels are reused
 from step to step. Fewer than ``QUANTUM`` rows are padded with zeros to a power
 of two. The backward pass does the same for the input's gradient and splits the
 weight's gradient (a sum over rows) into the body and a zero-masked tail. Each
-row is computed by one product as before; only the tail's duplicated rows are
-extra work (at most ``QUANTUM`` rows).
+row's result comes from one product, as before; the tail's rows that the body
+also computes (fewer than ``QUANTUM``) are the only extra work.
 
 The products are custom operators: ``torch.compile`` keeps them whole (one node
 whatever the row count) and fuses what is around them.
