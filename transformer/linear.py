@@ -200,6 +200,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     dtype = _bucketed_dtype(x, weight, bias)
     if dtype is None:
         return F.linear(x, weight, bias)
+    return _bucketed(x, weight, bias, dtype)
+
+
+def _bucketed(
+    x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype
+) -> Tensor:
+    """``linear``'s bucketed path, in ``dtype`` (``_bucketed_dtype``'s answer)."""
     x, weight = x.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
@@ -211,10 +218,10 @@ def apply(layer: nn.Module, x: Tensor) -> Tensor:
     """``layer(x)``, through ``linear`` where that buckets the rows and
     ``layer`` is a plain ``nn.Linear`` without hooks of its own (packed and
     quantized layers have their own products; hooks need the module's call)."""
-    if (
-        type(layer) is nn.Linear
-        and not (layer._forward_hooks or layer._forward_pre_hooks)
-        and _bucketed_dtype(x, layer.weight, layer.bias) is not None
+    if type(layer) is nn.Linear and not (
+        layer._forward_hooks or layer._forward_pre_hooks
     ):
-        return linear(x, layer.weight, layer.bias)
+        dtype = _bucketed_dtype(x, layer.weight, layer.bias)
+        if dtype is not None:
+            return _bucketed(x, layer.weight, layer.bias, dtype)
     return layer(x)
