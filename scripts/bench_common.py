@@ -3,6 +3,7 @@ arithmetic side (FLOP formulas for CPU attention, the same-dtype matmul rate).""
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
@@ -53,6 +54,11 @@ def timed(
 
 
 def machine() -> dict:
+    """The machine and the settings a run's speed depends on: CPU flags, threads,
+    versions, and the bf16 kernel caches' bounds in force (``None``: the
+    libraries' default, 1,024; a training process sets them,
+    ``allocator.bound_kernel_caches``)."""
+    from transformer.allocator import KERNEL_CACHES
     from transformer.precision import cpu_flags, native_bf16
 
     return {
@@ -63,6 +69,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "kernel_caches": {name: os.environ.get(name) for name in KERNEL_CACHES},
     }
 
 

@@ -248,6 +248,70 @@ def test_kernel_caches_are_bounded_unless_the_environment_says(monkeypatch):
         "LRU_CACHE_CAPACITY",
         "ONEDNN_PRIMITIVE_CACHE_CAPACITY",
     }
+    for name in KERNEL_CACHES:
+        monkeypatch.delenv(name)
+    assert bound_kernel_caches() == {
+        "LRU_CACHE_CAPACITY": "64",
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256",
+    }
+
+
+REUSE = """
+import sys, torch
+torch.set_num_threads(1)
+from transformer.allocator import bound_kernel_caches
+bound_kernel_caches(None if sys.argv[1] == "default" else int(sys.argv[1]))
+weights = [torch.randn(n, 256, dtype=torch.bfloat16) for n in range(64, 577, 64)]
+x = torch.randn(1280, 256, dtype=torch.bfloat16)
+shape = 0
+for cycle in range(2):
+    print("=== cycle", cycle, flush=True)
+    for rows in range(128, 1281, 128):  # the body sizes batches meet
+        for w in weights:
+            x[:rows] @ w.t()
+        shape += 1  # an attention product of a shape not seen before
+        q = torch.randn(4 + shape, 7, 64, dtype=torch.bfloat16)
+        torch.bmm(q, q.transpose(1, 2))
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="oneDNN's verbose output"
+)
+def test_the_linear_layers_kernels_stay_cached_from_one_body_size_to_the_next():
+    """90 bf16 products a cycle (9 weights x 10 row counts, and one attention
+    product of a new shape each time), the same cycle twice: with the training
+    bounds the second cycle finds every linear product's kernel in the cache;
+    a 64-entry cache (the bound before) has dropped them all. Where the CPU's
+    bf16 products do not run in oneDNN, nothing is built either way."""
+    import subprocess
+
+    def linear_builds_in_second_cycle(entries: str) -> tuple[int, int]:
+        env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHES}
+        env["ONEDNN_VERBOSE"] = "profile_create"
+        out = subprocess.run(
+            [sys.executable, "-c", REUSE, entries],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        ).stdout
+        second = out.split("=== cycle 1")[1].splitlines()
+        builds = [line for line in out.splitlines() if "create:cache_miss" in line]
+        linear = [
+            line
+            for line in second
+            if "create:cache_miss" in line and "x256:256x" in line
+        ]
+        return len(builds), len(linear)
+
+    default_builds, default_linear = linear_builds_in_second_cycle("default")
+    small_builds, small_linear = linear_builds_in_second_cycle("64")
+    if small_builds:  # this CPU's bf16 products run in oneDNN
+        assert default_linear == 0
+        assert small_linear == 90
+    else:
+        assert default_builds == 0
 
 
 GROWTH = """

@@ -69,28 +69,36 @@ def reuse_freed_memory(single_arena: bool = True) -> bool:
 
 # oneDNN's kernels for one matrix-product shape, kept per shape by two LRU caches:
 # ideep's (LRU_CACHE_CAPACITY) and oneDNN's own (ONEDNN_PRIMITIVE_CACHE_CAPACITY),
-# 1,024 entries each by default
+# 1,024 entries each by default. The bounds a training process sets: oneDNN's
+# cache is the one a product's kernel is found in (ideep asks it at every call)
 KERNEL_CACHES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
-KERNEL_CACHE_ENTRIES = 64
+KERNEL_CACHE_ENTRIES = {
+    "LRU_CACHE_CAPACITY": 64,
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": 256,
+}
 
 
-def bound_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> dict[str, str]:
+def bound_kernel_caches(entries: int | None = None) -> dict[str, str]:
     """Cap the kernel caches of CPU bf16 matrix products (oneDNN, through ideep)
-    at ``entries`` shapes each, unless the environment already sets them.
+    at ``entries`` shapes each (``KERNEL_CACHE_ENTRIES`` when None), unless the
+    environment already sets them.
 
     A bf16 product on CPU runs a oneDNN kernel generated and cached for its exact
-    shape. Training batches differ in rows (batch x length) at every step, so each
-    step adds some 30-40 new shapes, about 0.6 MB each, until the 1,024-entry
-    caches fill: a bf16 run's memory grew by 1.3 GiB over its first 150 updates
-    (2.8 GiB against float32's 1.5; float32 products use MKL, which keeps no
-    kernels). 64 entries hold one step's shapes (each layer reuses its sizes), so
-    only kernels that would not have been reused are dropped. The linear layers'
-    products now come in a few row counts (``transformer.linear``) and stay in
-    the cache from step to step; attention's batched products still change
-    shape with every batch and pass through. Both libraries read
-    these variables when they first build a kernel: call this before the first
-    bf16 product. Returns the settings in force.
+    shape, about 1 MB each. Before the linear layers' row buckets
+    (``transformer.linear``), each training step added some 30-40 new shapes, and
+    with the libraries' 1,024-entry caches a bf16 run's memory grew by 1.3 GiB
+    over its first 150 updates (2.8 GiB against float32's 1.5; float32 products
+    use MKL, which keeps no kernels). With the buckets the linear layers' products
+    come in a bounded set of shapes, about 40 a step but spread over the ten or so
+    body sizes that batches of one token budget meet, some 300 in all; attention's
+    batched products still bring a few new shapes a step. 256 entries in oneDNN's
+    cache keep the linear layers' kernels from one use of a body size to the next
+    (2 rebuilt a step instead of 12 with 64 entries: 1 ms of kernel builds a step
+    instead of 18), and bound the memory. Both libraries read these variables when
+    they first build a kernel: call this before the first bf16 product. Returns
+    the settings in force.
     """
     for name in KERNEL_CACHES:
-        os.environ.setdefault(name, str(entries))
+        bound = KERNEL_CACHE_ENTRIES[name] if entries is None else entries
+        os.environ.setdefault(name, str(bound))
     return {name: os.environ[name] for name in KERNEL_CACHES}

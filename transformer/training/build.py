@@ -45,7 +45,7 @@ def build_device(t: TrainingConfig, ranks: Distributed) -> torch.device:
         torch.backends.cudnn.allow_tf32 = True
     else:
         reuse_freed_memory()  # no page faults on each step's large tensors
-        bound_kernel_caches()  # bf16 kernels of past batch shapes: not kept
+        bound_kernel_caches()  # bf16 kernels: those of recent shapes kept, bounded
     if t.threads:
         torch.set_num_threads(t.threads)
     return device
