@@ -89,8 +89,8 @@ def bound_kernel_caches(entries: int | None = None) -> dict[str, str]:
     with the libraries' 1,024-entry caches a bf16 run's memory grew by 1.3 GiB
     over its first 150 updates (2.8 GiB against float32's 1.5; float32 products
     use MKL, which keeps no kernels). With the buckets the linear layers' products
-    come in a bounded set of shapes, about 40 a step but spread over the ten or so
-    body sizes that batches of one token budget meet, some 300 in all; attention's
+    come in a bounded set of shapes, 40-70 in a step and more across the ten or
+    so body sizes that batches of one token budget meet; attention's
     batched products still bring a few new shapes a step. 256 entries in oneDNN's
     cache keep the linear layers' kernels from one use of a body size to the next
     (2 rebuilt a step instead of 12 with 64 entries: 1 ms of kernel builds a step
