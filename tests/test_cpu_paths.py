@@ -286,7 +286,8 @@ def test_the_linear_layers_kernels_stay_cached_from_one_body_size_to_the_next():
     bf16 products do not run in oneDNN, nothing is built either way."""
     import subprocess
 
-    def linear_builds_in_second_cycle(entries: str) -> tuple[int, int]:
+    def kernel_builds(entries: str) -> tuple[int, int]:
+        """(kernels built in all, linear products' built in the second cycle)"""
         env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHES}
         env["ONEDNN_VERBOSE"] = "profile_create"
         out = subprocess.run(
@@ -305,8 +306,8 @@ def test_the_linear_layers_kernels_stay_cached_from_one_body_size_to_the_next():
         ]
         return len(builds), len(linear)
 
-    default_builds, default_linear = linear_builds_in_second_cycle("default")
-    small_builds, small_linear = linear_builds_in_second_cycle("64")
+    default_builds, default_linear = kernel_builds("default")
+    small_builds, small_linear = kernel_builds("64")
     if small_builds:  # this CPU's bf16 products run in oneDNN
         assert default_linear == 0
         assert small_linear == 90
