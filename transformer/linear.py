@@ -10,13 +10,16 @@ says why decoding does not).
 
 ``linear`` splits the rows of such a product into a body, the largest multiple of
 ``QUANTUM`` rows, and a tail computed as the last ``QUANTUM`` rows (overlapping
-the body, written first so the body's values stand). Batches of a given token
-budget then meet one or two body shapes and one tail shape: kernels are reused
-from step to step. Fewer than ``QUANTUM`` rows are padded with zeros to a power
-of two. The backward pass does the same for the input's gradient and splits the
-weight's gradient (a sum over rows) into the body and a zero-masked tail. Each
-row's result comes from one product, as before; the tail's rows that the body
-also computes (fewer than ``QUANTUM``) are the only extra work.
+the body, written first so the body's values stand). A step then meets one body
+shape for its source rows and one for its target rows, and one tail shape;
+batches of a given token budget meet about ten body shapes in all, so kernels are
+reused from step to step where oneDNN's cache holds them all
+(``allocator.bound_kernel_caches``). Fewer than ``QUANTUM`` rows are padded with
+zeros to a power of two. The backward pass does the same for the input's
+gradient and splits the weight's gradient (a sum over rows) into the body and a
+zero-masked tail. Each row's result comes from one product, as before; the
+tail's rows that the body also computes (fewer than ``QUANTUM``) are the only
+extra work.
 
 The products are custom operators: ``torch.compile`` keeps them whole (one node
 whatever the row count) and fuses what is around them.
