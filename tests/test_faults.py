@@ -73,7 +73,11 @@ def test_non_finite_losses_stop_the_run_with_finite_checkpoints(
     monkeypatch.setattr(
         trainer,
         "_forward_loss",
-        lambda b: torch.tensor(float("nan"), requires_grad=True),
+        lambda batch, scale: (  # the loss, its input and its gradient
+            torch.tensor(float("nan")),
+            torch.zeros(1, requires_grad=True),
+            torch.zeros(1),
+        ),
     )
     with pytest.raises(TrainingError) as e:
         trainer.train()

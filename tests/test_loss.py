@@ -158,3 +158,60 @@ def test_backward_allocates_no_full_size_zero_gradient():
         and e.input_shapes[:1] == full
     ]
     assert filled == []
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_training_step_gradient_is_autograds_through_a_scaled_loss(precision):
+    """``forward_loss_and_grad`` (the trainer's step) writes the scale into the
+    logits' gradient instead of multiplying it in a backward pass of its own:
+    every parameter gets autograd's gradient of ``scale`` x the loss (float64:
+    to rounding; bf16: no further from the float64 one than autograd's)."""
+    import copy
+
+    from tests.conftest import train_copy_model
+    from transformer.training.loss import forward_loss, forward_loss_and_grad
+
+    model64 = train_copy_model(0).double().train()
+    for m in model64.modules():  # no dropout: the passes see the same network
+        if hasattr(m, "p"):
+            m.p = 0.0
+    model = model64 if precision == "fp32" else copy.deepcopy(model64).float()
+    src = torch.randint(4, 14, (3, 6), generator=torch.Generator().manual_seed(0))
+    tgt = torch.cat([torch.ones(3, 1, dtype=torch.long), src], 1)
+    tgt_in, tgt_out = tgt[:, :-1].clone(), tgt[:, 1:].clone()
+    tgt_out[0, 4:] = PAD_ID
+    scale = torch.tensor(1 / 17, dtype=torch.float32)
+    cpu = torch.device("cpu")
+
+    def autograd_grads(m, prec):
+        m.zero_grad(set_to_none=True)
+        loss = forward_loss(m, src, tgt_in, tgt_out, cpu, prec, EPS, 4)
+        (loss * scale).backward()
+        return loss.detach(), {n: p.grad.double() for n, p in m.named_parameters()}
+
+    _, exact = autograd_grads(model64, "fp32")
+    loss, expected = autograd_grads(model, precision)
+    model.zero_grad(set_to_none=True)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        total, logits, grad = forward_loss_and_grad(
+            model, src, tgt_in, tgt_out, cpu, precision, EPS, 4, scale
+        )
+        torch.autograd.backward(logits, grad)
+    assert not total.requires_grad and grad.shape == logits.shape
+    torch.testing.assert_close(total, loss, rtol=1e-6, atol=0)
+    for n, p in model.named_parameters():
+        if precision == "fp32":  # float64 weights: autograd's gradient
+            torch.testing.assert_close(p.grad, expected[n], rtol=1e-12, atol=1e-15)
+        else:  # bf16 rounds both (2-6% from float64 here); this one rounds once
+            size = exact[n].norm()
+            ours = (p.grad.double() - exact[n]).norm() / size
+            theirs = (expected[n] - exact[n]).norm() / size
+            assert ours <= 1.1 * theirs + 5e-3, n
+    full = (list(logits.shape), list(logits.flatten(0, 1).shape))
+    multiplied = [
+        e.name
+        for e in prof.events()
+        if e.name in ("aten::mul", "aten::mul_")
+        and any(shape in e.input_shapes for shape in full)
+    ]
+    assert multiplied == []  # autograd's path: one mul_ of the (N, V) gradient

@@ -36,7 +36,7 @@ from transformer.training.build import (
 from transformer.training.checkpointing import Checkpointer, restore, restore_rng
 from transformer.training.distributed import Distributed
 from transformer.training.ema import build_ema
-from transformer.training.loss import forward_loss
+from transformer.training.loss import forward_loss_and_grad
 from transformer.training.optim import build_optimizer
 from transformer.training.progress import MetricsLog, Progress
 from transformer.training.runlock import lock_run_dir
@@ -84,10 +84,10 @@ class Trainer:
         self.precision = effective_precision(
             self.device, t.precision, "training.precision"
         )
-        self._objective = forward_loss
+        self._objective = forward_loss_and_grad
         if t.compile:
             vectorize_bool_masks()
-            self._objective = torch.compile(forward_loss)
+            self._objective = torch.compile(forward_loss_and_grad)
         self.optimizer, self.scheduler, self.scaler = build_optimizer(
             cfg, self.model, self.device
         )
@@ -169,9 +169,13 @@ class Trainer:
 
     # --- one update ---
 
-    def _forward_loss(self, batch: Batch) -> torch.Tensor:
-        """The summed loss of one batch (on the device); compiled with
-        ``training.compile``, where batch sizes and lengths are dynamic."""
+    def _forward_loss(
+        self, batch: Batch, grad_scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The summed loss of one batch (on the device), its logits and the
+        gradient of ``grad_scale`` x the loss with respect to them
+        (``forward_loss_and_grad``); compiled with ``training.compile``, where
+        batch sizes and lengths are dynamic."""
         t = self.cfg.training
         ids = (batch.src, batch.tgt_in, batch.tgt_out)
         if t.compile:
@@ -184,6 +188,7 @@ class Trainer:
             self.precision,
             t.label_smoothing,
             t.loss_chunk_rows,
+            grad_scale,
         )
 
     def train_step(
@@ -204,6 +209,10 @@ class Trainer:
         budget *= 1 if not self.dist.enabled else t.accumulate
         scale = self.dist.world / budget  # DDP averages over ranks: undo that
         total = torch.zeros((), dtype=torch.float64, device=self.device)
+        # the loss's gradient is written times this (fp16: and the loss scale)
+        grad_scale = self.scaler.scale(
+            torch.tensor(scale, dtype=torch.float32, device=self.device)
+        )
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
@@ -211,9 +220,10 @@ class Trainer:
             if self.dist.enabled and i < len(batches) - 1:
                 sync = self.train_model.no_sync()
             with sync:
-                loss = self._forward_loss(batch)
-                self.scaler.scale(loss * scale).backward()
-            total += loss.detach()
+                loss, logits, grad = self._forward_loss(batch, grad_scale)
+                torch.autograd.backward(logits, grad)
+                del logits, grad
+            total += loss
         self.scaler.unscale_(self.optimizer)  # fp16 only
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads).to(torch.float64)
