@@ -105,3 +105,35 @@ def test_compiled_decoding_step_gives_the_same_results(monkeypatch, half_trained
     # the bound (docs: benchmarks): greedy and sampling share 3 graphs (no pending
     # reorder, a reorder, a single row); beam search adds 2 (beams sharing a row)
     assert counter.frame_count == graphs <= 5
+
+
+def test_a_compiled_cpu_lookup_keeps_atens_backward():
+    """Under ``torch.compile`` a training lookup's backward is ATen's kernel (the
+    custom operator), not inductor's scatter of atomic adds; the same gradient
+    as eager, the padding row's zero. Eager keeps ``F.embedding``."""
+    from transformer.embeddings import TokenEmbedding
+
+    torch._dynamo.reset()
+    emb = TokenEmbedding(50, 16, pad_id=0)
+    tokens = random_ids(4, 9, vocab=50)
+    tokens[0, -3:] = 0
+    weights = torch.randn(4, 9, 16, generator=torch.Generator().manual_seed(2))
+
+    def loss(tokens):
+        return (emb(tokens) * weights).sum()
+
+    def grad_and_ops(fn):
+        emb.zero_grad(set_to_none=True)
+        with torch.profiler.profile() as prof:
+            fn(tokens).backward()
+        return emb.weight.grad.clone(), {e.name for e in prof.events()}
+
+    want, eager_ops = grad_and_ops(loss)
+    got, compiled_ops = grad_and_ops(torch.compile(loss))  # inductor
+    assert "transformer::embedding_backward" in compiled_ops
+    assert "transformer::embedding_backward" not in eager_ops
+    assert "aten::embedding_dense_backward" in eager_ops
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert (got[0] == 0).all() and (got[tokens.unique()[1:]] != 0).any()
+    with torch.no_grad():  # decoding: the plain lookup, compiled or not
+        assert torch.equal(torch.compile(emb)(tokens), emb(tokens))

@@ -1,11 +1,71 @@
-"""Token embeddings scaled by sqrt(d_model), and sinusoidal or learned positions."""
+"""Token embeddings scaled by sqrt(d_model), and sinusoidal or learned positions.
+
+Under ``torch.compile`` on a CPU, a training step's token lookups go through two
+custom operators (``lookup``): inductor (torch 2.13) decomposes the lookup's
+backward into a scatter of atomic adds, 2.5x ATen's own on a (4,080 x 256)
+gradient of an 8,000-row table (4.4 against 1.7 ms for the lookup, its scaling
+and backward; the benchmarks page). The operators keep ATen's kernels; eager and
+decoding call ``F.embedding`` as before.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+OPERATORS = True  # ``lookup``'s custom operators under compile (off: to compare)
+
+
+@torch.library.custom_op("transformer::embedding", mutates_args=())
+def _embedding(weight: Tensor, tokens: Tensor, pad_id: int) -> Tensor:
+    return F.embedding(tokens, weight, pad_id)
+
+
+@_embedding.register_fake
+def _(weight, tokens, pad_id):
+    return weight.new_empty(*tokens.shape, weight.size(1))
+
+
+@torch.library.custom_op("transformer::embedding_backward", mutates_args=())
+def _embedding_backward(grad: Tensor, tokens: Tensor, rows: int, pad_id: int) -> Tensor:
+    return torch.ops.aten.embedding_dense_backward(grad, tokens, rows, pad_id, False)
+
+
+@_embedding_backward.register_fake
+def _(grad, tokens, rows, pad_id):
+    return grad.new_empty(rows, grad.size(-1))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    weight, tokens, pad_id = inputs
+    ctx.save_for_backward(tokens)
+    ctx.rows, ctx.pad_id = weight.size(0), pad_id
+
+
+def _backward(ctx, grad: Tensor):
+    (tokens,) = ctx.saved_tensors
+    return _embedding_backward(grad, tokens, ctx.rows, ctx.pad_id), None, None
+
+
+_embedding.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lookup(tokens: Tensor, weight: Tensor, pad_id: int) -> Tensor:
+    """``F.embedding(tokens, weight, pad_id)``; while ``torch.compile`` traces a
+    CPU lookup whose table takes a gradient, the custom operators (the module
+    docstring says why)."""
+    if (
+        OPERATORS
+        and torch.compiler.is_compiling()
+        and weight.device.type == "cpu"
+        and weight.requires_grad
+        and torch.is_grad_enabled()
+    ):
+        return _embedding(weight, tokens, pad_id)
+    return F.embedding(tokens, weight, pad_id)
 
 
 class TokenEmbedding(nn.Module):
@@ -26,7 +86,7 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, D)."""
-        return nn.functional.embedding(tokens, self.weight, self.pad_id) * self.scale
+        return lookup(tokens, self.weight, self.pad_id) * self.scale
 
 
 def sinusoidal_table(n_positions: int, d_model: int) -> Tensor:
