@@ -65,6 +65,21 @@ def test_output_and_gradients_as_accurate_as_f_linear(m, dtype, autocast):
         assert rel_err(o, r) <= 2 * rel_err(t, r) + 2e-3, name
 
 
+@pytest.mark.parametrize("m", [100, 300])
+def test_a_vocabulary_wide_output_as_accurate_as_f_linear(m):
+    """Outputs of ``CONTIGUOUS_FROM`` columns or more multiply by a contiguous
+    copy of the transposed weight: the same accuracy, and the same gradients."""
+    n = linear.CONTIGUOUS_FROM + 7
+    x, w, b, up = operands(m, n=n)
+    ref = reference(x, w, b, up, torch.bfloat16)
+    ours = run(linear.linear, x, w, b, up, torch.bfloat16, True)
+    theirs = run(F.linear, x, w, b, up, torch.bfloat16, True)
+    names = ("out", "grad x", "grad w", "grad b")
+    for name, o, t, r in zip(names, ours, theirs, ref, strict=True):
+        assert o.shape == r.shape, name
+        assert rel_err(o, r) <= 2 * rel_err(t, r) + 2e-3, name
+
+
 def test_three_dimensional_input_and_no_bias():
     x = torch.randn(3, 70, K, dtype=torch.bfloat16, requires_grad=True)  # 210 rows
     w = torch.randn(N, K, dtype=torch.bfloat16, requires_grad=True)
