@@ -63,6 +63,7 @@ def _smoothed_ce(
     if logits.dtype != acc:  # a float32 chunk beside the logits: keep it in cache
         chunk_rows = min(chunk_rows, max(16, CHUNK_BYTES // (4 * v)))
     buffer = None if in_place else logits.new_empty((min(chunk_rows, n), v), dtype=acc)
+    scale = None if grad_scale is None else grad_scale.to(acc)
     with torch.autocast(logits.device.type, enabled=False):
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -89,8 +90,8 @@ def _smoothed_ce(
             total += torch.where(real, loss, 0.0).sum()
             if with_grad:  # softmax - (1 - eps) onehot - eps / V on real rows
                 keep = real.to(acc)[:, None]  # (C, 1)
-                if grad_scale is not None:  # folded into the pass: no pass of its own
-                    keep = keep * grad_scale.to(acc)
+                if scale is not None:  # folded into the pass: no pass of its own
+                    keep = keep * scale
                 e.mul_(keep / mass[:, None]).sub_(keep * (epsilon / v))
                 e.scatter_add_(1, y[:, None].clamp(0, v - 1), keep * (epsilon - 1.0))
                 if not in_place:  # one pass of conversion to the gradient's dtype
@@ -159,8 +160,9 @@ def forward_loss(
     label_smoothing: float,
     chunk_rows: int,
 ) -> torch.Tensor:
-    """Teacher-forced forward and summed label-smoothed loss of one batch: the
-    unit that ``training.compile`` turns into one graph.
+    """Teacher-forced forward and summed label-smoothed loss of one batch, with
+    autograd through the loss (scoring; a training step calls
+    ``forward_loss_and_grad``).
 
     Args:
         src: (B, S) source ids; tgt_in, tgt_out: (B, T) decoder input and target.
