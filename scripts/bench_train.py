@@ -28,6 +28,10 @@ from transformer.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = ROOT / "scripts" / "benchmark.py"
 WINDOW = 25  # updates per throughput window, as in the peer script
+#: seconds of the reference 1024-wide product timed after each window, so that
+#: each window's rate is set against the host's speed of that minute (a shared
+#: host's speed drifts by 10-30% within a sitting)
+MATMUL_BURST_SECONDS = 0.5
 PEER = ROOT.parent / "shared" / "bench" / "joeynmt_peer.sh"
 
 
@@ -122,7 +126,9 @@ def bench_train(args) -> dict:
     cfg = load_config(ROOT / "configs" / "multi30k_de_en.yaml", overrides)
     trainer = Trainer(cfg, resume=False)
     trainer.model.train()
-    windows, tokens, steps = [], 0, 0
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    matmul_dtype = dtype[trainer.precision]
+    windows, bursts, tokens, steps = [], [], 0, 0
     batches = trainer._batches()
     pending = []
     start = time.perf_counter()
@@ -136,19 +142,26 @@ def bench_train(args) -> dict:
         steps += 1
         tokens += 0 if result.skipped else result.tokens
         if steps % WINDOW == 0:
-            now = time.perf_counter()
-            windows.append(tokens / (now - start))
-            tokens, start = 0, now
+            windows.append(tokens / (time.perf_counter() - start))
+            # outside the window's time
+            bursts.append(
+                matmul_gflops(trainer.device, matmul_dtype, MATMUL_BURST_SECONDS)
+            )
+            tokens, start = 0, time.perf_counter()
     if not windows:  # a short (smoke) run: all its updates are one window
         windows.append(tokens / (time.perf_counter() - start))
     measured = windows[1:] if len(windows) > 1 else windows
     speed = statistics.median(measured)
     # after the timing, so that the timed updates are those of an ordinary run
     flops_per_token, flops_tokens = train_flops_per_token(trainer)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    matmul_dtype = dtype[trainer.precision]
     matmul = matmul_gflops(trainer.device, matmul_dtype, args.matmul_seconds)
     achieved = flops_per_token * speed / 1e9
+    # each measured window against the product timed right after it
+    paired = bursts[1:] if len(windows) > 1 else bursts
+    by_window = [
+        flops_per_token * rate / 1e9 / burst
+        for rate, burst in zip(measured, paired, strict=False)
+    ]
     ceiling = products_ceiling(trainer)
     return {
         "benchmark": "train",
@@ -170,6 +183,10 @@ def bench_train(args) -> dict:
         "matmul_1024_dtype": str(matmul_dtype).removeprefix("torch."),
         "matmul_1024_gflops_per_s": matmul,
         "fraction_of_matmul_1024": achieved / matmul,
+        "matmul_1024_gflops_per_s_after_windows": paired,
+        "fraction_of_matmul_1024_by_window": (
+            statistics.median(by_window) if by_window else None
+        ),
         "mfu": achieved / (args.peak_tflops * 1e3) if args.peak_tflops else None,
         # the step's own products, timed alone: their rate against the 1024-wide
         # product's, and the share of the measured step they alone would take
