@@ -90,6 +90,27 @@ def products_ceiling(trainer) -> dict:
     }
 
 
+def measured_windows(
+    windows: list[float], bursts: list[float]
+) -> tuple[list[float], list[float]]:
+    """The measured windows' rates (the first window, with the warm-up, left out
+    when there are more) and the product's rate timed after each of them."""
+    skip = 1 if len(windows) > 1 else 0
+    return windows[skip:], bursts[skip:]
+
+
+def fraction_by_window(
+    rates: list[float], bursts: list[float], flops_per_token: float
+) -> float | None:
+    """The median over windows of the model's rate (``rates``: target tokens/s)
+    against the product's rate timed after that window; None without bursts."""
+    fractions = [
+        flops_per_token * rate / 1e9 / burst
+        for rate, burst in zip(rates, bursts, strict=False)
+    ]
+    return statistics.median(fractions) if fractions else None
+
+
 def bench_train(args) -> dict:
     from transformer.training import Trainer
 
@@ -150,18 +171,12 @@ def bench_train(args) -> dict:
             tokens, start = 0, time.perf_counter()
     if not windows:  # a short (smoke) run: all its updates are one window
         windows.append(tokens / (time.perf_counter() - start))
-    measured = windows[1:] if len(windows) > 1 else windows
+    measured, paired = measured_windows(windows, bursts)
     speed = statistics.median(measured)
     # after the timing, so that the timed updates are those of an ordinary run
     flops_per_token, flops_tokens = train_flops_per_token(trainer)
     matmul = matmul_gflops(trainer.device, matmul_dtype, args.matmul_seconds)
     achieved = flops_per_token * speed / 1e9
-    # each measured window against the product timed right after it
-    paired = bursts[1:] if len(windows) > 1 else bursts
-    by_window = [
-        flops_per_token * rate / 1e9 / burst
-        for rate, burst in zip(measured, paired, strict=False)
-    ]
     ceiling = products_ceiling(trainer)
     return {
         "benchmark": "train",
@@ -184,8 +199,9 @@ def bench_train(args) -> dict:
         "matmul_1024_gflops_per_s": matmul,
         "fraction_of_matmul_1024": achieved / matmul,
         "matmul_1024_gflops_per_s_after_windows": paired,
-        "fraction_of_matmul_1024_by_window": (
-            statistics.median(by_window) if by_window else None
+        # each measured window against the product timed right after it
+        "fraction_of_matmul_1024_by_window": fraction_by_window(
+            measured, paired, flops_per_token
         ),
         "mfu": achieved / (args.peak_tflops * 1e3) if args.peak_tflops else None,
         # the step's own products, timed alone: their rate against the 1024-wide

@@ -35,6 +35,21 @@ def test_time_to_quality_is_the_first_crossing_in_update_and_wall_minutes():
     assert crossing(rows, 30.0) is None
 
 
+def test_each_training_window_is_set_against_the_product_timed_after_it():
+    from bench_train import fraction_by_window, measured_windows
+
+    # the first window (warm-up) left out; each other paired with the burst after it
+    rates, bursts = measured_windows(
+        [100.0, 1000.0, 2000.0, 4000.0], [9.0, 2.0, 4.0, 1.0]
+    )
+    assert rates == [1000.0, 2000.0, 4000.0] and bursts == [2.0, 4.0, 1.0]
+    # 1e6 FLOPs a token: 1, 2 and 4 GFLOP/s against 2, 4 and 1 (misaligned: median 1)
+    assert fraction_by_window(rates, bursts, 1e6) == pytest.approx(0.5)
+    # one window is measured as it is; a run too short for a window has no burst
+    assert measured_windows([500.0], [2.0]) == ([500.0], [2.0])
+    assert fraction_by_window(*measured_windows([500.0], []), 1e6) is None
+
+
 def test_a_quality_row_replaces_its_targets_row_and_keeps_the_others(tmp_path):
     path = tmp_path / "quality.json"
     old = {"benchmark": "quality", "target_bleu": 27.0, "command": "a"}
