@@ -70,6 +70,8 @@ def machine() -> dict:
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "kernel_caches": {name: os.environ.get(name) for name in KERNEL_CACHES},
+        # glibc's tunables in force (transformer-train: its thread cache off)
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
 
 

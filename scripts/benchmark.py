@@ -233,6 +233,9 @@ def _main(argv: list[str] | None = None) -> int:
     elif args.what == "student":
         result = bench_student.bench_student(args)
     elif args.single:
+        from transformer.allocator import without_thread_cache
+
+        without_thread_cache()  # as transformer-train runs (the child's own run)
         args.precision, args.compile = args.precision[0], args.compile[0]
         result = bench_train(args)
     else:

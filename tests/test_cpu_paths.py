@@ -5,6 +5,7 @@ setting that keeps freed memory mapped."""
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -357,3 +358,55 @@ def test_bounded_kernel_caches_keep_bf16_products_of_new_shapes_from_growing_mem
         assert bound < plain / 2
     else:
         assert bound <= plain + 20
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="glibc's tunables: Linux with glibc only",
+)
+def test_training_runs_again_in_place_with_glibcs_thread_cache_off():
+    from transformer.allocator import THREAD_CACHE_OFF
+
+    show = (
+        "import os, sys; from transformer.allocator import without_thread_cache; "
+        "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), flush=True); "
+        "without_thread_cache(); print(os.getpid(), os.environ.get('GLIBC_TUNABLES'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run(
+        [sys.executable, "-c", show],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    # the same process, run again from the start with the tunable: the first
+    # print is from before the exec, the next two from after it
+    first, again, after = (line.split(" ", 1) for line in out[:3])
+    assert first == [first[0], "None"]
+    assert again == [first[0], THREAD_CACHE_OFF] and after == again
+    # a user's own GLIBC_TUNABLES stands: no exec
+    env["GLIBC_TUNABLES"] = "glibc.malloc.check=0"
+    out = subprocess.run(
+        [sys.executable, "-c", show],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    assert [line.split(" ", 1)[1] for line in out[:2]] == ["glibc.malloc.check=0"] * 2
+
+
+def test_transformer_train_turns_the_thread_cache_off_and_a_library_call_does_not(
+    monkeypatch,
+):
+    import transformer.allocator as allocator
+    from transformer.cli import train as cli
+
+    calls = []
+    monkeypatch.setattr(allocator, "without_thread_cache", lambda: calls.append(1))
+    monkeypatch.setattr(cli, "run_cli", lambda fn, argv: 0)
+    cli.train_main(["--config", "x.yaml"])
+    assert calls == []
+    cli.train_main()
+    assert calls == [1]

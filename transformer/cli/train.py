@@ -79,6 +79,10 @@ def _train(argv: list[str] | None) -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the program itself (a call with arguments is a library's)
+        from transformer.allocator import without_thread_cache
+
+        without_thread_cache()
     return run_cli(_train, argv)
 
 
