@@ -398,15 +398,20 @@ def test_training_runs_again_in_place_with_glibcs_thread_cache_off():
 
 
 def test_transformer_train_turns_the_thread_cache_off_and_a_library_call_does_not(
-    monkeypatch,
+    monkeypatch, tmp_path
 ):
     import transformer.allocator as allocator
-    from transformer.cli import train as cli
+    from transformer.cli.train import train_main
 
     calls = []
     monkeypatch.setattr(allocator, "without_thread_cache", lambda: calls.append(1))
-    monkeypatch.setattr(cli, "run_cli", lambda fn, argv: 0)
-    cli.train_main(["--config", "x.yaml"])
+    missing = str(tmp_path / "missing.yaml")
+    assert train_main(["--config", missing]) == 2  # a call with arguments
     assert calls == []
-    cli.train_main()
+    monkeypatch.setattr(sys, "argv", ["transformer-train", "--help"])
+    with pytest.raises(SystemExit):  # --help (the reference pages, in-process)
+        train_main()
+    assert calls == []
+    monkeypatch.setattr(sys, "argv", ["transformer-train", "--config", missing])
+    assert train_main() == 2  # the program: the exec, then the error
     assert calls == [1]

@@ -59,6 +59,11 @@ def _train(argv: list[str] | None) -> int:
         help="config overrides, e.g. training.max_steps=1000",
     )
     args = parser.parse_args(argv)
+    if argv is None:  # the program itself, not a call with arguments (a library's
+        # or a test's), and past --help (the reference pages run it in-process)
+        from transformer.allocator import without_thread_cache
+
+        without_thread_cache()
     setup_logging()
     from transformer.training import TrainingError, train
 
@@ -79,10 +84,6 @@ def _train(argv: list[str] | None) -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the program itself (a call with arguments is a library's)
-        from transformer.allocator import without_thread_cache
-
-        without_thread_cache()
     return run_cli(_train, argv)
 
 
