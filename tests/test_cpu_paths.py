@@ -415,3 +415,16 @@ def test_transformer_train_turns_the_thread_cache_off_and_a_library_call_does_no
     monkeypatch.setattr(sys, "argv", ["transformer-train", "--config", missing])
     assert train_main() == 2  # the program: the exec, then the error
     assert calls == [1]
+
+
+def test_without_an_interpreter_to_run_again_training_goes_on(monkeypatch):
+    import transformer.allocator as allocator
+
+    def fail(*args):
+        raise FileNotFoundError(args[0])
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    monkeypatch.setattr("platform.libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(allocator.os, "execve", fail)
+    assert allocator.without_thread_cache() is None

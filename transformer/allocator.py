@@ -108,7 +108,10 @@ def without_thread_cache() -> None:
     env = {**os.environ, "GLIBC_TUNABLES": THREAD_CACHE_OFF}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError as e:  # no interpreter to run again: go on with the cache
+        log.debug("could not run again without glibc's thread cache: %s", e)
 
 
 def bound_kernel_caches(entries: int | None = None) -> dict[str, str]:
