@@ -372,29 +372,28 @@ def test_training_runs_again_in_place_with_glibcs_thread_cache_off():
         "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), flush=True); "
         "without_thread_cache(); print(os.getpid(), os.environ.get('GLIBC_TUNABLES'))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    out = subprocess.run(
-        [sys.executable, "-c", show],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
+
+    def lines(**tunables: str) -> list[list[str]]:
+        """The program's printed lines, each (pid, GLIBC_TUNABLES)."""
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        out = subprocess.run(
+            [sys.executable, "-c", show],
+            env={**env, **tunables},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return [line.split(" ", 1) for line in out.splitlines()]
+
+    out = lines()
     # the same process, run again from the start with the tunable: the first
     # print is from before the exec, the next two from after it
-    first, again, after = (line.split(" ", 1) for line in out[:3])
+    first, again, after = out
     assert first == [first[0], "None"]
     assert again == [first[0], THREAD_CACHE_OFF] and after == again
     # a user's own GLIBC_TUNABLES stands: no exec
-    env["GLIBC_TUNABLES"] = "glibc.malloc.check=0"
-    out = subprocess.run(
-        [sys.executable, "-c", show],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
-    assert [line.split(" ", 1)[1] for line in out[:2]] == ["glibc.malloc.check=0"] * 2
+    own = lines(GLIBC_TUNABLES="glibc.malloc.check=0")
+    assert [tunables for _, tunables in own] == ["glibc.malloc.check=0"] * 2
 
 
 def test_transformer_train_turns_the_thread_cache_off_and_a_library_call_does_not(
