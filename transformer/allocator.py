@@ -86,9 +86,10 @@ def without_thread_cache() -> None:
     """Run this program again, in place (``exec``: same process id, interpreter
     and command line), with glibc's per-thread cache of small freed blocks off,
     unless ``GLIBC_TUNABLES`` is set already (the user's settings, or this call's
-    own after the ``exec``) or the C library is not glibc. Call it first thing in
-    a program's entry point, never from a library call: nothing before it may
-    have started threads, written output or read input it would lose.
+    own after the ``exec``) or the C library is not glibc. Call it from a
+    program's entry point (``transformer-train`` does, once its arguments are
+    parsed), never from a library call, before anything starts threads, writes
+    output or reads input that the ``exec`` would lose or repeat.
 
     glibc keeps a few freed blocks of each small size per thread for reuse
     without coalescing them with their free neighbours. With training's heap
