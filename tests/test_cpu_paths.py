@@ -253,7 +253,7 @@ def test_kernel_caches_are_bounded_unless_the_environment_says(monkeypatch):
         monkeypatch.delenv(name)
     assert bound_kernel_caches() == {
         "LRU_CACHE_CAPACITY": "64",
-        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256",
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "192",
     }
 
 

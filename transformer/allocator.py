@@ -74,7 +74,7 @@ def reuse_freed_memory(single_arena: bool = True) -> bool:
 KERNEL_CACHES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
 KERNEL_CACHE_ENTRIES = {
     "LRU_CACHE_CAPACITY": 64,
-    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": 256,
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": 192,
 }
 
 
@@ -127,11 +127,13 @@ def bound_kernel_caches(entries: int | None = None) -> dict[str, str]:
     over its first 150 updates (2.8 GiB against float32's 1.5; float32 products
     use MKL, which keeps no kernels). With the buckets the linear layers' products
     come in a bounded set of shapes, 40-70 in a step and more across the ten or
-    so body sizes that batches of one token budget meet; attention's
-    batched products still bring a few new shapes a step. 256 entries in oneDNN's
-    cache keep the linear layers' kernels from one use of a body size to the next
-    (2 rebuilt a step instead of 12 with 64 entries: 1 ms of kernel builds a step
-    instead of 18), and bound the memory. Both libraries read these variables when
+    so body sizes that batches of one token budget meet (about 110 in all);
+    attention's batched products bring a few new shapes a step, so the cache is
+    always full. 192 entries in oneDNN's cache keep most of the linear layers'
+    kernels from one use of a body size to the next (3 ms of kernel builds a step,
+    against 18 with 64 entries and 1-2 with 256), and bound the memory: each
+    entry about 1 MB, 192 entries 66 MiB less at bf16's peak than 256 (the
+    benchmarks page). Both libraries read these variables when
     they first build a kernel: call this before the first bf16 product. Returns
     the settings in force.
     """
