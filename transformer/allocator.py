@@ -130,12 +130,12 @@ def bound_kernel_caches(entries: int | None = None) -> dict[str, str]:
     so body sizes that batches of one token budget meet (about 110 in all);
     attention's batched products bring a few new shapes a step, so the cache is
     always full. 192 entries in oneDNN's cache keep most of the linear layers'
-    kernels from one use of a body size to the next (3 ms of kernel builds a step,
-    against 18 with 64 entries and 1-2 with 256), and bound the memory: each
-    entry about 1 MB, 192 entries 66 MiB less at bf16's peak than 256 (the
-    benchmarks page). Both libraries read these variables when
-    they first build a kernel: call this before the first bf16 product. Returns
-    the settings in force.
+    kernels from one use of a body size to the next (about 3 ms a step more of
+    kernel builds than with 256, some 1% of a bf16 step; 64 entries cost 16 ms
+    more), and bound the memory: each entry about 1 MB, 192 entries 66 MiB less
+    at bf16's peak than 256 (the benchmarks page). Both libraries read these
+    variables when they first build a kernel: call this before the first bf16
+    product. Returns the settings in force.
     """
     for name in KERNEL_CACHES:
         bound = KERNEL_CACHE_ENTRIES[name] if entries is None else entries
